@@ -1,0 +1,111 @@
+"""Parley's configuration: one typed settings object, read once from the environment or `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_INSTRUCTIONS = (
+    "You are Parley, a helpful assistant in a Telegram chat. Answer clearly and concisely, "
+    "in the language the user writes in. Use short paragraphs; Markdown is fine."
+)
+
+
+class Settings(BaseSettings):
+    """Every setting, named exactly as its environment variable (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    telegram_bot_token: SecretStr
+    telegram_api_url: str = "https://api.telegram.org"
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-5.4-mini"
+    openai_timeout: float = Field(default=60.0, gt=0)
+    openai_max_retries: int = Field(default=2, ge=0, le=10)
+
+    assistant_instructions: str = DEFAULT_INSTRUCTIONS
+    conversation_backend: Literal["openai", "local"] = "openai"
+    # Budget for the history the local backend sends, in estimated tokens (see bot/services/tokens.py).
+    local_history_tokens: int = Field(default=12_000, ge=500)
+
+    admin_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
+
+    database_url: str = "sqlite:///data/parley.sqlite3"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # Streaming: minimum seconds between two draft updates of one reply (Telegram throttles edits).
+    draft_interval: float = Field(default=0.8, ge=0.05)
+    # Outgoing Telegram rate limits (PTB's AIORateLimiter); 429s are retried regardless.
+    # 0 turns a limit off, e.g. for a self-hosted Bot API server or a benchmark.
+    telegram_max_rate: float = Field(default=30.0, ge=0)  # requests per second, whole bot
+    telegram_group_rate: float = Field(default=20.0, ge=0)  # messages per minute per group
+    telegram_max_retries: int = Field(default=3, ge=0, le=10)
+    # How many updates may be processed at once across all chats (one per chat at a time).
+    max_concurrent_updates: int = Field(default=4096, ge=1)
+
+    @field_validator("admin_user_ids", mode="before")
+    @classmethod
+    def _parse_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
+            try:
+                return frozenset(int(p) for p in parts)
+            except ValueError:
+                raise ValueError("must be comma-separated numeric Telegram user ids") from None
+        return value
+
+    @field_validator("telegram_bot_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("is empty")
+        return value
+
+    @field_validator("telegram_api_url", "openai_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _sqlite_only(cls, value: str) -> str:
+        if not value.startswith("sqlite:///"):
+            raise ValueError("must look like sqlite:///relative/path or sqlite:////absolute/path")
+        return value
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite file named by DATABASE_URL (`sqlite:///rel` or `sqlite:////abs`)."""
+        return Path(self.database_url.removeprefix("sqlite:///"))
+
+    def is_admin(self, user_id: int | None) -> bool:
+        return user_id is not None and user_id in self.admin_user_ids
+
+
+class ConfigError(Exception):
+    """Configuration is missing or invalid; the message names the variables, one line."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings once, turning pydantic's report into a one-line error naming each variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "configuration"
+            if err["type"] == "missing":
+                problems.append(f"{name} is not set")
+            else:
+                problems.append(f"{name} {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("; ".join(problems)) from None

@@ -1,0 +1,259 @@
+"""The SQLite store: one aiosqlite connection (WAL, foreign keys on) and explicit SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiosqlite
+
+from storage.migrations import MIGRATIONS, Migration
+
+log = logging.getLogger(__name__)
+
+CostFn = Callable[[str], int]
+
+
+def utcnow() -> str:
+    """Current UTC time as sortable ISO 8601 text with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatKey:
+    """Identifies one assistant thread's home: a chat, plus the topic in forum chats."""
+
+    chat_id: int
+    topic_id: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.chat_id}/{self.topic_id}" if self.topic_id else str(self.chat_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Thread:
+    id: int
+    key: ChatKey
+    backend: str
+    conversation_id: str | None
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    """Everything logged about one turn: the user's message and the answer (or the failure)."""
+
+    thread_id: int | None
+    key: ChatKey
+    chat_type: str
+    user_id: int | None
+    user_message_id: int | None
+    user_text: str
+    model: str
+    instructions: str
+    started_at: str
+    status: str = "ok"
+    error_kind: str | None = None
+    assistant_text: str | None = None
+    response_id: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    latency_ms: int | None = None
+    reply_message_ids: Sequence[int] = field(default_factory=tuple)
+    finished_at: str = field(default_factory=utcnow)
+
+
+class Store:
+    """Async repository over the SQLite dialogue log. Writes are serialised by one lock."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        # One connection is shared by every chat: a multi-statement write must not interleave
+        # with another coroutine's, or a COMMIT would publish half of someone else's turn.
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path | str) -> Store:
+        """Open (creating if needed) the database at `path` and apply pending migrations."""
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            await conn.execute("PRAGMA busy_timeout=5000")
+            store = cls(conn)
+            await store.migrate()
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, exclusive among our writers."""
+        async with self._write_lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+    # -- migrations -------------------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        await self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        async with self._conn.execute("SELECT MAX(version) FROM schema_migrations") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def migrate(self, migrations: Iterable[Migration] = MIGRATIONS) -> int:
+        """Apply every migration newer than the schema, each in its own transaction."""
+        current = await self.schema_version()
+        for migration in sorted(migrations, key=lambda m: m.version):
+            if migration.version <= current:
+                continue
+            log.info("applying migration %04d %s", migration.version, migration.name)
+            # executescript runs statement by statement; wrap it so a failure leaves nothing.
+            script = (
+                "BEGIN IMMEDIATE;\n"
+                + migration.sql
+                + "\nINSERT INTO schema_migrations (version, name, applied_at) VALUES ("
+                + f"{int(migration.version)}, '{migration.name.replace(chr(39), '')}', "
+                + f"'{utcnow()}');\nCOMMIT;"
+            )
+            try:
+                await self._conn.executescript(script)
+            except BaseException:
+                if self._conn.in_transaction:
+                    await self._conn.execute("ROLLBACK")
+                raise
+            current = migration.version
+        return current
+
+    # -- threads ----------------------------------------------------------------------------
+
+    async def open_thread(self, key: ChatKey, backend: str) -> Thread | None:
+        async with self._conn.execute(
+            "SELECT id, conversation_id FROM threads"
+            " WHERE chat_id = ? AND topic_id = ? AND backend = ? AND closed_at IS NULL",
+            (key.chat_id, key.topic_id, backend),
+        ) as cur:
+            row = await cur.fetchone()
+        return Thread(row[0], key, backend, row[1]) if row else None
+
+    async def create_thread(
+        self, key: ChatKey, backend: str, conversation_id: str | None = None
+    ) -> Thread:
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO threads (chat_id, topic_id, backend, conversation_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (key.chat_id, key.topic_id, backend, conversation_id, utcnow()),
+            )
+            thread_id = cur.lastrowid
+        assert thread_id is not None
+        return Thread(thread_id, key, backend, conversation_id)
+
+    async def close_threads(self, key: ChatKey) -> int:
+        """Close every open thread of a chat key (all backends); returns how many."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE threads SET closed_at = ?"
+                " WHERE chat_id = ? AND topic_id = ? AND closed_at IS NULL",
+                (utcnow(), key.chat_id, key.topic_id),
+            )
+            return cur.rowcount
+
+    # -- the dialogue log -------------------------------------------------------------------
+
+    async def _instructions_id(self, conn: aiosqlite.Connection, text: str) -> int:
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        await conn.execute(
+            "INSERT INTO instructions (sha256, text) VALUES (?, ?) ON CONFLICT (sha256) DO NOTHING",
+            (digest, text),
+        )
+        async with conn.execute("SELECT id FROM instructions WHERE sha256 = ?", (digest,)) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def record_turn(self, turn: TurnRecord) -> int:
+        """Write a turn, its messages and its reply message ids in one transaction."""
+        async with self.transaction() as conn:
+            instructions_id = await self._instructions_id(conn, turn.instructions)
+            cur = await conn.execute(
+                "INSERT INTO turns (thread_id, chat_id, topic_id, chat_type, user_id,"
+                " user_message_id, status, error_kind, model, instructions_id, response_id,"
+                " input_tokens, output_tokens, latency_ms, started_at, finished_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    turn.thread_id, turn.key.chat_id, turn.key.topic_id, turn.chat_type,
+                    turn.user_id, turn.user_message_id, turn.status, turn.error_kind, turn.model,
+                    instructions_id, turn.response_id, turn.input_tokens, turn.output_tokens,
+                    turn.latency_ms, turn.started_at, turn.finished_at,
+                ),
+            )  # fmt: skip
+            turn_id = cur.lastrowid
+            assert turn_id is not None
+            rows = [(turn_id, "user", turn.user_text, turn.started_at)]
+            if turn.assistant_text is not None:
+                rows.append((turn_id, "assistant", turn.assistant_text, turn.finished_at))
+            await conn.executemany(
+                "INSERT INTO messages (turn_id, role, content, created_at) VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            await conn.executemany(
+                "INSERT INTO reply_messages (chat_id, message_id, turn_id, part) VALUES (?, ?, ?, ?)",
+                [(turn.key.chat_id, mid, turn_id, i) for i, mid in enumerate(turn.reply_message_ids)],
+            )
+        return turn_id
+
+    async def history(self, thread_id: int, budget: int, cost: CostFn) -> list[tuple[str, str]]:
+        """The newest successful exchanges of a thread that fit `budget`, oldest first.
+
+        Reads newest-first and stops at the budget, so a long thread is never loaded whole.
+        Whole turns are kept or dropped together so a user message never loses its answer.
+        """
+        picked: list[tuple[str, str]] = []
+        spent = 0
+        async with self._conn.execute(
+            "SELECT t.id, m.role, m.content FROM turns t JOIN messages m ON m.turn_id = t.id"
+            " WHERE t.thread_id = ? AND t.status = 'ok' ORDER BY t.id DESC, m.id DESC",
+            (thread_id,),
+        ) as cur:
+            pending: list[tuple[str, str]] = []
+            current_turn = None
+            async for turn_id, role, content in cur:
+                if turn_id != current_turn:
+                    if pending:
+                        picked.extend(pending)
+                    pending, current_turn = [], turn_id
+                spent += cost(content)
+                if spent > budget:
+                    pending = []
+                    break
+                pending.append((role, content))
+            picked.extend(pending)
+        picked.reverse()
+        return picked
+
+    async def fetch_all(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        """Run a read query (used by stats and tests); explicit SQL, parameterised."""
+        async with self._conn.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+

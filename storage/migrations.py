@@ -1,0 +1,90 @@
+"""Numbered, append-only schema migrations, applied in order at start-up.
+
+A migration that has shipped is never edited: change the schema by appending a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "dialogue log",
+        """
+        -- One row per assistant thread; a chat key (chat_id, topic_id) has at most one open
+        -- thread per backend. /reset closes it; the next message opens a new one.
+        CREATE TABLE threads (
+            id              INTEGER PRIMARY KEY,
+            chat_id         INTEGER NOT NULL,
+            topic_id        INTEGER NOT NULL DEFAULT 0,
+            backend         TEXT    NOT NULL CHECK (backend IN ('openai', 'local')),
+            conversation_id TEXT,            -- OpenAI conversation id (openai backend only)
+            created_at      TEXT    NOT NULL,
+            closed_at       TEXT
+        );
+        CREATE UNIQUE INDEX threads_open ON threads (chat_id, topic_id, backend)
+            WHERE closed_at IS NULL;
+
+        -- Instructions are long and rarely change: stored once, referenced by each turn, so the
+        -- fine-tuning export can use the system message that was in force for that turn.
+        CREATE TABLE instructions (
+            id     INTEGER PRIMARY KEY,
+            sha256 TEXT NOT NULL UNIQUE,
+            text   TEXT NOT NULL
+        );
+
+        -- One row per user request and the bot's answer to it, written in one transaction.
+        CREATE TABLE turns (
+            id               INTEGER PRIMARY KEY,
+            thread_id        INTEGER REFERENCES threads (id),  -- NULL if it could not be opened
+            chat_id          INTEGER NOT NULL,
+            topic_id         INTEGER NOT NULL DEFAULT 0,
+            chat_type        TEXT    NOT NULL,
+            user_id          INTEGER,
+            user_message_id  INTEGER,         -- Telegram message id of the user's message
+            status           TEXT    NOT NULL CHECK (status IN ('ok', 'failed')),
+            error_kind       TEXT,            -- rate_limited, timeout, unreachable, server_error, ...
+            model            TEXT    NOT NULL,
+            instructions_id  INTEGER REFERENCES instructions (id),
+            response_id      TEXT,            -- OpenAI response / completion id
+            input_tokens     INTEGER,
+            output_tokens    INTEGER,
+            latency_ms       INTEGER,         -- from the model request to the last token
+            started_at       TEXT    NOT NULL, -- UTC, ISO 8601
+            finished_at      TEXT    NOT NULL
+        );
+        CREATE INDEX turns_thread ON turns (thread_id, id);
+        CREATE INDEX turns_user ON turns (user_id);
+        CREATE INDEX turns_started ON turns (started_at);
+
+        CREATE TABLE messages (
+            id         INTEGER PRIMARY KEY,
+            turn_id    INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+            role       TEXT    NOT NULL CHECK (role IN ('user', 'assistant')),
+            content    TEXT    NOT NULL,
+            created_at TEXT    NOT NULL
+        );
+        CREATE INDEX messages_turn ON messages (turn_id);
+
+        -- The Telegram messages that carried a bot reply (a long reply is several parts), so
+        -- reactions and replies to them can be traced back to the turn.
+        CREATE TABLE reply_messages (
+            chat_id    INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,
+            turn_id    INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+            part       INTEGER NOT NULL,
+            PRIMARY KEY (chat_id, message_id)
+        );
+        CREATE INDEX reply_messages_turn ON reply_messages (turn_id);
+        """,
+    ),
+)
