@@ -1,0 +1,77 @@
+"""Update processing: chats run concurrently, each chat's updates strictly in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from telegram import Update
+from telegram.ext import BaseUpdateProcessor
+
+from storage.db import ChatKey
+
+
+def chat_key_of(update: object) -> ChatKey | None:
+    """The thread an update belongs to: its chat, plus the forum topic if it is in one."""
+    if not isinstance(update, Update) or update.effective_chat is None:
+        return None
+    message = update.effective_message
+    topic = 0
+    if message is not None and message.is_topic_message and message.message_thread_id:
+        topic = message.message_thread_id
+    return ChatKey(update.effective_chat.id, topic)
+
+
+class _Lane:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
+    """Processes updates of different chats concurrently and each chat's in arrival order.
+
+    PTB's processors hold a global slot while an update runs. Here an update first queues
+    on its chat's lane (asyncio.Lock is FIFO) and only then takes a global slot, so a chat
+    with many waiting messages never starves other chats of slots. A lane exists only while
+    it has updates, so memory for idle chats is not kept.
+    """
+
+    def __init__(self, max_concurrent_updates: int) -> None:
+        super().__init__(max_concurrent_updates)
+        self._lanes: dict[ChatKey, _Lane] = {}
+        self._slots = asyncio.BoundedSemaphore(max_concurrent_updates)
+
+    @property
+    def active_lanes(self) -> int:
+        return len(self._lanes)
+
+    async def process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        key = chat_key_of(update)
+        if key is None:
+            async with self._slots:
+                await coroutine
+            return
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        lane.users += 1
+        try:
+            async with lane.lock, self._slots:
+                await coroutine
+        finally:
+            lane.users -= 1
+            if lane.users == 0:
+                del self._lanes[key]
+
+    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        await coroutine  # process_update above does the ordering
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass

@@ -1,0 +1,118 @@
+"""One chat turn, end to end: thread, model stream, reply delivery and the dialogue log."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from collections.abc import Sequence
+
+from telegram import Bot
+from telegram.error import TelegramError
+
+from bot.errors import ModelError
+from bot.services.conversations import ConversationBackend, ReplyResult, UserContent
+from bot.services.replies import ReplyStreamer, send_parts
+from bot.texts import t
+from storage.db import ChatKey, Store, TurnRecord, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A user message the bot must answer, parsed out of a Telegram update."""
+
+    key: ChatKey
+    chat_type: str
+    user_id: int | None
+    message_id: int
+    text: str
+    image_urls: Sequence[str] = field(default_factory=tuple)
+
+    @property
+    def private(self) -> bool:
+        return self.chat_type == "private"
+
+
+class ChatService:
+    """Answers a user message inside its chat's thread and logs the turn."""
+
+    def __init__(
+        self,
+        store: Store,
+        backend: ConversationBackend,
+        *,
+        model: str,
+        instructions: str,
+        draft_interval: float,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.model = model
+        self.instructions = instructions
+        self.draft_interval = draft_interval
+
+    async def answer(self, bot: Bot, msg: Incoming) -> TurnRecord:
+        """Stream the model's answer to `msg` into its chat; the logged turn is returned."""
+        turn = TurnRecord(
+            thread_id=None,
+            key=msg.key,
+            chat_type=msg.chat_type,
+            user_id=msg.user_id,
+            user_message_id=msg.message_id,
+            user_text=msg.text,
+            model=self.model,
+            instructions=self.instructions,
+            started_at=utcnow(),
+        )
+        streamer = ReplyStreamer(
+            bot,
+            msg.key,
+            private=msg.private,
+            draft_id=msg.message_id,
+            reply_to=None if msg.private else msg.message_id,
+            interval=self.draft_interval,
+        )
+        try:
+            async with streamer:
+                thread = await self.backend.open_thread(msg.key)
+                turn.thread_id = thread.id
+                result = await self.backend.run_turn(
+                    thread,
+                    UserContent(msg.text, tuple(msg.image_urls)),
+                    model=self.model,
+                    instructions=self.instructions,
+                    on_delta=streamer.on_delta,
+                )
+                if not result.text.strip():
+                    raise ModelError("empty_answer", result.response_id or "")
+                _fill(turn, result)
+                turn.reply_message_ids = await streamer.send(result.text)
+        except ModelError as exc:
+            log.warning("turn failed in chat %s: %s (%s)", msg.key, exc.kind, exc.detail)
+            turn.status, turn.error_kind = "failed", exc.kind
+            turn.reply_message_ids = await self._tell(bot, msg, t(f"error.{exc.kind}"))
+        except TelegramError as exc:
+            # The answer exists but could not be delivered (after the rate limiter's retries).
+            log.error("could not deliver the reply in chat %s: %s", msg.key, type(exc).__name__)
+            turn.status, turn.error_kind = "failed", "delivery"
+        turn.finished_at = utcnow()
+        await self.store.record_turn(turn)
+        return turn
+
+    async def _tell(self, bot: Bot, msg: Incoming, text: str) -> list[int]:
+        try:
+            reply_to = None if msg.private else msg.message_id
+            return await send_parts(bot, msg.key, [text], reply_to=reply_to)
+        except TelegramError as exc:
+            log.error("could not tell chat %s about an error: %s", msg.key, type(exc).__name__)
+            return []
+
+
+def _fill(turn: TurnRecord, result: ReplyResult) -> None:
+    turn.assistant_text = result.text
+    turn.model = result.model
+    turn.response_id = result.response_id
+    turn.input_tokens = result.input_tokens
+    turn.output_tokens = result.output_tokens
+    turn.latency_ms = result.latency_ms

@@ -1,0 +1,232 @@
+"""Conversation backends: where a chat's thread lives and how one turn runs against it.
+
+`OpenAIConversations` keeps the thread server-side (Conversations + Responses APIs);
+`LocalHistory` keeps it in SQLite and replays it through Chat Completions, for
+OpenAI-compatible servers (Ollama, vLLM, llama.cpp, LM Studio) that lack Conversations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import openai
+from openai import AsyncOpenAI
+
+from bot.errors import ModelError, classify_model_error
+from bot.services.tokens import estimate_tokens
+from storage.db import ChatKey, Store, Thread
+
+OnDelta = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class UserContent:
+    """What the user sent in one turn: text, plus prepared images as data URLs."""
+
+    text: str
+    image_urls: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(slots=True)
+class ReplyResult:
+    text: str
+    model: str
+    response_id: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    latency_ms: int = 0
+
+
+class ConversationBackend(Protocol):
+    """Get or create a chat's thread, run a turn on it, start over."""
+
+    name: str
+
+    async def open_thread(self, key: ChatKey) -> Thread: ...
+
+    async def run_turn(
+        self, thread: Thread, content: UserContent, *, model: str, instructions: str,
+        on_delta: OnDelta,
+    ) -> ReplyResult: ...  # fmt: skip
+
+    async def reset(self, key: ChatKey) -> None: ...
+
+
+class OpenAIConversations:
+    """Threads as OpenAI conversations; each turn is a streamed `responses.create`."""
+
+    name = "openai"
+
+    def __init__(self, client: AsyncOpenAI, store: Store) -> None:
+        self._client = client
+        self._store = store
+
+    async def open_thread(self, key: ChatKey) -> Thread:
+        thread = await self._store.open_thread(key, self.name)
+        if thread is not None:
+            return thread
+        try:
+            conversation = await self._client.conversations.create(
+                metadata={"telegram_chat_id": str(key.chat_id), "topic_id": str(key.topic_id)}
+            )
+        except openai.OpenAIError as exc:
+            raise classify_model_error(exc) from exc
+        return await self._store.create_thread(key, self.name, conversation.id)
+
+    async def run_turn(
+        self, thread: Thread, content: UserContent, *, model: str, instructions: str,
+        on_delta: OnDelta,
+    ) -> ReplyResult:  # fmt: skip
+        parts: list[dict[str, Any]] = [{"type": "input_text", "text": content.text}]
+        parts += [
+            {"type": "input_image", "image_url": url, "detail": "auto"}
+            for url in content.image_urls
+        ]
+        started = time.perf_counter()
+        chunks: list[str] = []
+        try:
+            stream = await self._client.responses.create(
+                model=model,
+                conversation=thread.conversation_id,
+                instructions=instructions,
+                input=[{"type": "message", "role": "user", "content": parts}],  # type: ignore[list-item]
+                stream=True,
+            )
+            async with stream:
+                async for event in stream:
+                    if event.type == "response.output_text.delta":
+                        chunks.append(event.delta)
+                        await on_delta(event.delta)
+                    elif event.type == "response.completed" or (
+                        event.type == "response.incomplete" and chunks
+                    ):
+                        # An incomplete response (output cap hit) still delivers what it wrote.
+                        return _result(event.response, chunks, model, started)
+                    elif event.type in ("response.failed", "response.incomplete"):
+                        raise ModelError(_failed_kind(event.response), event.type)
+                    elif event.type == "error":
+                        raise ModelError(_error_event_kind(event.code), f"error event {event.code}")
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise classify_model_error(exc) from exc
+        raise ModelError("interrupted", "stream ended without response.completed")
+
+    async def reset(self, key: ChatKey) -> None:
+        # The old conversation stays on the server: the dialogue log still refers to it.
+        await self._store.close_threads(key)
+
+
+class LocalHistory:
+    """Threads kept in SQLite; each turn sends the trimmed history through Chat Completions."""
+
+    name = "local"
+
+    def __init__(self, client: AsyncOpenAI, store: Store, history_tokens: int) -> None:
+        self._client = client
+        self._store = store
+        self._budget = history_tokens
+
+    async def open_thread(self, key: ChatKey) -> Thread:
+        return await self._store.open_thread(key, self.name) or await self._store.create_thread(
+            key, self.name
+        )
+
+    async def build_messages(
+        self, thread: Thread, content: UserContent, instructions: str
+    ) -> list[dict[str, Any]]:
+        """Instructions, then as much recent history as fits the budget, then the new message."""
+        user: dict[str, Any]
+        if content.image_urls:
+            user = {
+                "role": "user",
+                "content": [{"type": "text", "text": content.text}]
+                + [{"type": "image_url", "image_url": {"url": u}} for u in content.image_urls],
+            }
+        else:
+            user = {"role": "user", "content": content.text}
+        # The instructions and the new message are always sent; history gets what is left.
+        left = self._budget - estimate_tokens(instructions) - estimate_tokens(content.text)
+        history = await self._store.history(thread.id, max(left, 0), estimate_tokens)
+        return [
+            {"role": "system", "content": instructions},
+            *({"role": role, "content": text} for role, text in history),
+            user,
+        ]
+
+    async def run_turn(
+        self, thread: Thread, content: UserContent, *, model: str, instructions: str,
+        on_delta: OnDelta,
+    ) -> ReplyResult:  # fmt: skip
+        messages = await self.build_messages(thread, content, instructions)
+        started = time.perf_counter()
+        chunks: list[str] = []
+        response_id: str | None = None
+        usage = None
+        finish_reason: str | None = None
+        try:
+            stream = await self._client.chat.completions.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async with stream:
+                async for chunk in stream:
+                    response_id = chunk.id or response_id
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            chunks.append(choice.delta.content)
+                            await on_delta(choice.delta.content)
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise classify_model_error(exc) from exc
+        if finish_reason is None:
+            raise ModelError("interrupted", "stream ended without finish_reason")
+        return ReplyResult(
+            text="".join(chunks),
+            model=model,
+            response_id=response_id,
+            input_tokens=usage.prompt_tokens if usage else None,
+            output_tokens=usage.completion_tokens if usage else None,
+            latency_ms=int((time.perf_counter() - started) * 1000),
+        )
+
+    async def reset(self, key: ChatKey) -> None:
+        await self._store.close_threads(key)
+
+
+def _result(response: Any, chunks: list[str], model: str, started: float) -> ReplyResult:
+    usage = response.usage
+    return ReplyResult(
+        text="".join(chunks) or response.output_text,
+        model=response.model or model,
+        response_id=response.id,
+        input_tokens=usage.input_tokens if usage else None,
+        output_tokens=usage.output_tokens if usage else None,
+        latency_ms=int((time.perf_counter() - started) * 1000),
+    )
+
+
+def _failed_kind(response: Any) -> str:
+    error = getattr(response, "error", None)
+    code = getattr(error, "code", None) if error else None
+    if code is None and getattr(response, "status", None) == "incomplete":
+        return "bad_request"
+    return _error_event_kind(code)
+
+
+def _error_event_kind(code: str | None) -> str:
+    if code in ("rate_limit_exceeded",):
+        return "rate_limited"
+    if code in ("server_error", "vector_store_timeout"):
+        return "server_error"
+    return "bad_request" if code else "server_error"
