@@ -1,0 +1,40 @@
+"""`python -m bot`: load settings, set up logging, run the bot with long polling."""
+
+from __future__ import annotations
+
+import sys
+
+from bot.settings import ConfigError, Settings, load_settings
+
+
+def _check_model_access(settings: Settings) -> None:
+    if settings.openai_api_key is None and settings.openai_base_url is None:
+        raise ConfigError(
+            "OPENAI_API_KEY is not set (or set OPENAI_BASE_URL for a local OpenAI-compatible server)"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bot until SIGINT/SIGTERM; exit 2 with a one-line error on bad configuration."""
+    try:
+        settings = load_settings()
+        _check_model_access(settings)
+    except ConfigError as exc:
+        print(f"parley: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    # Imported after the settings check so a configuration error stays fast and quiet.
+    from bot.app import ALLOWED_UPDATES, build_application
+    from bot.logs import setup_logging
+
+    secrets = [settings.telegram_bot_token.get_secret_value()]
+    if settings.openai_api_key:
+        secrets.append(settings.openai_api_key.get_secret_value())
+    setup_logging(settings.log_level, secrets)
+    app = build_application(settings)
+    app.run_polling(allowed_updates=ALLOWED_UPDATES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

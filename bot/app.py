@@ -1,0 +1,102 @@
+"""The application factory: builds the PTB Application and its services from Settings."""
+
+from __future__ import annotations
+
+import logging
+from openai import AsyncOpenAI
+from telegram import Update
+from telegram.ext import AIORateLimiter, ApplicationBuilder
+from telegram.ext import ContextTypes as PTBContextTypes
+
+from bot.concurrency import ChatOrderedUpdateProcessor
+from bot.context import BotData, CustomContext, ParleyApp, Services
+from bot.services.chat import ChatService
+from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
+from bot.settings import Settings
+from handlers import chat, commands, errors, fallback
+from storage.db import Store
+
+log = logging.getLogger(__name__)
+
+# Update types the bot asks Telegram for (later features extend this list).
+ALLOWED_UPDATES: list[str] = [Update.MESSAGE]
+
+
+def make_openai_client(settings: Settings) -> AsyncOpenAI:
+    """The OpenAI (or compatible) client; local servers get a placeholder key."""
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    return AsyncOpenAI(
+        api_key=key or "not-needed",
+        base_url=settings.openai_base_url,
+        timeout=settings.openai_timeout,
+        max_retries=settings.openai_max_retries,
+    )
+
+
+async def start_services(settings: Settings, openai_client: AsyncOpenAI | None = None) -> Services:
+    """Open the database (applying migrations) and build the services on top of it."""
+    store = await Store.open(settings.database_path)
+    client = openai_client or make_openai_client(settings)
+    backend: ConversationBackend
+    if settings.conversation_backend == "openai":
+        backend = OpenAIConversations(client, store)
+    else:
+        backend = LocalHistory(client, store, settings.local_history_tokens)
+    chat = ChatService(
+        store,
+        backend,
+        model=settings.openai_model,
+        instructions=settings.assistant_instructions,
+        draft_interval=settings.draft_interval,
+    )
+    return Services(settings=settings, store=store, openai=client, backend=backend, chat=chat)
+
+
+def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None = None) -> ParleyApp:
+    """Build the bot: nothing connects until the application is initialised and started."""
+
+    async def post_init(app: ParleyApp) -> None:
+        app.bot_data.services = await start_services(settings, openai_client)
+        log.info(
+            "Parley started: backend=%s model=%s database=%s",
+            settings.conversation_backend,
+            settings.openai_model,
+            settings.database_path,
+        )
+
+    async def post_shutdown(app: ParleyApp) -> None:
+        services = app.bot_data.services
+        if services is not None:
+            app.bot_data.services = None
+            await services.store.close()
+            if openai_client is None:  # a client passed in belongs to the caller
+                await services.openai.close()
+
+    api = settings.telegram_api_url
+    app: ParleyApp = (
+        ApplicationBuilder()
+        .token(settings.telegram_bot_token.get_secret_value())
+        .base_url(f"{api}/bot")
+        .base_file_url(f"{api}/file/bot")
+        .context_types(PTBContextTypes(context=CustomContext, bot_data=BotData))
+        .concurrent_updates(ChatOrderedUpdateProcessor(settings.max_concurrent_updates))
+        .rate_limiter(
+            AIORateLimiter(
+                overall_max_rate=settings.telegram_max_rate,
+                group_max_rate=settings.telegram_group_rate,
+                max_retries=settings.telegram_max_retries,
+            )
+        )
+        # Replies to many chats go out at once; PTB's default pool of 256 would queue them.
+        .connection_pool_size(1024)
+        .pool_timeout(30.0)
+        .post_init(post_init)
+        .post_shutdown(post_shutdown)
+        .build()
+    )
+
+    commands.register(app)
+    chat.register(app)
+    fallback.register(app)
+    errors.register(app)
+    return app

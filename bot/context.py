@@ -1,0 +1,47 @@
+"""Typed access to Parley's services from handlers (PTB's custom-context pattern)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from openai import AsyncOpenAI
+from telegram.ext import Application, CallbackContext, ExtBot
+
+from bot.services.chat import ChatService
+from bot.services.conversations import ConversationBackend
+from bot.settings import Settings
+from storage.db import Store
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything handlers use, typed; created in post_init, closed in post_shutdown."""
+
+    settings: Settings
+    store: Store
+    openai: AsyncOpenAI
+    backend: ConversationBackend
+    chat: ChatService
+
+
+class BotData:
+    """The application's bot_data: holds the services once they are started."""
+
+    services: Services | None = None
+
+
+class CustomContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], BotData]):
+    """Callback context with typed access to Parley's services."""
+
+    @property
+    def services(self) -> Services:
+        services = self.bot_data.services
+        if services is None:
+            raise RuntimeError("services are used before post_init started them")
+        return services
+
+
+ParleyApp = Application[
+    ExtBot[None], CustomContext, dict[Any, Any], dict[Any, Any], BotData, Any
+]

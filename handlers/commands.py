@@ -1,0 +1,37 @@
+"""/start, /help and /reset."""
+
+from __future__ import annotations
+
+from telegram import Update
+from telegram.ext import CommandHandler
+
+from bot.concurrency import chat_key_of
+from bot.context import CustomContext, ParleyApp
+from bot.texts import t
+
+
+async def start(update: Update, context: CustomContext) -> None:
+    """Say what the bot does and list the commands."""
+    if update.effective_message:
+        await update.effective_message.reply_text(t("start", commands=t("commands")))
+
+
+async def help_(update: Update, context: CustomContext) -> None:
+    """List the commands."""
+    if update.effective_message:
+        await update.effective_message.reply_text(t("help", commands=t("commands")))
+
+
+async def reset(update: Update, context: CustomContext) -> None:
+    """Close this chat's thread; the next message starts a new one."""
+    key = chat_key_of(update)
+    if key is None or update.effective_message is None:
+        return
+    await context.services.backend.reset(key)
+    await update.effective_message.reply_text(t("reset_done"))
+
+
+def register(app: ParleyApp) -> None:
+    app.add_handler(CommandHandler("start", start))
+    app.add_handler(CommandHandler("help", help_))
+    app.add_handler(CommandHandler("reset", reset))

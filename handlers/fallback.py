@@ -1,0 +1,27 @@
+"""Everything the bot can't handle yet gets a short explanation instead of silence."""
+
+from __future__ import annotations
+
+from telegram import Update
+from telegram.ext import MessageHandler, filters
+
+from bot.context import CustomContext, ParleyApp
+from bot.texts import t
+
+
+async def unsupported(update: Update, context: CustomContext) -> None:
+    """Explain that this kind of message (sticker, voice, unknown command...) isn't handled."""
+    if update.effective_message:
+        await update.effective_message.reply_text(t("unsupported"))
+
+
+def register(app: ParleyApp) -> None:
+    # Registered last in the default group, so it only sees what no other handler took.
+    # Private chats only: in groups, answering every sticker would be noise. Service
+    # messages (members joining, pins...) are not addressed to the bot at all.
+    app.add_handler(
+        MessageHandler(
+            filters.UpdateType.MESSAGE & filters.ChatType.PRIVATE & ~filters.StatusUpdate.ALL,
+            unsupported,
+        )
+    )
