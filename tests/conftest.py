@@ -1,0 +1,115 @@
+"""Shared fixtures: the stand-in servers, settings that point at them, and a running bot."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.app import ALLOWED_UPDATES, build_application
+from bot.context import ParleyApp
+from bot.settings import Settings
+from tests.stubs.openai_server import API_KEY, FakeOpenAI
+from tests.stubs.specs import OpenAISpec, TelegramSpec, require_shared_dir
+from tests.stubs.telegram_server import FakeTelegram
+
+TOKEN = "123456789:AAFakeTokenForParleyTests-abcdefghijk"
+
+
+@pytest.fixture(autouse=True)
+def _no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection outside 127.0.0.1 fails the test (PTB's OfflineRequest idea)."""
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: Any) -> Any:
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and "/" not in host:
+            raise AssertionError(f"test tried to reach the internet: {host}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return require_shared_dir()
+
+
+@pytest.fixture
+async def tg(shared: Path) -> AsyncIterator[FakeTelegram]:
+    server = FakeTelegram(TOKEN, TelegramSpec.load(shared / "specs" / "telegram-bot-api.json"))
+    await server.start()
+    yield server
+    await server.stop()
+    assert server.violations == [], f"the bot broke the Telegram Bot API spec: {server.violations}"
+
+
+@pytest.fixture
+async def oai(shared: Path) -> AsyncIterator[FakeOpenAI]:
+    server = FakeOpenAI(OpenAISpec.load(shared / "specs" / "openai-openapi.json"))
+    await server.start()
+    yield server
+    await server.stop()
+    assert server.violations == [], f"the bot broke the OpenAI API spec: {server.violations}"
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, tg: FakeTelegram, oai: FakeOpenAI) -> SettingsFactory:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "telegram_bot_token": TOKEN,
+            "telegram_api_url": tg.url,
+            "openai_api_key": API_KEY,
+            "openai_base_url": oai.url,
+            "openai_max_retries": 0,
+            "openai_timeout": 5.0,
+            "database_url": f"sqlite:///{tmp_path / 'parley.sqlite3'}",
+            "draft_interval": 0.05,
+            "telegram_max_rate": 0,
+            "telegram_group_rate": 0,
+            "admin_user_ids": "42",
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[ParleyApp]:
+    """Run the real Application with long polling against the stand-in servers."""
+    app = build_application(settings)
+    # The same sequence as Application.run_polling, hooks included.
+    await app.initialize()
+    try:
+        if app.post_init:
+            await app.post_init(app)
+        assert app.updater is not None
+        await app.updater.start_polling(poll_interval=0, timeout=5, allowed_updates=ALLOWED_UPDATES)
+        await app.start()
+        try:
+            yield app
+        finally:
+            await app.updater.stop()
+            await app.stop()
+            if app.post_stop:
+                await app.post_stop(app)
+    finally:
+        await app.shutdown()
+        if app.post_shutdown:
+            await app.post_shutdown(app)
+
+
+@pytest.fixture
+async def bot(make_settings: SettingsFactory) -> AsyncIterator[ParleyApp]:
+    async with running(make_settings()) as app:
+        yield app

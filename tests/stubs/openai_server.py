@@ -1,0 +1,380 @@
+"""A stand-in OpenAI API server: conversations, streamed responses, chat completions, models.
+
+The model is scripted: tests enqueue replies (text, an error status, latency, a stream cut
+halfway); with the queue empty it echoes the user's last words, so concurrent tests can tell
+answers apart. Every request body is checked against the OpenAPI spec; conversations keep
+their items so a test can see what the model was shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tests.stubs.specs import OpenAISpec
+
+API_KEY = "sk-test-parley-0123456789abcdef"
+
+
+@dataclass
+class ModelCall:
+    """What the model was asked: the API used, and everything it was shown, in order."""
+
+    api: str  # "responses" | "chat"
+    model: str
+    instructions: str | None
+    transcript: list[tuple[str, str]]  # (role, text) incl. history and the new input
+    images: list[str]  # image URLs in the new input
+    conversation: str | None
+    body: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    @property
+    def last_user_text(self) -> str:
+        return next((text for role, text in reversed(self.transcript) if role == "user"), "")
+
+
+@dataclass
+class Reply:
+    """One scripted model answer (or failure)."""
+
+    text: str | Callable[[ModelCall], str] | None = None
+    status: int = 200
+    delay: float = 0.0
+    cut_after: int | None = None  # drop the connection after this many deltas
+    chunk_words: int = 1
+
+
+class FakeOpenAI:
+    def __init__(self, spec: OpenAISpec | None, api_key: str = API_KEY) -> None:
+        self.spec = spec
+        self.api_key = api_key
+        self.script: deque[Reply] = deque()
+        self.latency = 0.0  # added to every model call
+        self.calls: list[ModelCall] = []
+        self.requests: list[tuple[str, str, Any]] = []
+        self.violations: list[str] = []
+        self.conversations: dict[str, dict[str, Any]] = {}
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight_per_conversation = 0
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    def enqueue(self, *replies: Reply | str) -> None:
+        self.script.extend(r if isinstance(r, Reply) else Reply(r) for r in replies)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/v1/{path:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- routing ----------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        path = "/" + request.match_info["path"]
+        body: Any = None
+        if request.can_read_body and request.content_type == "application/json":
+            body = await request.json()
+        self.requests.append((request.method, path, body))
+        if self.spec is not None:
+            problems = self.spec.validate_request(request.method, path, body)
+            if problems:
+                self.violations += problems
+                return _error(400, "; ".join(problems[:3]), "invalid_request_error", None)
+        parts = path.strip("/").split("/")
+        if request.method == "POST" and parts == ["responses"]:
+            return await self._responses(request, body)
+        if request.method == "POST" and parts == ["chat", "completions"]:
+            return await self._chat(request, body)
+        if parts[0] == "conversations":
+            return self._conversations(request.method, parts[1:], body)
+        if request.method == "GET" and parts == ["models"]:
+            return web.json_response({"object": "list", "data": [
+                {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "openai"}
+                for m in ("gpt-5.4-mini", "gpt-5.4-nano", "gpt-4.1-mini")
+            ]})  # fmt: skip
+        return _error(404, f"Unknown request URL: {request.method} {path}", "invalid_request_error", None)
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._ids):04d}{uuid.uuid4().hex[:12]}"
+
+    # -- conversations ----------------------------------------------------------------------
+
+    def _conversations(self, method: str, parts: list[str], body: Any) -> web.Response:
+        if not parts and method == "POST":
+            conv = {
+                "id": self._new_id("conv"),
+                "object": "conversation",
+                "created_at": int(time.time()),
+                "metadata": (body or {}).get("metadata") or {},
+                "items": [_as_item(i, self._new_id("msg")) for i in (body or {}).get("items") or []],
+            }
+            self.conversations[conv["id"]] = conv
+            return web.json_response(_public(conv))
+        conv = self.conversations.get(parts[0]) if parts else None
+        if conv is None:
+            return _error(404, "Conversation not found", "invalid_request_error", None)
+        if len(parts) == 1 and method == "GET":
+            return web.json_response(_public(conv))
+        if len(parts) == 1 and method == "DELETE":
+            del self.conversations[conv["id"]]
+            return web.json_response({"id": conv["id"], "object": "conversation.deleted", "deleted": True})
+        if len(parts) == 2 and parts[1] == "items" and method == "GET":
+            return web.json_response({"object": "list", "data": conv["items"], "has_more": False,
+                                      "first_id": None, "last_id": None})  # fmt: skip
+        return _error(405, "Method not allowed", "invalid_request_error", None)
+
+    # -- the model --------------------------------------------------------------------------
+
+    def _next_reply(self, call: ModelCall) -> tuple[Reply, str]:
+        reply = self.script.popleft() if self.script else Reply()
+        text = reply.text
+        if callable(text):
+            text = text(call)
+        if text is None:
+            text = f"echo: {call.last_user_text}"
+        return reply, text
+
+    async def _model_call(self, call: ModelCall) -> tuple[Reply, str]:
+        self.calls.append(call)
+        if call.conversation:
+            n = self.in_flight.get(call.conversation, 0) + 1
+            self.in_flight[call.conversation] = n
+            self.max_in_flight_per_conversation = max(self.max_in_flight_per_conversation, n)
+        reply, text = self._next_reply(call)
+        await asyncio.sleep(self.latency + reply.delay)
+        return reply, text
+
+    def _done(self, call: ModelCall) -> None:
+        call.finished = time.monotonic()
+        if call.conversation:
+            self.in_flight[call.conversation] -= 1
+
+    async def _responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        conv_ref = body.get("conversation")
+        conv_id = conv_ref if isinstance(conv_ref, str) else (conv_ref or {}).get("id")
+        conv = self.conversations.get(conv_id) if conv_id else None
+        if conv_id and conv is None:
+            return _error(404, f"Conversation with id '{conv_id}' not found.", "invalid_request_error", None)
+        new_items = [_as_item(i, self._new_id("msg")) for i in _input_items(body.get("input"))]
+        history = conv["items"] if conv else []
+        call = ModelCall(
+            api="responses",
+            model=body["model"],
+            instructions=body.get("instructions"),
+            transcript=[_item_text(i) for i in history + new_items],
+            images=[p["image_url"] for i in new_items for p in i.get("content", [])
+                    if isinstance(p, dict) and p.get("type") == "input_image"],
+            conversation=conv_id,
+            body=body,
+        )  # fmt: skip
+        try:
+            reply, text = await self._model_call(call)
+            if reply.status != 200:
+                return _status_error(reply.status)
+            response_id = self._new_id("resp")
+            message_id = self._new_id("msg")
+            output_item = {
+                "id": message_id, "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+            }  # fmt: skip
+            usage = _usage(call, text)
+            final = _response_obj(response_id, body, conv_id, "completed", [output_item], usage)
+            if conv is not None and reply.cut_after is None:
+                conv["items"] += new_items + [output_item]
+            if not body.get("stream"):
+                return web.json_response(final)
+            return await self._stream_response(request, reply, text, final, output_item)
+        finally:
+            self._done(call)
+
+    async def _stream_response(
+        self, request: web.Request, reply: Reply, text: str, final: dict[str, Any],
+        item: dict[str, Any],
+    ) -> web.StreamResponse:  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        seq = itertools.count()
+
+        async def send(kind: str, **data: Any) -> None:
+            payload = {"type": kind, "sequence_number": next(seq), **data}
+            await resp.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+
+        pending = {**final, "status": "in_progress", "output": [], "usage": None}
+        await send("response.created", response=pending)
+        await send("response.in_progress", response=pending)
+        ref = {"item_id": item["id"], "output_index": 0}
+        await send("response.output_item.added", output_index=0,
+                   item={**item, "status": "in_progress", "content": []})  # fmt: skip
+        await send("response.content_part.added", **ref, content_index=0,
+                   part={"type": "output_text", "text": "", "annotations": []})  # fmt: skip
+        for n, delta in enumerate(_chunks(text, reply.chunk_words)):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                _drop(request)
+                return resp
+            await send("response.output_text.delta", **ref, content_index=0, delta=delta, logprobs=[])
+            await asyncio.sleep(0)
+        await send("response.output_text.done", **ref, content_index=0, text=text, logprobs=[])
+        await send("response.content_part.done", **ref, content_index=0,
+                   part={"type": "output_text", "text": text, "annotations": []})  # fmt: skip
+        await send("response.output_item.done", output_index=0, item=item)
+        await send("response.completed", response=final)
+        await resp.write_eof()
+        return resp
+
+    async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        transcript, images = [], []
+        for m in body["messages"]:
+            content = m.get("content")
+            if isinstance(content, list):
+                transcript.append((m["role"], "".join(p.get("text", "") for p in content)))
+                if m is body["messages"][-1]:
+                    images = [p["image_url"]["url"] for p in content if p.get("type") == "image_url"]
+            else:
+                transcript.append((m["role"], content or ""))
+        system = [text for role, text in transcript if role in ("system", "developer")]
+        call = ModelCall(
+            api="chat", model=body["model"], instructions=system[0] if system else None,
+            transcript=[(r, t) for r, t in transcript if r not in ("system", "developer")],
+            images=images, conversation=None, body=body,
+        )  # fmt: skip
+        try:
+            reply, text = await self._model_call(call)
+            if reply.status != 200:
+                return _status_error(reply.status)
+            completion_id = self._new_id("chatcmpl")
+            usage = _usage(call, text)
+            chat_usage = {"prompt_tokens": usage["input_tokens"],
+                          "completion_tokens": usage["output_tokens"],
+                          "total_tokens": usage["total_tokens"]}  # fmt: skip
+            base = {"id": completion_id, "created": int(time.time()), "model": body["model"]}
+            if not body.get("stream"):
+                return web.json_response({**base, "object": "chat.completion", "usage": chat_usage,
+                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                                 "message": {"role": "assistant", "content": text, "refusal": None}}]})  # fmt: skip
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+
+            async def send(data: dict[str, Any]) -> None:
+                await resp.write(f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', **data})}\n\n".encode())
+
+            await send({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "finish_reason": None}]})  # fmt: skip
+            for n, delta in enumerate(_chunks(text, reply.chunk_words)):
+                if reply.cut_after is not None and n >= reply.cut_after:
+                    _drop(request)
+                    return resp
+                await send({"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]})
+                await asyncio.sleep(0)
+            await send({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await send({"choices": [], "usage": chat_usage})
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        finally:
+            self._done(call)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _drop(request: web.Request) -> None:
+    """Cut the connection mid-stream, as a network failure would."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _chunks(text: str, words: int) -> list[str]:
+    pieces = text.split(" ")
+    out = [" ".join(pieces[i : i + words]) for i in range(0, len(pieces), words)]
+    return [p if i == 0 else " " + p for i, p in enumerate(out)]
+
+
+def _input_items(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+    return list(value)
+
+
+def _as_item(item: dict[str, Any], item_id: str) -> dict[str, Any]:
+    content = item.get("content")
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    return {"id": item_id, "type": item.get("type", "message"), "status": "completed",
+            "role": item.get("role", "user"), "content": content or []}  # fmt: skip
+
+
+def _item_text(item: dict[str, Any]) -> tuple[str, str]:
+    text = "".join(p.get("text", "") for p in item.get("content", []) if isinstance(p, dict))
+    return item.get("role", "user"), text
+
+
+def _usage(call: ModelCall, text: str) -> dict[str, Any]:
+    seen = sum(len(t) for _, t in call.transcript) + len(call.instructions or "")
+    input_tokens, output_tokens = seen // 4 + 1, len(text) // 4 + 1
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}  # fmt: skip
+
+
+def _response_obj(
+    response_id: str, body: dict[str, Any], conv_id: str | None, status: str,
+    output: list[dict[str, Any]], usage: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "id": response_id, "object": "response", "created_at": int(time.time()),
+        "status": status, "model": body["model"], "output": output, "usage": usage,
+        "instructions": body.get("instructions"), "conversation": {"id": conv_id} if conv_id else None,
+        "error": None, "incomplete_details": None, "metadata": {}, "parallel_tool_calls": True,
+        "tool_choice": "auto", "tools": [], "temperature": 1.0, "top_p": 1.0,
+        "text": body.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
+        "store": body.get("store", True), "background": False,
+    }  # fmt: skip
+
+
+def _public(conv: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in conv.items() if k != "items"}
+
+
+def _error(status: int, message: str, kind: str, code: str | None) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status
+    )
+
+
+def _status_error(status: int) -> web.Response:
+    if status == 429:
+        resp = _error(429, "Rate limit reached for requests", "requests", "rate_limit_exceeded")
+        resp.headers["retry-after-ms"] = "10"
+        return resp
+    if status == 403:
+        return _error(403, "You are not allowed to do this.", "invalid_request_error", None)
+    return _error(status, "The server had an error while processing your request.", "server_error", None)

@@ -1,0 +1,330 @@
+"""A stand-in Telegram Bot API server: long polling, messages, drafts, files, injected faults.
+
+It keeps per-chat state, records every call, and checks each call against the Bot API spec
+(method known, required fields present, no unknown fields, types right) plus Telegram's own
+limits that the spec only states in prose (text length). A violation is recorded and
+answered with a 400, as Telegram would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tests.stubs.specs import INPUT_FILE, TelegramSpec
+
+BOT_USER = {
+    "id": 777000111,
+    "is_bot": True,
+    "first_name": "Parley",
+    "username": "parley_test_bot",
+    "can_join_groups": True,
+    "can_read_all_group_messages": False,
+    "supports_inline_queries": False,
+}
+
+
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Fault:
+    status: int
+    description: str
+    retry_after: int | None = None
+
+
+class FakeTelegram:
+    """State and handlers of the stand-in server; start() binds it to 127.0.0.1:<free port>."""
+
+    def __init__(self, token: str, spec: TelegramSpec | None) -> None:
+        self.token = token
+        self.spec = spec
+        self.calls: list[Call] = []
+        self.violations: list[str] = []
+        self.chats: dict[int, dict[str, Any]] = {}
+        self.files: dict[str, tuple[str, bytes]] = {}
+        self.faults: dict[str, deque[Fault]] = {}
+        self.latency: dict[str, float] = {}
+        self.allowed_updates: list[str] | None = None
+        self._updates: list[dict[str, Any]] = []
+        self._update_ids = itertools.count(1)
+        self._message_ids: dict[int, itertools.count[int]] = {}
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self._closing = False
+        self.url = ""
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/bot{token}/{method}", self._handle_method)
+        app.router.add_get("/file/bot{token}/{path:.+}", self._handle_file)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        self._closing = True  # release long polls the bot abandoned, so shutdown is quick
+        await self._notify()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- what tests inject ------------------------------------------------------------------
+
+    def chat(
+        self, chat_id: int, chat_type: str = "private", *, title: str | None = None,
+        is_forum: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        chat: dict[str, Any] = {"id": chat_id, "type": chat_type}
+        if chat_type == "private":
+            chat["first_name"] = f"User{chat_id}"
+        else:
+            chat["title"] = title or f"Group {chat_id}"
+        if is_forum:
+            chat["is_forum"] = True
+        self.chats[chat_id] = chat
+        return chat
+
+    def next_message_id(self, chat_id: int) -> int:
+        return next(self._message_ids.setdefault(chat_id, itertools.count(1)))
+
+    def push_update(self, update: dict[str, Any]) -> dict[str, Any]:
+        """Queue a raw update (given without update_id); it is checked against the spec."""
+        update = {"update_id": next(self._update_ids), **update}
+        if self.spec is not None:
+            self.violations += [f"injected Update: {v}" for v in self.spec.validate_object("Update", update)]
+        self._updates.append(update)
+        asyncio.get_running_loop().create_task(self._notify())
+        return update
+
+    def push_message(
+        self,
+        chat_id: int,
+        text: str | None = None,
+        *,
+        user_id: int | None = None,
+        chat_type: str = "private",
+        topic_id: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Queue a message from a user; returns the message object."""
+        chat = self.chats.get(chat_id) or self.chat(chat_id, chat_type)
+        user_id = user_id if user_id is not None else (chat_id if chat_id > 0 else 1001)
+        message: dict[str, Any] = {
+            "message_id": self.next_message_id(chat_id),
+            "date": int(time.time()),
+            "chat": chat,
+            "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}",
+                     "language_code": "en"},
+        }  # fmt: skip
+        if text is not None:
+            message["text"] = text
+            if text.startswith("/"):
+                command = text.split()[0]
+                message["entities"] = [
+                    {"type": "bot_command", "offset": 0, "length": utf16_len(command)}
+                ]
+        if topic_id is not None:
+            message["message_thread_id"] = topic_id
+            message["is_topic_message"] = True
+        message.update(extra or {})
+        self.push_update({"message": message})
+        return message
+
+    def add_file(self, file_id: str, data: bytes, path: str | None = None) -> None:
+        self.files[file_id] = (path or f"files/{file_id}", data)
+
+    def fail_next(
+        self, method: str, status: int = 429, *, retry_after: int | None = 1, times: int = 1,
+        description: str | None = None,
+    ) -> None:  # fmt: skip
+        """Make the next `times` calls of `method` fail like Telegram does."""
+        text = description or (
+            f"Too Many Requests: retry after {retry_after}" if status == 429 else "Bad Gateway"
+        )
+        queue = self.faults.setdefault(method, deque())
+        queue.extend(Fault(status, text, retry_after if status == 429 else None) for _ in range(times))
+
+    # -- what tests read --------------------------------------------------------------------
+
+    def calls_of(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method]
+
+    def sent_texts(self, chat_id: int) -> list[str]:
+        return [
+            c.params["text"]
+            for c in self.calls
+            if c.method == "sendMessage" and int(c.params["chat_id"]) == chat_id
+        ]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until `predicate()` holds after some call; fail the test on timeout."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+
+    async def wait_sent(self, chat_id: int, count: int = 1, timeout: float = 10.0) -> list[str]:
+        await self.wait_for(lambda: len(self.sent_texts(chat_id)) >= count, timeout)
+        return self.sent_texts(chat_id)
+
+    @property
+    def pending_updates(self) -> int:
+        return len(self._updates)
+
+    # -- the server -------------------------------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _read_params(self, request: web.Request) -> tuple[dict[str, Any], bool]:
+        if request.content_type == "application/json":
+            body = await request.json() if request.can_read_body else {}
+            return dict(body or {}), False
+        form = await request.post()
+        params: dict[str, Any] = {}
+        for name, value in form.items():
+            params[name] = value if isinstance(value, str) else INPUT_FILE
+        params.update({k: v for k, v in request.query.items() if k not in params})
+        return params, True
+
+    async def _handle_method(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return _error(401, "Unauthorized")
+        method = request.match_info["method"]
+        params, form_encoded = await self._read_params(request)
+        self.calls.append(Call(method, params))
+        try:
+            if self.spec is not None:
+                problems = self.spec.validate_call(method, params, form_encoded=form_encoded)
+                if problems:
+                    self.violations += problems
+                    return _error(400, f"Bad Request: {problems[0]}")
+            if delay := self.latency.get(method):
+                await asyncio.sleep(delay)
+            queue = self.faults.get(method)
+            if queue:
+                fault = queue.popleft()
+                return _error(fault.status, fault.description, fault.retry_after)
+            if method == "getUpdates":
+                return await self._get_updates(params)
+            handler = getattr(self, f"_m_{method}", None)
+            if handler is None:
+                return _ok(True)
+            return handler(params)
+        finally:
+            await self._notify()
+
+    async def _get_updates(self, params: dict[str, Any]) -> web.Response:
+        offset = int(params.get("offset") or 0)
+        timeout = float(params.get("timeout") or 0)
+        if "allowed_updates" in params:
+            value = params["allowed_updates"]
+            self.allowed_updates = json.loads(value) if isinstance(value, str) else value
+        if offset:
+            # Telegram forgets updates once a later offset confirms them.
+            self._updates = [u for u in self._updates if u["update_id"] >= offset]
+        if not self._updates and timeout:
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(
+                        self._changed.wait_for(lambda: bool(self._updates) or self._closing),
+                        min(timeout, 30),
+                    )
+                except TimeoutError:
+                    pass
+        limit = int(params.get("limit") or 100)
+        return _ok(self._updates[:limit])
+
+    def _new_message(self, params: dict[str, Any], **content: Any) -> dict[str, Any]:
+        chat_id = int(params["chat_id"])
+        chat = self.chats.get(chat_id) or {"id": chat_id, "type": "private", "first_name": "?"}
+        message: dict[str, Any] = {
+            "message_id": self.next_message_id(chat_id),
+            "date": int(time.time()),
+            "chat": chat,
+            "from": BOT_USER,
+            **content,
+        }
+        if params.get("message_thread_id"):
+            message["message_thread_id"] = int(params["message_thread_id"])
+            message["is_topic_message"] = True
+        return message
+
+    def _m_getMe(self, params: dict[str, Any]) -> web.Response:
+        return _ok(BOT_USER)
+
+    def _m_sendMessage(self, params: dict[str, Any]) -> web.Response:
+        text = params.get("text", "")
+        if not text.strip():
+            return self._violation("sendMessage: message text is empty")
+        if utf16_len(text) > 4096:
+            return self._violation(f"sendMessage: message is too long ({utf16_len(text)})")
+        if int(params["chat_id"]) not in self.chats:
+            return _error(400, "Bad Request: chat not found")
+        return _ok(self._new_message(params, text=text))
+
+    def _m_sendMessageDraft(self, params: dict[str, Any]) -> web.Response:
+        if utf16_len(params.get("text", "")) > 4096:
+            return self._violation("sendMessageDraft: text is too long")
+        chat = self.chats.get(int(params["chat_id"]))
+        if chat is None or chat["type"] != "private":
+            return self._violation("sendMessageDraft: drafts are for private chats only")
+        if int(params["draft_id"]) == 0:
+            return self._violation("sendMessageDraft: draft_id must be non-zero")
+        return _ok(True)
+
+    def _m_getFile(self, params: dict[str, Any]) -> web.Response:
+        file_id = params["file_id"]
+        if file_id not in self.files:
+            return _error(400, "Bad Request: invalid file_id")
+        path, data = self.files[file_id]
+        return _ok(
+            {"file_id": file_id, "file_unique_id": f"u{file_id}", "file_size": len(data),
+             "file_path": path}
+        )  # fmt: skip
+
+    def _violation(self, problem: str) -> web.Response:
+        self.violations.append(problem)
+        return _error(400, f"Bad Request: {problem}")
+
+    async def _handle_file(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return web.Response(status=401)
+        path = request.match_info["path"]
+        for stored_path, data in self.files.values():
+            if stored_path == path:
+                return web.Response(body=data, content_type="application/octet-stream")
+        return web.Response(status=404)
+
+
+def _ok(result: Any) -> web.Response:
+    return web.json_response({"ok": True, "result": result})
+
+
+def _error(status: int, description: str, retry_after: int | None = None) -> web.Response:
+    body: dict[str, Any] = {"ok": False, "error_code": status, "description": description}
+    if retry_after is not None:
+        body["parameters"] = {"retry_after": retry_after}
+    return web.json_response(body, status=status)

@@ -1,0 +1,109 @@
+"""The core path, end to end: Telegram update in, streamed model answer out, turn logged."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.context import ParleyApp
+from tests.conftest import SettingsFactory, running
+from tests.stubs.openai_server import FakeOpenAI, Reply
+from tests.stubs.telegram_server import FakeTelegram
+
+
+async def test_private_message_streams_a_draft_then_sends_the_answer(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    oai.enqueue(Reply("Paris is the capital of France.", delay=0.05))
+    tg.push_message(100, "What is the capital of France?")
+    assert await tg.wait_sent(100) == ["Paris is the capital of France."]
+
+    drafts = [c.params for c in tg.calls_of("sendMessageDraft")]
+    assert drafts[0]["text"] == ""  # the "Thinking..." placeholder comes first
+    assert any(d["text"].startswith("Paris") for d in drafts[1:])
+    assert all(d["draft_id"] == drafts[0]["draft_id"] for d in drafts)
+    final = tg.calls_of("sendMessage")[-1]
+    assert max(c.at for c in tg.calls_of("sendMessageDraft")) <= final.at
+
+    [call] = oai.calls
+    assert call.api == "responses" and call.conversation in oai.conversations
+    assert call.body["stream"] is True and call.body["model"] == "gpt-5.4-mini"
+    assert call.instructions and "Parley" in call.instructions
+    assert call.last_user_text == "What is the capital of France?"
+    assert tg.allowed_updates == ["message"]
+
+
+async def test_turn_is_logged_with_ids_usage_and_timestamps(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    oai.enqueue("Hello there!")
+    sent = tg.push_message(100, "hi", user_id=100)
+    await tg.wait_sent(100)
+    await _settled(bot)
+    store = bot.bot_data.services.store  # type: ignore[union-attr]
+    [turn] = await store.fetch_all(
+        "SELECT chat_id, user_id, user_message_id, status, model, response_id, input_tokens,"
+        " output_tokens, latency_ms, started_at, finished_at, chat_type FROM turns"
+    )
+    assert turn[:5] == (100, 100, sent["message_id"], "ok", "gpt-5.4-mini")
+    assert turn[5].startswith("resp_") and turn[6] > 0 and turn[7] > 0 and turn[8] >= 0
+    assert turn[9].endswith("+00:00") and turn[9] <= turn[10] and turn[11] == "private"
+    messages = await store.fetch_all("SELECT role, content FROM messages ORDER BY id")
+    assert messages == [("user", "hi"), ("assistant", "Hello there!")]
+    reply_ids = await store.fetch_all("SELECT message_id FROM reply_messages")
+    sent_ids = [c for c in tg.calls_of("sendMessage")]
+    assert len(reply_ids) == 1 == len(sent_ids)
+
+
+async def test_thread_survives_a_restart(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings()
+    async with running(settings):
+        tg.push_message(100, "My name is Ada.")
+        await tg.wait_sent(100, 1)
+    async with running(settings):
+        tg.push_message(100, "What is my name?")
+        await tg.wait_sent(100, 2)
+    first, second = oai.calls
+    assert first.conversation == second.conversation
+    assert len(oai.conversations) == 1
+    # The model saw the first exchange when answering the second question.
+    assert second.transcript == [
+        ("user", "My name is Ada."),
+        ("assistant", "echo: My name is Ada."),
+        ("user", "What is my name?"),
+    ]
+
+
+async def test_reset_starts_a_new_thread(tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp) -> None:
+    tg.push_message(100, "one")
+    await tg.wait_sent(100, 1)
+    tg.push_message(100, "/reset")
+    await tg.wait_sent(100, 2)
+    assert "new conversation" in tg.sent_texts(100)[1]
+    tg.push_message(100, "two")
+    await tg.wait_sent(100, 3)
+    first, second = oai.calls
+    assert first.conversation != second.conversation
+    assert second.transcript == [("user", "two")]
+
+
+@pytest.mark.parametrize("command", ["/start", "/help"])
+async def test_start_and_help_list_the_commands(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp, command: str
+) -> None:
+    tg.push_message(100, command)
+    [text] = await tg.wait_sent(100)
+    assert "/reset" in text and "/help" in text
+    assert oai.calls == []
+
+
+async def _settled(app: ParleyApp) -> None:
+    """Wait until the app has no update in progress."""
+    import asyncio
+
+    for _ in range(200):
+        if app.update_queue.empty() and app._update_processor.active_lanes == 0:  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("updates still in progress")
