@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from openai import AsyncOpenAI
 from telegram import Update
 from telegram.ext import AIORateLimiter, ApplicationBuilder
@@ -54,6 +55,8 @@ async def start_services(settings: Settings, openai_client: AsyncOpenAI | None =
 
 def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None = None) -> ParleyApp:
     """Build the bot: nothing connects until the application is initialised and started."""
+    # Opt in to PTB 23's durations (timedelta) now: PTB 22 otherwise warns on every 429.
+    os.environ.setdefault("PTB_TIMEDELTA", "1")
 
     async def post_init(app: ParleyApp) -> None:
         app.bot_data.services = await start_services(settings, openai_client)

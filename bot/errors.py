@@ -21,8 +21,12 @@ class ModelError(ParleyError):
     """The model could not produce an answer (rate limit, outage, timeout, refusal...)."""
 
 
-def classify_model_error(exc: BaseException) -> ModelError:
-    """Map an exception from the OpenAI client to a ModelError with a stable kind."""
+def classify_model_error(exc: BaseException, *, streaming: bool = False) -> ModelError:
+    """Map an exception from the OpenAI client to a ModelError with a stable kind.
+
+    `streaming` says text had already arrived: a connection error then means the answer was
+    cut off on the way, not that the service could not be reached.
+    """
     if isinstance(exc, ModelError):
         return exc
     kind = "unknown"
@@ -32,6 +36,8 @@ def classify_model_error(exc: BaseException) -> ModelError:
         exc, openai.APITimeoutError | httpx2.TimeoutException | asyncio.TimeoutError | TimeoutError
     ):
         kind = "timeout"
+    elif isinstance(exc, openai.APIConnectionError | httpx2.TransportError) and streaming:
+        kind = "interrupted"
     elif isinstance(exc, openai.APIConnectionError):
         kind = "unreachable"
     elif isinstance(exc, httpx2.TransportError):

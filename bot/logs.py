@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import TextIO
 
 REDACTED = "[REDACTED]"
 
@@ -38,14 +39,15 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def setup_logging(level: str, secrets: Iterable[str]) -> None:
+def setup_logging(level: str, secrets: Iterable[str], stream: TextIO | None = None) -> None:
     """Configure the root logger once: format, level, and secret redaction on every handler."""
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # These log every request URL at INFO, and Telegram's URLs contain the bot token.
-    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
+    # aiosqlite logs every statement with its parameters, i.e. users' messages, at DEBUG.
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "aiosqlite"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -113,3 +113,21 @@ async def running(settings: Settings) -> AsyncIterator[ParleyApp]:
 async def bot(make_settings: SettingsFactory) -> AsyncIterator[ParleyApp]:
     async with running(make_settings()) as app:
         yield app
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds (for state the Telegram stand-in isn't notified of)."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def settled(app: ParleyApp) -> None:
+    """Wait until the app has no update in progress (its turns are logged by then)."""
+    await eventually(
+        lambda: app.update_queue.empty() and app._update_processor.active_lanes == 0  # type: ignore[attr-defined]
+    )

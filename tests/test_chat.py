@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.context import ParleyApp
-from tests.conftest import SettingsFactory, running
+from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
 
@@ -38,7 +38,7 @@ async def test_turn_is_logged_with_ids_usage_and_timestamps(
     oai.enqueue("Hello there!")
     sent = tg.push_message(100, "hi", user_id=100)
     await tg.wait_sent(100)
-    await _settled(bot)
+    await settled(bot)
     store = bot.bot_data.services.store  # type: ignore[union-attr]
     [turn] = await store.fetch_all(
         "SELECT chat_id, user_id, user_message_id, status, model, response_id, input_tokens,"
@@ -96,14 +96,3 @@ async def test_start_and_help_list_the_commands(
     [text] = await tg.wait_sent(100)
     assert "/reset" in text and "/help" in text
     assert oai.calls == []
-
-
-async def _settled(app: ParleyApp) -> None:
-    """Wait until the app has no update in progress."""
-    import asyncio
-
-    for _ in range(200):
-        if app.update_queue.empty() and app._update_processor.active_lanes == 0:  # type: ignore[attr-defined]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("updates still in progress")

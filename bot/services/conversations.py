@@ -112,7 +112,7 @@ class OpenAIConversations:
         except ModelError:
             raise
         except Exception as exc:
-            raise classify_model_error(exc) from exc
+            raise classify_model_error(exc, streaming=bool(chunks)) from exc
         raise ModelError("interrupted", "stream ended without response.completed")
 
     async def reset(self, key: ChatKey) -> None:
@@ -188,7 +188,7 @@ class LocalHistory:
         except ModelError:
             raise
         except Exception as exc:
-            raise classify_model_error(exc) from exc
+            raise classify_model_error(exc, streaming=bool(chunks)) from exc
         if finish_reason is None:
             raise ModelError("interrupted", "stream ended without finish_reason")
         return ReplyResult(

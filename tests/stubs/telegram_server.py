@@ -41,6 +41,7 @@ class Call:
     method: str
     params: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
+    status: int | None = None  # the HTTP status the stand-in answered with
 
 
 @dataclass
@@ -173,10 +174,11 @@ class FakeTelegram:
         return [c for c in self.calls if c.method == method]
 
     def sent_texts(self, chat_id: int) -> list[str]:
+        """Texts of the messages delivered to a chat (failed attempts excluded), in order."""
         return [
             c.params["text"]
             for c in self.calls
-            if c.method == "sendMessage" and int(c.params["chat_id"]) == chat_id
+            if c.method == "sendMessage" and c.status == 200 and int(c.params["chat_id"]) == chat_id
         ]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -214,27 +216,32 @@ class FakeTelegram:
             return _error(401, "Unauthorized")
         method = request.match_info["method"]
         params, form_encoded = await self._read_params(request)
-        self.calls.append(Call(method, params))
-        try:
-            if self.spec is not None:
-                problems = self.spec.validate_call(method, params, form_encoded=form_encoded)
-                if problems:
-                    self.violations += problems
-                    return _error(400, f"Bad Request: {problems[0]}")
-            if delay := self.latency.get(method):
-                await asyncio.sleep(delay)
-            queue = self.faults.get(method)
-            if queue:
-                fault = queue.popleft()
-                return _error(fault.status, fault.description, fault.retry_after)
-            if method == "getUpdates":
-                return await self._get_updates(params)
-            handler = getattr(self, f"_m_{method}", None)
-            if handler is None:
-                return _ok(True)
-            return handler(params)
-        finally:
-            await self._notify()
+        call = Call(method, params)
+        self.calls.append(call)
+        response = await self._answer(call, form_encoded)
+        call.status = response.status
+        await self._notify()
+        return response
+
+    async def _answer(self, call: Call, form_encoded: bool) -> web.Response:
+        method, params = call.method, call.params
+        if self.spec is not None:
+            problems = self.spec.validate_call(method, params, form_encoded=form_encoded)
+            if problems:
+                self.violations += problems
+                return _error(400, f"Bad Request: {problems[0]}")
+        if delay := self.latency.get(method):
+            await asyncio.sleep(delay)
+        queue = self.faults.get(method)
+        if queue:
+            fault = queue.popleft()
+            return _error(fault.status, fault.description, fault.retry_after)
+        if method == "getUpdates":
+            return await self._get_updates(params)
+        handler = getattr(self, f"_m_{method}", None)
+        if handler is None:
+            return _ok(True)
+        return handler(params)
 
     async def _get_updates(self, params: dict[str, Any]) -> web.Response:
         offset = int(params.get("offset") or 0)
