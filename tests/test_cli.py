@@ -1,0 +1,106 @@
+"""`python -m bot` as a user runs it: configuration errors, and a real run against the stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.settings import ConfigError, load_settings
+from tests.conftest import TOKEN
+from tests.stubs.openai_server import API_KEY, FakeOpenAI
+from tests.stubs.telegram_server import FakeTelegram
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**values: str) -> dict[str, str]:
+    """A clean environment: nothing from the developer's shell or a .env leaks in."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    env.update(values)
+    return env
+
+
+def test_missing_token_exits_with_one_line_naming_it(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bot"], cwd=tmp_path, env=_env(), capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TELEGRAM_BOT_TOKEN" in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"TELEGRAM_BOT_TOKEN": "x"}, "OPENAI_API_KEY"),
+        ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "ADMIN_USER_IDS": "1,bob"}, "ADMIN_USER_IDS"),
+        ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "CONVERSATION_BACKEND": "x"},
+         "CONVERSATION_BACKEND"),
+        ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "DATABASE_URL": "postgres://db"},
+         "DATABASE_URL"),
+    ],
+)  # fmt: skip
+def test_bad_configuration_is_one_line_naming_the_variable(
+    tmp_path: Path, env: dict[str, str], named: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bot"], cwd=tmp_path, env=_env(**env), capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+
+
+def test_settings_parse_ids_paths_and_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for var in list(os.environ):
+        if var.startswith(("TELEGRAM_", "OPENAI_", "ADMIN_", "DATABASE_", "CONVERSATION_")):
+            monkeypatch.delenv(var)
+    (tmp_path / ".env").write_text(
+        "TELEGRAM_BOT_TOKEN=1:abc\nADMIN_USER_IDS= 5, 7 ,9\nDATABASE_URL=sqlite:////var/x.db\n"
+        "TELEGRAM_API_URL=http://bot-api.local/\nLOG_LEVEL=debug\n"
+    )
+    s = load_settings()
+    assert s.admin_user_ids == {5, 7, 9} and s.is_admin(7) and not s.is_admin(8)
+    assert s.database_path == Path("/var/x.db")
+    assert s.telegram_api_url == "http://bot-api.local"
+    assert s.log_level == "DEBUG"
+    assert "1:abc" not in repr(s)  # SecretStr
+    assert load_settings(database_url="sqlite:///data/p.db").database_path == Path("data/p.db")
+    with pytest.raises(ConfigError, match="TELEGRAM_BOT_TOKEN is empty"):
+        load_settings(telegram_bot_token=" ")
+
+
+async def test_python_m_bot_answers_and_stops_cleanly_on_sigterm(
+    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", cwd=tmp_path,
+        env=_env(TELEGRAM_BOT_TOKEN=TOKEN, TELEGRAM_API_URL=tg.url, OPENAI_API_KEY=API_KEY,
+                 OPENAI_BASE_URL=oai.url, LOG_LEVEL="DEBUG", DRAFT_INTERVAL="0.05"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        tg.push_message(100, "hello from a real process")
+        assert await tg.wait_sent(100, 1, timeout=30) == ["echo: hello from a real process"]
+        # The turn is logged before the update counts as done; let it finish, then stop.
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    log = stderr.decode()
+    assert "Parley started" in log and "Traceback" not in log
+    assert TOKEN not in log and API_KEY not in log
+    assert (tmp_path / "data" / "parley.sqlite3").exists()  # default DATABASE_URL, relative

@@ -1,0 +1,91 @@
+"""Reply delivery: long answers split cleanly, groups get typing and replies, topics stay apart."""
+
+from __future__ import annotations
+
+from bot.context import ParleyApp
+from bot.services.replies import draft_preview, split_text, utf16_len
+from tests.stubs.openai_server import FakeOpenAI, Reply
+from tests.stubs.telegram_server import FakeTelegram
+
+
+def test_split_prefers_paragraphs_then_lines_then_words() -> None:
+    para = "word " * 700  # ~3,500 characters
+    parts = split_text(f"{para.strip()}\n\n{para.strip()}")
+    assert [p == para.strip() for p in parts] == [True, True]
+    lines = "\n".join(f"line {i} " + "x" * 90 for i in range(60))
+    parts = split_text(lines)
+    assert len(parts) == 2 and all(p.startswith("line ") for p in parts)
+    assert "\n".join(parts) == lines
+    words = " ".join(f"w{i}" for i in range(2000))
+    parts = split_text(words)
+    assert " ".join(parts) == words  # nothing lost, no word cut in two
+    assert all(utf16_len(p) <= 4096 for p in parts)
+
+
+def test_split_counts_utf16_and_cuts_hard_only_without_spaces() -> None:
+    emoji = "😀" * 3000  # 6,000 UTF-16 units
+    parts = split_text(emoji)
+    assert "".join(parts) == emoji and all(utf16_len(p) <= 4096 for p in parts)
+    blob = "x" * 9000
+    assert [len(p) for p in split_text(blob)] == [4096, 4096, 808]
+    assert split_text("  short  ") == ["short"]
+
+
+def test_draft_preview_shows_the_part_being_written() -> None:
+    text = "a " * 3000
+    assert utf16_len(draft_preview(text)) <= 4096
+    assert draft_preview("short") == "short"
+
+
+async def test_long_reply_arrives_as_ordered_parts_and_is_logged_whole(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    paragraphs = [f"Paragraph {i}. " + "lorem ipsum dolor sit amet " * 40 for i in range(12)]
+    paragraphs = [p.strip() for p in paragraphs]
+    answer = "\n\n".join(paragraphs)  # ~13,000 characters
+    oai.enqueue(Reply(answer, chunk_words=50))
+    tg.push_message(100, "write a lot")
+    await tg.wait_for(lambda: "".join(tg.sent_texts(100)).endswith(paragraphs[-1]))
+    parts = tg.sent_texts(100)
+    assert len(parts) == 4
+    assert all(utf16_len(p) <= 4096 and p.startswith("Paragraph") for p in parts)
+    assert "\n\n".join(parts) == answer
+    from tests.conftest import settled
+
+    await settled(bot)
+    store = bot.bot_data.services.store  # type: ignore[union-attr]
+    [(text,)] = await store.fetch_all("SELECT content FROM messages WHERE role = 'assistant'")
+    assert text == answer
+    rows = await store.fetch_all("SELECT part FROM reply_messages ORDER BY part")
+    assert [r[0] for r in rows] == [0, 1, 2, 3]
+
+
+async def test_group_chat_shows_typing_and_replies_to_the_message(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    tg.chat(-1001, "supergroup")
+    oai.enqueue(Reply("group answer", delay=0.2))
+    msg = tg.push_message(-1001, "question in a group", user_id=5, chat_type="supergroup")
+    assert await tg.wait_sent(-1001) == ["group answer"]
+    assert tg.calls_of("sendMessageDraft") == []  # drafts exist only in private chats
+    [action, *_] = tg.calls_of("sendChatAction")
+    assert action.params["action"] == "typing" and action.params["chat_id"] == "-1001"
+    final = tg.calls_of("sendMessage")[-1].params
+    assert f'"message_id": {msg["message_id"]}' in final["reply_parameters"]
+
+
+async def test_each_forum_topic_is_its_own_thread_and_gets_its_replies(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    tg.chat(-1002, "supergroup", is_forum=True)
+    tg.push_message(-1002, "in topic 7", chat_type="supergroup", topic_id=7)
+    await tg.wait_sent(-1002, 1)
+    tg.push_message(-1002, "in topic 9", chat_type="supergroup", topic_id=9)
+    await tg.wait_sent(-1002, 2)
+    tg.push_message(-1002, "topic 7 again", chat_type="supergroup", topic_id=7)
+    await tg.wait_sent(-1002, 3)
+    sends = [c.params for c in tg.calls_of("sendMessage")]
+    assert [s["message_thread_id"] for s in sends] == ["7", "9", "7"]
+    first, second, third = oai.calls
+    assert first.conversation == third.conversation != second.conversation
+    assert third.transcript[:2] == [("user", "in topic 7"), ("assistant", "echo: in topic 7")]
