@@ -13,14 +13,15 @@ from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
+from bot.services.sentiment import build_analyzer
 from bot.settings import Settings
-from handlers import chat, commands, errors, fallback
+from handlers import chat, commands, errors, fallback, feedback
 from storage.db import Store
 
 log = logging.getLogger(__name__)
 
 # Update types the bot asks Telegram for (later features extend this list).
-ALLOWED_UPDATES: list[str] = [Update.MESSAGE]
+ALLOWED_UPDATES: list[str] = [Update.MESSAGE, Update.MESSAGE_REACTION]
 
 
 def make_openai_client(settings: Settings) -> AsyncOpenAI:
@@ -43,12 +44,19 @@ async def start_services(settings: Settings, openai_client: AsyncOpenAI | None =
         backend = OpenAIConversations(client, store)
     else:
         backend = LocalHistory(client, store, settings.local_history_tokens)
+    sentiment = build_analyzer(
+        settings.sentiment_backend,
+        client=client,
+        model=settings.effective_sentiment_model,
+        timeout=settings.sentiment_timeout,
+    )
     chat = ChatService(
         store,
         backend,
         model=settings.openai_model,
         instructions=settings.assistant_instructions,
         draft_interval=settings.draft_interval,
+        sentiment=sentiment,
     )
     return Services(settings=settings, store=store, openai=client, backend=backend, chat=chat)
 
@@ -99,6 +107,7 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     )
 
     commands.register(app)
+    feedback.register(app)
     chat.register(app)
     fallback.register(app)
     errors.register(app)

@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     # Budget for the history the local backend sends, in estimated tokens (see bot/services/tokens.py).
     local_history_tokens: int = Field(default=12_000, ge=500)
 
+    # Sentiment tags: "model" (structured output, lexicon fallback), "lexicon" (offline), "off".
+    # Unset means "model": a model API is always configured.
+    sentiment_backend: Literal["model", "lexicon", "off"] = "model"
+    # A cheap classifier model; unset: gpt-5.4-nano on OpenAI, the chat model on other servers.
+    sentiment_model: str | None = None
+    sentiment_timeout: float = Field(default=3.0, gt=0, le=60)
+
     admin_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
 
     database_url: str = "sqlite:///data/parley.sqlite3"
@@ -87,6 +94,18 @@ class Settings(BaseSettings):
     def database_path(self) -> Path:
         """The SQLite file named by DATABASE_URL (`sqlite:///rel` or `sqlite:////abs`)."""
         return Path(self.database_url.removeprefix("sqlite:///"))
+
+    @property
+    def uses_openai(self) -> bool:
+        """True when requests go to OpenAI itself rather than a compatible server."""
+        return self.openai_base_url is None or "api.openai.com" in self.openai_base_url
+
+    @property
+    def effective_sentiment_model(self) -> str:
+        """SENTIMENT_MODEL, else a cheap OpenAI model, else (other servers) the chat model."""
+        if self.sentiment_model:
+            return self.sentiment_model
+        return "gpt-5.4-nano" if self.uses_openai else self.openai_model
 
     def is_admin(self, user_id: int | None) -> bool:
         return user_id is not None and user_id in self.admin_user_ids

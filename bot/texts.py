@@ -21,6 +21,7 @@ EN: dict[str, str] = {
     "unsupported": (
         "Sorry, I can't read that kind of message yet. Please send me text."
     ),
+    "admin_only": "Sorry, that command is only for the bot's admins.",
     "empty_text": "Your message is empty. Please write something for me to answer.",
     "error.rate_limited": (
         "The model is getting too many requests right now. Please try again in a minute."

@@ -18,6 +18,8 @@ from storage.migrations import MIGRATIONS, Migration
 log = logging.getLogger(__name__)
 
 CostFn = Callable[[str], int]
+# A message's sentiment as stored: (label, score, source).
+SentimentRow = tuple[str, float, str]
 
 
 def utcnow() -> str:
@@ -65,6 +67,8 @@ class TurnRecord:
     output_tokens: int | None = None
     latency_ms: int | None = None
     reply_message_ids: Sequence[int] = field(default_factory=tuple)
+    user_sentiment: SentimentRow | None = None
+    reply_sentiment: SentimentRow | None = None
     finished_at: str = field(default_factory=utcnow)
 
 
@@ -210,11 +214,15 @@ class Store:
             )  # fmt: skip
             turn_id = cur.lastrowid
             assert turn_id is not None
-            rows = [(turn_id, "user", turn.user_text, turn.started_at)]
+            rows = [(turn_id, "user", turn.user_text, turn.started_at, *_tag(turn.user_sentiment))]
             if turn.assistant_text is not None:
-                rows.append((turn_id, "assistant", turn.assistant_text, turn.finished_at))
+                rows.append(
+                    (turn_id, "assistant", turn.assistant_text, turn.finished_at,
+                     *_tag(turn.reply_sentiment))
+                )  # fmt: skip
             await conn.executemany(
-                "INSERT INTO messages (turn_id, role, content, created_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO messages (turn_id, role, content, created_at, sentiment_label,"
+                " sentiment_score, sentiment_source) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             await conn.executemany(
@@ -252,8 +260,64 @@ class Store:
         picked.reverse()
         return picked
 
+    # -- reactions and stats ----------------------------------------------------------------
+
+    async def set_reactions(
+        self, chat_id: int, message_id: int, user_id: int, reactions: Sequence[tuple[str, int]]
+    ) -> bool:
+        """Replace a user's reactions on a bot reply; False if the message is not a reply."""
+        async with self.transaction() as conn:
+            async with conn.execute(
+                "SELECT turn_id FROM reply_messages WHERE chat_id = ? AND message_id = ?",
+                (chat_id, message_id),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return False
+            await conn.execute(
+                "DELETE FROM reactions WHERE chat_id = ? AND message_id = ? AND user_id = ?",
+                (chat_id, message_id, user_id),
+            )
+            now = utcnow()
+            await conn.executemany(
+                "INSERT OR IGNORE INTO reactions (chat_id, message_id, user_id, emoji, polarity,"
+                " turn_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(chat_id, message_id, user_id, e, p, row[0], now) for e, p in reactions],
+            )
+        return True
+
+    async def sentiment_counts(self, since: str | None = None) -> dict[str, dict[str, int]]:
+        """Counts of sentiment labels per role ('user', 'assistant'), optionally since a time."""
+        counts: dict[str, dict[str, int]] = {
+            role: {"positive": 0, "neutral": 0, "negative": 0} for role in ("user", "assistant")
+        }
+        async with self._conn.execute(
+            "SELECT role, sentiment_label, COUNT(*) FROM messages"
+            " WHERE sentiment_label IS NOT NULL AND (? IS NULL OR created_at >= ?)"
+            " GROUP BY role, sentiment_label",
+            (since, since),
+        ) as cur:
+            async for role, label, n in cur:
+                counts[role][label] = n
+        return counts
+
+    async def reaction_counts(self, since: str | None = None) -> dict[int, int]:
+        """Reactions on replies by polarity (1, 0, -1), optionally since a time."""
+        counts = {1: 0, 0: 0, -1: 0}
+        async with self._conn.execute(
+            "SELECT polarity, COUNT(*) FROM reactions WHERE ? IS NULL OR created_at >= ?"
+            " GROUP BY polarity",
+            (since, since),
+        ) as cur:
+            async for polarity, n in cur:
+                counts[polarity] = n
+        return counts
+
     async def fetch_all(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         """Run a read query (used by stats and tests); explicit SQL, parameterised."""
         async with self._conn.execute(sql, params) as cur:
             return list(await cur.fetchall())
 
+
+def _tag(sentiment: SentimentRow | None) -> SentimentRow | tuple[None, None, None]:
+    return sentiment if sentiment is not None else (None, None, None)

@@ -87,4 +87,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX reply_messages_turn ON reply_messages (turn_id);
         """,
     ),
+    Migration(
+        2,
+        "sentiment and reactions",
+        """
+        -- The sentiment of each logged message (replies and user messages alike).
+        ALTER TABLE messages ADD COLUMN sentiment_label TEXT
+            CHECK (sentiment_label IN ('positive', 'neutral', 'negative'));
+        ALTER TABLE messages ADD COLUMN sentiment_score REAL;
+        ALTER TABLE messages ADD COLUMN sentiment_source TEXT;  -- model | lexicon
+        CREATE INDEX messages_sentiment ON messages (role, sentiment_label);
+
+        -- Users' current reactions on the bot's replies: one row per (message, user, emoji);
+        -- a changed reaction replaces the user's rows for that message.
+        CREATE TABLE reactions (
+            chat_id    INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,
+            user_id    INTEGER NOT NULL,
+            emoji      TEXT    NOT NULL,
+            polarity   INTEGER NOT NULL CHECK (polarity IN (-1, 0, 1)),
+            turn_id    INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+            created_at TEXT    NOT NULL,
+            PRIMARY KEY (chat_id, message_id, user_id, emoji)
+        );
+        CREATE INDEX reactions_turn ON reactions (turn_id);
+        """,
+    ),
 )

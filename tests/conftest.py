@@ -77,6 +77,8 @@ def make_settings(tmp_path: Path, tg: FakeTelegram, oai: FakeOpenAI) -> Settings
             "telegram_max_rate": 0,
             "telegram_group_rate": 0,
             "admin_user_ids": "42",
+            # Chat tests check exact texts; the sentiment tests turn tagging on.
+            "sentiment_backend": "off",
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -115,12 +117,18 @@ async def bot(make_settings: SettingsFactory) -> AsyncIterator[ParleyApp]:
         yield app
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `predicate` until it holds (for state the Telegram stand-in isn't notified of)."""
+async def eventually(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    """Poll `predicate` (sync or async) until it holds, for state no stand-in announces."""
     import asyncio
+    import inspect
 
     deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)

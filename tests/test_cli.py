@@ -75,6 +75,10 @@ def test_settings_parse_ids_paths_and_env_file(tmp_path: Path, monkeypatch: pyte
     assert s.log_level == "DEBUG"
     assert "1:abc" not in repr(s)  # SecretStr
     assert load_settings(database_url="sqlite:///data/p.db").database_path == Path("data/p.db")
+    # The sentiment classifier: cheap OpenAI model by default, the chat model elsewhere.
+    assert s.effective_sentiment_model == "gpt-5.4-nano"
+    local = load_settings(openai_base_url="http://localhost:11434/v1", openai_model="llama3")
+    assert local.effective_sentiment_model == "llama3"
     with pytest.raises(ConfigError, match="TELEGRAM_BOT_TOKEN is empty"):
         load_settings(telegram_bot_token=" ")
 
@@ -90,7 +94,11 @@ async def test_python_m_bot_answers_and_stops_cleanly_on_sigterm(
     )  # fmt: skip
     try:
         tg.push_message(100, "hello from a real process")
-        assert await tg.wait_sent(100, 1, timeout=30) == ["echo: hello from a real process"]
+        # Default settings: replies carry a sentiment tag from the model analyzer.
+        assert await tg.wait_sent(100, 1, timeout=30) == [
+            "echo: hello from a real process\n\n😐 neutral"
+        ]
+        assert len(oai.classify_calls) == 2  # the user's message and the reply
         # The turn is logged before the update counts as done; let it finish, then stop.
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGTERM)

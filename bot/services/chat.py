@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from telegram import Bot
 from telegram.error import TelegramError
@@ -12,6 +13,7 @@ from telegram.error import TelegramError
 from bot.errors import ModelError
 from bot.services.conversations import ConversationBackend, ReplyResult, UserContent
 from bot.services.replies import ReplyStreamer, send_parts
+from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.texts import t
 from storage.db import ChatKey, Store, TurnRecord, utcnow
 
@@ -45,9 +47,11 @@ class ChatService:
         model: str,
         instructions: str,
         draft_interval: float,
+        sentiment: SentimentAnalyzer,
     ) -> None:
         self.store = store
         self.backend = backend
+        self.sentiment = sentiment
         self.model = model
         self.instructions = instructions
         self.draft_interval = draft_interval
@@ -73,6 +77,8 @@ class ChatService:
             reply_to=None if msg.private else msg.message_id,
             interval=self.draft_interval,
         )
+        # The user's own sentiment is judged while the model writes: it adds no delay.
+        user_sentiment = asyncio.create_task(self._analyze(msg.text))
         try:
             async with streamer:
                 thread = await self.backend.open_thread(msg.key)
@@ -87,7 +93,12 @@ class ChatService:
                 if not result.text.strip():
                     raise ModelError("empty_answer", result.response_id or "")
                 _fill(turn, result)
-                turn.reply_message_ids = await streamer.send(result.text)
+                # The tag is metadata: shown under the reply, stored with it, and never part
+                # of the text the thread (or the local history) keeps.
+                tag = await self._analyze(result.text)
+                turn.reply_sentiment = _row(tag)
+                footer = format_tag(tag) if tag else None
+                turn.reply_message_ids = await streamer.send(result.text, footer)
         except ModelError as exc:
             log.warning("turn failed in chat %s: %s (%s)", msg.key, exc.kind, exc.detail)
             turn.status, turn.error_kind = "failed", exc.kind
@@ -96,9 +107,21 @@ class ChatService:
             # The answer exists but could not be delivered (after the rate limiter's retries).
             log.error("could not deliver the reply in chat %s: %s", msg.key, type(exc).__name__)
             turn.status, turn.error_kind = "failed", "delivery"
+        except BaseException:
+            user_sentiment.cancel()  # cancelled mid-turn (shutdown): don't leave it running
+            raise
+        turn.user_sentiment = _row(await user_sentiment)
         turn.finished_at = utcnow()
         await self.store.record_turn(turn)
         return turn
+
+    async def _analyze(self, text: str) -> Sentiment | None:
+        """The analyzer's verdict, or None: a tag must never cost the reply itself."""
+        try:
+            return await self.sentiment.analyze(text)
+        except Exception:
+            log.exception("sentiment analysis failed")
+            return None
 
     async def _tell(self, bot: Bot, msg: Incoming, text: str) -> list[int]:
         try:
@@ -107,6 +130,10 @@ class ChatService:
         except TelegramError as exc:
             log.error("could not tell chat %s about an error: %s", msg.key, type(exc).__name__)
             return []
+
+
+def _row(s: Sentiment | None) -> tuple[str, float, str] | None:
+    return (s.label, s.score, s.source) if s else None
 
 
 def _fill(turn: TurnRecord, result: ReplyResult) -> None:

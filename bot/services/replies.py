@@ -160,12 +160,22 @@ class ReplyStreamer:
                 log.debug("typing action failed for chat %s: %s", self._key, type(exc).__name__)
             await asyncio.sleep(TYPING_EVERY)
 
-    async def send(self, text: str) -> list[int]:
-        """Stop the progress display and send `text` as one or more messages; their ids."""
+    async def send(self, text: str, footer: str | None = None) -> list[int]:
+        """Stop the progress display and send `text` (+ `footer`) as messages; their ids."""
         await self._stop()
         return await send_parts(
-            self._bot, self._key, split_text(text) or [text], reply_to=self._reply_to
-        )
+            self._bot, self._key, with_footer(split_text(text) or [text], footer),
+            reply_to=self._reply_to,
+        )  # fmt: skip
+
+
+def with_footer(parts: list[str], footer: str | None) -> list[str]:
+    """Put `footer` under the last part, or in a part of its own if that one is full."""
+    if not footer:
+        return parts
+    if utf16_len(parts[-1]) + 2 + utf16_len(footer) <= TEXT_LIMIT:
+        return [*parts[:-1], f"{parts[-1]}\n\n{footer}"]
+    return [*parts, footer]
 
 
 async def send_parts(

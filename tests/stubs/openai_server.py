@@ -67,6 +67,10 @@ class FakeOpenAI:
         self.conversations: dict[str, dict[str, Any]] = {}
         self.in_flight: dict[str, int] = {}
         self.max_in_flight_per_conversation = 0
+        # Structured-output (json_schema) requests, e.g. sentiment, have their own script so
+        # they never take a chat answer; empty, a word rule labels the text.
+        self.classify_script: deque[Reply] = deque()
+        self.classify_calls: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -175,7 +179,26 @@ class FakeOpenAI:
         if call.conversation:
             self.in_flight[call.conversation] -= 1
 
+    async def _classify(self, body: dict[str, Any]) -> web.Response:
+        self.classify_calls.append(body)
+        reply = self.classify_script.popleft() if self.classify_script else Reply()
+        await asyncio.sleep(reply.delay)
+        if reply.status != 200:
+            return _status_error(reply.status)
+        text = body.get("input") if isinstance(body.get("input"), str) else json.dumps(body.get("input"))
+        answer = reply.text if isinstance(reply.text, str) else json.dumps(_word_rule(text or ""))
+        item = {"id": self._new_id("msg"), "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": answer, "annotations": [], "logprobs": []}]}  # fmt: skip
+        return web.json_response(
+            _response_obj(self._new_id("resp"), body, None, "completed", [item],
+                          {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
+                           "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0},
+                           "total_tokens": 15})
+        )  # fmt: skip
+
     async def _responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if ((body.get("text") or {}).get("format") or {}).get("type") == "json_schema":
+            return await self._classify(body)
         conv_ref = body.get("conversation")
         conv_id = conv_ref if isinstance(conv_ref, str) else (conv_ref or {}).get("id")
         conv = self.conversations.get(conv_id) if conv_id else None
@@ -302,6 +325,16 @@ class FakeOpenAI:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _word_rule(text: str) -> dict[str, Any]:
+    """The stand-in classifier: a few words decide (real models are not this naive)."""
+    lowered = text.lower()
+    if any(w in lowered for w in ("terrible", "hate", "awful", "sorry", "bad")):
+        return {"label": "negative", "score": -0.8}
+    if any(w in lowered for w in ("great", "love", "thanks", "wonderful", "glad")):
+        return {"label": "positive", "score": 0.8}
+    return {"label": "neutral", "score": 0.0}
 
 
 def _drop(request: web.Request) -> None:

@@ -292,6 +292,14 @@ class FakeTelegram:
             return _error(400, "Bad Request: chat not found")
         return _ok(self._new_message(params, text=text))
 
+    def _m_sendPhoto(self, params: dict[str, Any]) -> web.Response:
+        photo = [{"file_id": f"p{len(self.calls)}", "file_unique_id": f"up{len(self.calls)}",
+                  "width": 720, "height": 300}]  # fmt: skip
+        content: dict[str, Any] = {"photo": photo}
+        if params.get("caption"):
+            content["caption"] = params["caption"]
+        return _ok(self._new_message(params, **content))
+
     def _m_sendMessageDraft(self, params: dict[str, Any]) -> web.Response:
         if utf16_len(params.get("text", "")) > 4096:
             return self._violation("sendMessageDraft: text is too long")

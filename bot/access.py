@@ -1,0 +1,35 @@
+"""Who may do what: admin-only handlers refuse everyone else before doing anything."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from telegram import Update
+
+from bot.context import CustomContext
+from bot.texts import t
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Update, CustomContext], Awaitable[Any]]
+
+
+def admin_only(handler: Handler) -> Handler:
+    """Run `handler` only for users in ADMIN_USER_IDS; others get a short refusal, nothing else."""
+
+    @functools.wraps(handler)
+    async def guarded(update: Update, context: CustomContext) -> Any:
+        user = update.effective_user
+        if not context.services.settings.is_admin(user.id if user else None):
+            log.info("refused %s to user %s", handler.__name__, user.id if user else None)
+            if update.callback_query is not None:
+                await update.callback_query.answer(t("admin_only"), show_alert=True)
+            elif update.effective_message is not None:
+                await update.effective_message.reply_text(t("admin_only"))
+            return None
+        return await handler(update, context)
+
+    return guarded

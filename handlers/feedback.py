@@ -1,0 +1,44 @@
+"""Reactions on the bot's replies, and /stats for admins."""
+
+from __future__ import annotations
+
+import asyncio
+
+from telegram import ReactionTypeEmoji, Update
+from telegram.ext import CommandHandler, MessageReactionHandler
+
+from bot.access import admin_only
+from bot.context import CustomContext, ParleyApp
+from bot.services import feedback
+
+
+async def on_reaction(update: Update, context: CustomContext) -> None:
+    """Store a user's current reactions on one of the bot's replies."""
+    reaction = update.message_reaction
+    if reaction is None or reaction.user is None:
+        return  # anonymous reactions carry no user to attribute them to
+    emojis = [r.emoji for r in reaction.new_reaction if isinstance(r, ReactionTypeEmoji)]
+    await context.services.store.set_reactions(
+        reaction.chat.id,
+        reaction.message_id,
+        reaction.user.id,
+        [(e, feedback.reaction_polarity(e)) for e in emojis],
+    )
+
+
+@admin_only
+async def stats(update: Update, context: CustomContext) -> None:
+    """Sentiment of replies and user messages, overall and for the last 7 days."""
+    message = update.effective_message
+    if message is None:
+        return
+    report = await feedback.collect(context.services.store)
+    await message.reply_text(feedback.render_text(report))
+    if report.tagged >= feedback.CHART_MIN_MESSAGES:
+        chart = await asyncio.to_thread(feedback.render_chart, report)
+        await message.reply_photo(chart, caption="Sentiment share, all time")
+
+
+def register(app: ParleyApp) -> None:
+    app.add_handler(MessageReactionHandler(on_reaction))
+    app.add_handler(CommandHandler("stats", stats))

@@ -1,0 +1,155 @@
+"""Sentiment end to end: tags on replies, the model analyzer and its fallback, reactions, /stats."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import SettingsFactory, eventually, running, settled
+from tests.stubs.openai_server import FakeOpenAI, Reply
+from tests.stubs.telegram_server import FakeTelegram
+
+
+async def _rows(app, sql: str) -> list[tuple]:  # type: ignore[no-untyped-def]
+    await settled(app)
+    return await app.bot_data.services.store.fetch_all(sql)
+
+
+@pytest.mark.parametrize("backend", ["openai", "local"])
+async def test_reply_is_tagged_and_the_tag_stays_out_of_the_thread(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, backend: str
+) -> None:
+    settings = make_settings(
+        conversation_backend=backend, sentiment_backend="model", sentiment_model="gpt-5.4-nano"
+    )
+    async with running(settings) as app:
+        oai.enqueue("Great question, glad you asked!")
+        tg.push_message(100, "I hate waiting in lines")
+        [text] = await tg.wait_sent(100, 1)
+        assert text == "Great question, glad you asked!\n\n🙂 positive"
+        rows = await _rows(app, "SELECT role, sentiment_label, sentiment_score, sentiment_source"
+                                " FROM messages ORDER BY id")  # fmt: skip
+        assert rows == [("user", "negative", -0.8, "model"), ("assistant", "positive", 0.8, "model")]
+        # The classifier used its own cheap model and a strict JSON schema with an enum.
+        body = oai.classify_calls[0]
+        assert body["model"] == "gpt-5.4-nano" and body["store"] is False
+        schema = body["text"]["format"]["schema"]
+        assert schema["properties"]["label"]["enum"] == ["positive", "neutral", "negative"]
+        # Next turn: what the model is shown of the previous answer has no tag.
+        tg.push_message(100, "and then?")
+        await tg.wait_sent(100, 2)
+    assert ("assistant", "Great question, glad you asked!") in oai.calls[-1].transcript
+    assert not any("🙂" in text for _, text in oai.calls[-1].transcript)
+
+
+@pytest.mark.parametrize(
+    "failure", [Reply(status=500), Reply('{"label": "ecstatic"}'), Reply("not json"),
+                Reply('{"label":"positive","score":1}', delay=2.0)],
+    ids=["500", "bad-label", "not-json", "slow"],
+)  # fmt: skip
+async def test_model_analyzer_falls_back_to_the_lexicon(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, failure: Reply
+) -> None:
+    settings = make_settings(sentiment_backend="model", sentiment_timeout=0.3)
+    async with running(settings) as app:
+        oai.classify_script.extend([Reply(), failure])  # user message fine, reply's check fails
+        oai.enqueue("This is a terrible, awful outcome.")
+        started = time.monotonic()
+        tg.push_message(100, "how did it go?")
+        [text] = await tg.wait_sent(100, 1)
+        elapsed = time.monotonic() - started
+        assert text.endswith("🙁 negative")  # VADER reads "terrible, awful" as negative
+        rows = await _rows(app, "SELECT sentiment_source FROM messages WHERE role = 'assistant'")
+        assert rows == [("lexicon",)]
+    assert elapsed < 1.9  # the slow classifier (2 s) was not waited for
+
+
+async def test_lexicon_backend_never_calls_the_model_for_tags(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings(sentiment_backend="lexicon")):
+        oai.enqueue("Thanks, that is wonderful news!")
+        tg.push_message(100, "hi")
+        assert (await tg.wait_sent(100, 1))[0].endswith("🙂 positive")
+    assert oai.classify_calls == []
+
+
+async def test_long_reply_carries_the_tag_on_its_last_part(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings(sentiment_backend="lexicon")):
+        oai.enqueue(Reply(("word " * 700).strip() + "\n\n" + ("more " * 700).strip(), chunk_words=100))
+        tg.push_message(100, "long please")
+        await tg.wait_for(lambda: any("neutral" in t for t in tg.sent_texts(100)))
+    parts = tg.sent_texts(100)
+    assert len(parts) == 2 and parts[-1].endswith("\n\n😐 neutral") and "😐" not in parts[0]
+
+
+def _reaction(chat: dict, message_id: int, user_id: int, old: list[str], new: list[str]) -> dict:  # type: ignore[type-arg]
+    return {"message_reaction": {
+        "chat": chat, "message_id": message_id, "date": int(time.time()),
+        "user": {"id": user_id, "is_bot": False, "first_name": "U"},
+        "old_reaction": [{"type": "emoji", "emoji": e} for e in old],
+        "new_reaction": [{"type": "emoji", "emoji": e} for e in new],
+    }}  # fmt: skip
+
+
+async def test_reactions_on_replies_are_stored_and_replaced(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()) as app:
+        store = app.bot_data.services.store  # type: ignore[union-attr]
+        user_msg = tg.push_message(100, "hi")
+        await tg.wait_sent(100, 1)
+        [(reply_id,)] = await _rows(app, "SELECT message_id FROM reply_messages")
+        chat = tg.chats[100]
+        tg.push_update(_reaction(chat, reply_id, 100, [], ["👍", "🤔"]))
+        tg.push_update(_reaction(chat, user_msg["message_id"], 100, [], ["👎"]))  # not a reply
+        sql = "SELECT emoji, polarity FROM reactions ORDER BY emoji"
+        await eventually(lambda: _has(store, sql, [("👍", 1), ("🤔", 0)]))
+        await settled(app)
+        assert await store.fetch_all(sql) == [("👍", 1), ("🤔", 0)]  # the 👎 was ignored
+        tg.push_update(_reaction(chat, reply_id, 100, ["👍", "🤔"], ["💩"]))
+        await eventually(lambda: _has(store, sql, [("💩", -1)]))
+
+
+async def _has(store, sql: str, expected: list[tuple]) -> bool:  # type: ignore[no-untyped-def]
+    return await store.fetch_all(sql) == expected
+
+
+async def test_stats_is_refused_to_non_admins_and_shows_report_and_chart_to_admins(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings(sentiment_backend="lexicon", admin_user_ids="42")):
+        for i in range(5):
+            oai.enqueue("Thanks, this is great!" if i % 2 else "Sorry, that failed badly.")
+            tg.push_message(100, f"question {i}")
+        await tg.wait_sent(100, 5)
+        tg.push_message(100, "/stats")
+        [*_, refusal] = await tg.wait_sent(100, 6)
+        assert "only for the bot's admins" in refusal and "positive" not in refusal
+        tg.chat(42)
+        tg.push_message(42, "/stats", user_id=42)
+        [report] = await tg.wait_sent(42, 1)
+        await tg.wait_for(lambda: bool(tg.calls_of("sendPhoto")))
+    assert "Bot replies:" in report and "User messages:" in report
+    assert "🙂 positive: 2 (40%)" in report and "🙁 negative: 3 (60%)" in report
+    [photo_call] = tg.calls_of("sendPhoto")
+    assert photo_call.params["chat_id"] == "42"  # only the admin got the chart
+
+
+def test_chart_is_a_png_with_one_bar_per_role() -> None:
+    import io
+
+    from PIL import Image
+
+    from bot.services.feedback import Stats, render_chart
+
+    counts = {"positive": 6, "neutral": 3, "negative": 1}
+    stats = Stats({"assistant": counts, "user": counts}, {"assistant": counts, "user": counts},
+                  {1: 0, 0: 0, -1: 0}, {1: 0, 0: 0, -1: 0})  # fmt: skip
+    image = Image.open(io.BytesIO(render_chart(stats)))
+    assert image.format == "PNG" and image.size == (720, 300)
+    # The positive share (60%) is drawn in green at the start of the first bar.
+    assert image.convert("RGB").getpixel((200, 98)) == (76, 175, 80)
