@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable
 from typing import Any
 
 from telegram import Update
 from telegram.ext import BaseUpdateProcessor
 
+from bot.services.albums import Albums
 from storage.db import ChatKey
 
 
@@ -40,8 +42,9 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
     it has updates, so memory for idle chats is not kept.
     """
 
-    def __init__(self, max_concurrent_updates: int) -> None:
+    def __init__(self, max_concurrent_updates: int, albums: Albums | None = None) -> None:
         super().__init__(max_concurrent_updates)
+        self.albums = albums
         self._lanes: dict[ChatKey, _Lane] = {}
         self._slots = asyncio.BoundedSemaphore(max_concurrent_updates)
 
@@ -50,6 +53,11 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
         return len(self._lanes)
 
     async def process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        if self.albums is not None and self.albums.offer(update):
+            # A later album part: the album's first part handles it. Not awaited, so close it.
+            if inspect.iscoroutine(coroutine):
+                coroutine.close()
+            return
         key = chat_key_of(update)
         if key is None:
             async with self._slots:
@@ -60,9 +68,14 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
             lane = self._lanes[key] = _Lane()
         lane.users += 1
         try:
-            async with lane.lock, self._slots:
-                await coroutine
+            async with lane.lock:
+                if self.albums is not None:
+                    await self.albums.settle(update)
+                async with self._slots:
+                    await coroutine
         finally:
+            if self.albums is not None:
+                self.albums.release(update)
             lane.users -= 1
             if lane.users == 0:
                 del self._lanes[key]

@@ -1,0 +1,81 @@
+"""Albums: photos sent together (one media_group_id) arrive as separate updates; gather them.
+
+The update processor offers every update here as it arrives, before per-chat ordering: the
+first part of an album opens it and goes on to be handled; later parts join it and are not
+handled on their own. The first part's turn starts once the album has been quiet for `wait`
+seconds, and its handler takes all the parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from telegram import Message, Update
+
+MAX_PARTS = 10  # Telegram's limit for one album
+
+
+@dataclass(slots=True)
+class _Album:
+    parts: list[Message]
+    last: float
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Albums:
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self._open: dict[tuple[int, str], _Album] = {}
+
+    @staticmethod
+    def _key(message: Message) -> tuple[int, str] | None:
+        return (message.chat.id, message.media_group_id) if message.media_group_id else None
+
+    def offer(self, update: object) -> bool:
+        """Register an album part; True means it joined an open album and needs no handling."""
+        if not isinstance(update, Update) or update.message is None:
+            return False
+        key = self._key(update.message)
+        if key is None:
+            return False
+        now = asyncio.get_running_loop().time()
+        album = self._open.get(key)
+        if album is None or album.closed.is_set() or len(album.parts) >= MAX_PARTS:
+            self._open[key] = _Album([update.message], now)
+            return False
+        album.parts.append(update.message)
+        album.last = now
+        return True
+
+    async def settle(self, update: object) -> None:
+        """For an album's first part: wait until no part has arrived for `wait` seconds."""
+        if not isinstance(update, Update) or update.message is None:
+            return
+        key = self._key(update.message)
+        album = self._open.get(key) if key else None
+        if album is None or album.parts[0] is not update.message:
+            return
+        loop = asyncio.get_running_loop()
+        while (delay := album.last + self.wait - loop.time()) > 0:
+            await asyncio.sleep(delay)
+        album.closed.set()
+
+    def take(self, message: Message) -> list[Message]:
+        """All parts of the album `message` opened (in arrival order), or just `message`."""
+        key = self._key(message)
+        album = self._open.get(key) if key else None
+        if album is None or album.parts[0] is not message:
+            return [message]
+        return list(album.parts)
+
+    def release(self, update: object) -> None:
+        """Forget the album an update opened (after its handling, taken or not)."""
+        if isinstance(update, Update) and update.message is not None:
+            key = self._key(update.message)
+            album = self._open.get(key) if key else None
+            if album is not None and album.parts[0] is update.message:
+                del self._open[key]  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self._open)
