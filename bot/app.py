@@ -13,9 +13,12 @@ from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
+from bot.services.albums import Albums
+from bot.services.images import ImageLimits
+from bot.services.photos import PhotoService
 from bot.services.sentiment import build_analyzer
 from bot.settings import Settings
-from handlers import chat, commands, errors, fallback, feedback
+from handlers import chat, commands, errors, fallback, feedback, photos
 from storage.db import Store
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,9 @@ def make_openai_client(settings: Settings) -> AsyncOpenAI:
     )
 
 
-async def start_services(settings: Settings, openai_client: AsyncOpenAI | None = None) -> Services:
+async def start_services(
+    settings: Settings, albums: Albums, openai_client: AsyncOpenAI | None = None
+) -> Services:
     """Open the database (applying migrations) and build the services on top of it."""
     store = await Store.open(settings.database_path)
     client = openai_client or make_openai_client(settings)
@@ -54,11 +59,16 @@ async def start_services(settings: Settings, openai_client: AsyncOpenAI | None =
         store,
         backend,
         model=settings.openai_model,
+        vision_model=settings.vision_model,
         instructions=settings.assistant_instructions,
         draft_interval=settings.draft_interval,
         sentiment=sentiment,
     )
-    return Services(settings=settings, store=store, openai=client, backend=backend, chat=chat)
+    limits = ImageLimits(max_side=settings.image_max_side, max_bytes=settings.image_max_bytes)
+    return Services(
+        settings=settings, store=store, openai=client, backend=backend, chat=chat,
+        photos=PhotoService(chat, limits), albums=albums,
+    )  # fmt: skip
 
 
 def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None = None) -> ParleyApp:
@@ -66,8 +76,10 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     # Opt in to PTB 23's durations (timedelta) now: PTB 22 otherwise warns on every 429.
     os.environ.setdefault("PTB_TIMEDELTA", "1")
 
+    albums = Albums(settings.album_wait)
+
     async def post_init(app: ParleyApp) -> None:
-        app.bot_data.services = await start_services(settings, openai_client)
+        app.bot_data.services = await start_services(settings, albums, openai_client)
         log.info(
             "Parley started: backend=%s model=%s database=%s",
             settings.conversation_backend,
@@ -90,7 +102,7 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         .base_url(f"{api}/bot")
         .base_file_url(f"{api}/file/bot")
         .context_types(PTBContextTypes(context=CustomContext, bot_data=BotData))
-        .concurrent_updates(ChatOrderedUpdateProcessor(settings.max_concurrent_updates))
+        .concurrent_updates(ChatOrderedUpdateProcessor(settings.max_concurrent_updates, albums))
         .rate_limiter(
             AIORateLimiter(
                 overall_max_rate=settings.telegram_max_rate,
@@ -109,6 +121,7 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     commands.register(app)
     feedback.register(app)
     chat.register(app)
+    photos.register(app)
     fallback.register(app)
     errors.register(app)
     return app

@@ -8,7 +8,9 @@ from typing import Any
 from openai import AsyncOpenAI
 from telegram.ext import Application, CallbackContext, ExtBot
 
+from bot.services.albums import Albums
 from bot.services.chat import ChatService
+from bot.services.photos import PhotoService
 from bot.services.conversations import ConversationBackend
 from bot.settings import Settings
 from storage.db import Store
@@ -23,6 +25,8 @@ class Services:
     openai: AsyncOpenAI
     backend: ConversationBackend
     chat: ChatService
+    photos: PhotoService
+    albums: Albums
 
 
 class BotData:

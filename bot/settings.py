@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     openai_timeout: float = Field(default=60.0, gt=0)
     openai_max_retries: int = Field(default=2, ge=0, le=10)
 
+    # Photos: the vision model (unset: the chat model), the longest side sent to it, how long
+    # to wait for the rest of an album, and the largest file the bot downloads (unset: 20 MB,
+    # Telegram's limit; 50 MB with a self-hosted Bot API server).
+    openai_vision_model: str | None = None
+    image_max_side: int = Field(default=2048, ge=256, le=8192)
+    album_wait: float = Field(default=1.0, ge=0, le=10)
+    image_max_mb: float | None = Field(default=None, gt=0, le=200)
+
     assistant_instructions: str = DEFAULT_INSTRUCTIONS
     conversation_backend: Literal["openai", "local"] = "openai"
     # Budget for the history the local backend sends, in estimated tokens (see bot/services/tokens.py).
@@ -94,6 +102,18 @@ class Settings(BaseSettings):
     def database_path(self) -> Path:
         """The SQLite file named by DATABASE_URL (`sqlite:///rel` or `sqlite:////abs`)."""
         return Path(self.database_url.removeprefix("sqlite:///"))
+
+    @property
+    def vision_model(self) -> str:
+        return self.openai_vision_model or self.openai_model
+
+    @property
+    def image_max_bytes(self) -> int:
+        """Largest image file to download: Telegram's 20 MB unless a self-hosted server is used."""
+        if self.image_max_mb is not None:
+            return int(self.image_max_mb * 1024 * 1024)
+        official = self.telegram_api_url == "https://api.telegram.org"
+        return (20 if official else 50) * 1024 * 1024
 
     @property
     def uses_openai(self) -> bool:

@@ -19,9 +19,20 @@ EN: dict[str, str] = {
     ),
     "reset_done": "Started a new conversation. I've forgotten what we talked about here.",
     "unsupported": (
-        "Sorry, I can't read that kind of message yet. Please send me text."
+        "Sorry, I can't read that kind of message yet. Please send me text or a photo."
     ),
     "admin_only": "Sorry, that command is only for the bot's admins.",
+    "describe": "Describe this image.",
+    "describe_many": "Describe these images.",
+    "image.too_large": "That file is too big for me: I can download files up to {limit} MB.",
+    "image.empty": "That file is empty.",
+    "image.not_an_image": "That file doesn't look like an image I can read.",
+    "image.truncated": "That image seems to be cut off or damaged. Could you send it again?",
+    "image.unsupported_format": "I can read JPEG, PNG, WebP and GIF images; please send one of those.",
+    "image.too_many_pixels": "That image is too large to process (too many pixels).",
+    "image.too_many_frames": "That animation is too long; send a still image or a shorter GIF.",
+    "image.download_failed": "I couldn't download that image from Telegram. Please try again.",
+    "image.some_skipped": "I skipped {count} of the images: {reason}",
     "empty_text": "Your message is empty. Please write something for me to answer.",
     "error.rate_limited": (
         "The model is getting too many requests right now. Please try again in a minute."

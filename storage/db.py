@@ -46,6 +46,24 @@ class Thread:
     conversation_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """A prepared image as the model saw it; stored once per content hash."""
+
+    sha256: str
+    mime_type: str
+    width: int
+    height: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    role: str
+    content: str
+    images: tuple[StoredImage, ...] = ()
+
+
 @dataclass(slots=True)
 class TurnRecord:
     """Everything logged about one turn: the user's message and the answer (or the failure)."""
@@ -67,6 +85,7 @@ class TurnRecord:
     output_tokens: int | None = None
     latency_ms: int | None = None
     reply_message_ids: Sequence[int] = field(default_factory=tuple)
+    images: Sequence[StoredImage] = field(default_factory=tuple)
     user_sentiment: SentimentRow | None = None
     reply_sentiment: SentimentRow | None = None
     finished_at: str = field(default_factory=utcnow)
@@ -226,39 +245,73 @@ class Store:
                 rows,
             )
             await conn.executemany(
+                "INSERT INTO images (sha256, mime_type, width, height, bytes, data, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                [(i.sha256, i.mime_type, i.width, i.height, len(i.data), i.data, turn.started_at)
+                 for i in turn.images],
+            )  # fmt: skip
+            await conn.executemany(
+                "INSERT INTO turn_images (turn_id, position, sha256) VALUES (?, ?, ?)",
+                [(turn_id, n, i.sha256) for n, i in enumerate(turn.images)],
+            )
+            await conn.executemany(
                 "INSERT INTO reply_messages (chat_id, message_id, turn_id, part) VALUES (?, ?, ?, ?)",
                 [(turn.key.chat_id, mid, turn_id, i) for i, mid in enumerate(turn.reply_message_ids)],
             )
         return turn_id
 
-    async def history(self, thread_id: int, budget: int, cost: CostFn) -> list[tuple[str, str]]:
+    async def history(self, thread_id: int, budget: int, cost: CostFn) -> list[HistoryMessage]:
         """The newest successful exchanges of a thread that fit `budget`, oldest first.
 
         Reads newest-first and stops at the budget, so a long thread is never loaded whole.
-        Whole turns are kept or dropped together so a user message never loses its answer.
+        Whole turns are kept or dropped together so a user message never loses its answer;
+        a turn's images count against the budget (OpenAI's published vision cost: 85 tokens
+        plus 170 per 512-px tile) and come back with its user message.
         """
-        picked: list[tuple[str, str]] = []
+        kept: list[tuple[int, str, str]] = []
         spent = 0
         async with self._conn.execute(
-            "SELECT t.id, m.role, m.content FROM turns t JOIN messages m ON m.turn_id = t.id"
+            "SELECT t.id, m.role, m.content, CASE WHEN m.role = 'user' THEN"
+            "  (SELECT COALESCE(SUM(85 + 170 * ((i.width + 511) / 512) * ((i.height + 511) / 512)), 0)"
+            "   FROM turn_images ti JOIN images i ON i.sha256 = ti.sha256 WHERE ti.turn_id = t.id)"
+            " ELSE 0 END"
+            " FROM turns t JOIN messages m ON m.turn_id = t.id"
             " WHERE t.thread_id = ? AND t.status = 'ok' ORDER BY t.id DESC, m.id DESC",
             (thread_id,),
         ) as cur:
-            pending: list[tuple[str, str]] = []
+            pending: list[tuple[int, str, str]] = []
             current_turn = None
-            async for turn_id, role, content in cur:
+            async for turn_id, role, content, images_cost in cur:
                 if turn_id != current_turn:
-                    if pending:
-                        picked.extend(pending)
+                    kept.extend(pending)
                     pending, current_turn = [], turn_id
-                spent += cost(content)
+                spent += cost(content) + images_cost
                 if spent > budget:
                     pending = []
                     break
-                pending.append((role, content))
-            picked.extend(pending)
-        picked.reverse()
-        return picked
+                pending.append((turn_id, role, content))
+            kept.extend(pending)
+        kept.reverse()
+        images = await self._turn_images({t for t, role, _ in kept if role == "user"})
+        return [
+            HistoryMessage(role, content, images.get(turn_id, ()) if role == "user" else ())
+            for turn_id, role, content in kept
+        ]
+
+    async def _turn_images(self, turn_ids: set[int]) -> dict[int, tuple[StoredImage, ...]]:
+        if not turn_ids:
+            return {}
+        found: dict[int, list[StoredImage]] = {}
+        marks = ",".join("?" * len(turn_ids))
+        async with self._conn.execute(
+            "SELECT ti.turn_id, i.sha256, i.mime_type, i.width, i.height, i.data"
+            f" FROM turn_images ti JOIN images i ON i.sha256 = ti.sha256"
+            f" WHERE ti.turn_id IN ({marks}) ORDER BY ti.turn_id, ti.position",
+            tuple(turn_ids),
+        ) as cur:
+            async for turn_id, sha, mime, width, height, data in cur:
+                found.setdefault(turn_id, []).append(StoredImage(sha, mime, width, height, data))
+        return {k: tuple(v) for k, v in found.items()}
 
     # -- reactions and stats ----------------------------------------------------------------
 

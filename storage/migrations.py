@@ -113,4 +113,28 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX reactions_turn ON reactions (turn_id);
         """,
     ),
+    Migration(
+        3,
+        "images",
+        """
+        -- Prepared images (what the vision model was sent), stored once by content hash.
+        CREATE TABLE images (
+            sha256     TEXT    PRIMARY KEY,
+            mime_type  TEXT    NOT NULL,
+            width      INTEGER NOT NULL,
+            height     INTEGER NOT NULL,
+            bytes      INTEGER NOT NULL,
+            data       BLOB    NOT NULL,
+            created_at TEXT    NOT NULL
+        );
+        -- The images of a turn's user message, in the order they were sent.
+        CREATE TABLE turn_images (
+            turn_id  INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            sha256   TEXT    NOT NULL REFERENCES images (sha256),
+            PRIMARY KEY (turn_id, position)
+        );
+        CREATE INDEX turn_images_image ON turn_images (sha256);
+        """,
+    ),
 )

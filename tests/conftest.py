@@ -79,6 +79,8 @@ def make_settings(tmp_path: Path, tg: FakeTelegram, oai: FakeOpenAI) -> Settings
             "admin_user_ids": "42",
             # Chat tests check exact texts; the sentiment tests turn tagging on.
             "sentiment_backend": "off",
+            # The stand-in's URL counts as a self-hosted Bot API server (50 MB): use Telegram's.
+            "image_max_mb": 20,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

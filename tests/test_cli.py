@@ -79,6 +79,10 @@ def test_settings_parse_ids_paths_and_env_file(tmp_path: Path, monkeypatch: pyte
     assert s.effective_sentiment_model == "gpt-5.4-nano"
     local = load_settings(openai_base_url="http://localhost:11434/v1", openai_model="llama3")
     assert local.effective_sentiment_model == "llama3"
+    # Telegram's cloud API downloads up to 20 MB; a self-hosted Bot API server more.
+    assert load_settings(telegram_api_url="https://api.telegram.org").image_max_bytes == 20 * 2**20
+    assert s.image_max_bytes == 50 * 2**20  # TELEGRAM_API_URL above is self-hosted
+    assert load_settings(image_max_mb=5).image_max_bytes == 5 * 2**20
     with pytest.raises(ConfigError, match="TELEGRAM_BOT_TOKEN is empty"):
         load_settings(telegram_bot_token=" ")
 

@@ -153,3 +153,18 @@ def test_chart_is_a_png_with_one_bar_per_role() -> None:
     assert image.format == "PNG" and image.size == (720, 300)
     # The positive share (60%) is drawn in green at the start of the first bar.
     assert image.convert("RGB").getpixel((200, 98)) == (76, 175, 80)
+
+
+@pytest.mark.parametrize("backend", ["openai", "local"])
+async def test_photo_replies_are_tagged_too(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, backend: str
+) -> None:
+    from tests.test_photos import jpeg
+
+    async with running(make_settings(conversation_backend=backend, sentiment_backend="model")) as app:
+        oai.enqueue("A wonderful sunny beach, great for a holiday.")
+        tg.push_photo(100, jpeg(300, 200, "yellow"), caption="where is this?")
+        [text] = await tg.wait_sent(100, 1)
+        assert text == "A wonderful sunny beach, great for a holiday.\n\n🙂 positive"
+        rows = await _rows(app, "SELECT sentiment_label FROM messages WHERE role = 'assistant'")
+    assert rows == [("positive",)]

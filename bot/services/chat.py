@@ -11,11 +11,11 @@ from telegram import Bot
 from telegram.error import TelegramError
 
 from bot.errors import ModelError
-from bot.services.conversations import ConversationBackend, ReplyResult, UserContent
+from bot.services.conversations import ConversationBackend, ReplyResult, UserContent, data_url
 from bot.services.replies import ReplyStreamer, send_parts
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.texts import t
-from storage.db import ChatKey, Store, TurnRecord, utcnow
+from storage.db import ChatKey, StoredImage, Store, TurnRecord, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Incoming:
     user_id: int | None
     message_id: int
     text: str
-    image_urls: Sequence[str] = field(default_factory=tuple)
+    images: Sequence[StoredImage] = field(default_factory=tuple)
 
     @property
     def private(self) -> bool:
@@ -45,10 +45,12 @@ class ChatService:
         backend: ConversationBackend,
         *,
         model: str,
+        vision_model: str,
         instructions: str,
         draft_interval: float,
         sentiment: SentimentAnalyzer,
     ) -> None:
+        self.vision_model = vision_model
         self.store = store
         self.backend = backend
         self.sentiment = sentiment
@@ -58,6 +60,7 @@ class ChatService:
 
     async def answer(self, bot: Bot, msg: Incoming) -> TurnRecord:
         """Stream the model's answer to `msg` into its chat; the logged turn is returned."""
+        model = self.vision_model if msg.images else self.model
         turn = TurnRecord(
             thread_id=None,
             key=msg.key,
@@ -65,9 +68,10 @@ class ChatService:
             user_id=msg.user_id,
             user_message_id=msg.message_id,
             user_text=msg.text,
-            model=self.model,
+            model=model,
             instructions=self.instructions,
             started_at=utcnow(),
+            images=tuple(msg.images),
         )
         streamer = ReplyStreamer(
             bot,
@@ -85,8 +89,8 @@ class ChatService:
                 turn.thread_id = thread.id
                 result = await self.backend.run_turn(
                     thread,
-                    UserContent(msg.text, tuple(msg.image_urls)),
-                    model=self.model,
+                    UserContent(msg.text, tuple(data_url(i.mime_type, i.data) for i in msg.images)),
+                    model=model,
                     instructions=self.instructions,
                     on_delta=streamer.on_delta,
                 )

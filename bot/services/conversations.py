@@ -7,6 +7,7 @@ OpenAI-compatible servers (Ollama, vLLM, llama.cpp, LM Studio) that lack Convers
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from openai import AsyncOpenAI
 
 from bot.errors import ModelError, classify_model_error
 from bot.services.tokens import estimate_tokens
-from storage.db import ChatKey, Store, Thread
+from storage.db import ChatKey, HistoryMessage, Store, Thread
 
 OnDelta = Callable[[str], Awaitable[None]]
 
@@ -151,11 +152,7 @@ class LocalHistory:
         # The instructions and the new message are always sent; history gets what is left.
         left = self._budget - estimate_tokens(instructions) - estimate_tokens(content.text)
         history = await self._store.history(thread.id, max(left, 0), estimate_tokens)
-        return [
-            {"role": "system", "content": instructions},
-            *({"role": role, "content": text} for role, text in history),
-            user,
-        ]
+        return [{"role": "system", "content": instructions}, *map(_chat_message, history), user]
 
     async def run_turn(
         self, thread: Thread, content: UserContent, *, model: str, instructions: str,
@@ -202,6 +199,21 @@ class LocalHistory:
 
     async def reset(self, key: ChatKey) -> None:
         await self._store.close_threads(key)
+
+
+def _chat_message(message: HistoryMessage) -> dict[str, Any]:
+    if not message.images:
+        return {"role": message.role, "content": message.content}
+    return {
+        "role": message.role,
+        "content": [{"type": "text", "text": message.content}]
+        + [{"type": "image_url", "image_url": {"url": data_url(i.mime_type, i.data)}}
+           for i in message.images],
+    }  # fmt: skip
+
+
+def data_url(mime_type: str, data: bytes) -> str:
+    return f"data:{mime_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _result(response: Any, chunks: list[str], model: str, started: float) -> ReplyResult:

@@ -38,6 +38,8 @@ class ModelCall:
     body: dict[str, Any]
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+    # Every image the model was shown (history included), decoded: (format, width, height).
+    image_info: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def last_user_text(self) -> str:
@@ -164,6 +166,16 @@ class FakeOpenAI:
             text = f"echo: {call.last_user_text}"
         return reply, text
 
+    def _check_images(self, call: ModelCall, urls: list[str]) -> str | None:
+        """Decode every image the model is sent, as the real API would; a problem, or None."""
+        for url in urls:
+            problem = _decode_image(url)
+            if isinstance(problem, str):
+                self.violations.append(f"{call.api}: {problem}")
+                return problem
+            call.image_info.append(problem)
+        return None
+
     async def _model_call(self, call: ModelCall) -> tuple[Reply, str]:
         self.calls.append(call)
         if call.conversation:
@@ -216,6 +228,10 @@ class FakeOpenAI:
             conversation=conv_id,
             body=body,
         )  # fmt: skip
+        all_images = [p["image_url"] for i in history + new_items for p in i.get("content", [])
+                      if isinstance(p, dict) and p.get("type") == "input_image"]  # fmt: skip
+        if problem := self._check_images(call, all_images):
+            return _error(400, f"Invalid image: {problem}", "invalid_request_error", "invalid_image")
         try:
             reply, text = await self._model_call(call)
             if reply.status != 200:
@@ -281,11 +297,15 @@ class FakeOpenAI:
             else:
                 transcript.append((m["role"], content or ""))
         system = [text for role, text in transcript if role in ("system", "developer")]
+        all_images = [p["image_url"]["url"] for m in body["messages"] if isinstance(m.get("content"), list)
+                      for p in m["content"] if p.get("type") == "image_url"]  # fmt: skip
         call = ModelCall(
             api="chat", model=body["model"], instructions=system[0] if system else None,
             transcript=[(r, t) for r, t in transcript if r not in ("system", "developer")],
             images=images, conversation=None, body=body,
         )  # fmt: skip
+        if problem := self._check_images(call, all_images):
+            return _error(400, f"Invalid image: {problem}", "invalid_request_error", "invalid_image")
         try:
             reply, text = await self._model_call(call)
             if reply.status != 200:
@@ -325,6 +345,30 @@ class FakeOpenAI:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _decode_image(url: str) -> tuple[str, int, int] | str:
+    """(format, width, height) of a data-URL image, or what is wrong with it."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not url.startswith("data:image/") or ";base64," not in url:
+        return f"not a base64 data URL: {url[:40]!r}"
+    mime, payload = url[5:].split(";base64,", 1)
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as image:
+            image.load()
+            fmt, (width, height) = image.format or "?", image.size
+    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
+        return f"undecodable image: {type(exc).__name__}"
+    if f"image/{fmt.lower()}" != mime:
+        return f"declared {mime} but is {fmt}"
+    if max(width, height) > 2048:
+        return f"image is {width}x{height}; the bot should send at most 2048 px"
+    return fmt, width, height
 
 
 def _word_rule(text: str) -> dict[str, Any]:

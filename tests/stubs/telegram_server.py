@@ -154,6 +154,45 @@ class FakeTelegram:
         self.push_update({"message": message})
         return message
 
+    def push_photo(
+        self,
+        chat_id: int,
+        data: bytes,
+        *,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        as_document: str | None = None,
+        file_size: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Queue a photo (or, with `as_document=<mime type>`, an image file) from a user.
+
+        `file_size` overrides what Telegram reports, e.g. to claim a file is too big.
+        """
+        n = len(self.files) + 1
+        file_id = f"file{n}"
+        self.add_file(file_id, data, f"photos/file_{n}.bin")
+        size = file_size if file_size is not None else len(data)
+        extra: dict[str, Any] = {}
+        if as_document:
+            extra["document"] = {"file_id": file_id, "file_unique_id": f"u{file_id}",
+                                 "file_name": f"image{n}", "mime_type": as_document,
+                                 "file_size": size}  # fmt: skip
+        else:
+            thumb_id = f"thumb{n}"
+            self.add_file(thumb_id, data, f"photos/thumb_{n}.bin")
+            extra["photo"] = [
+                {"file_id": thumb_id, "file_unique_id": f"u{thumb_id}", "width": 90,
+                 "height": 68, "file_size": min(size, 2000)},
+                {"file_id": file_id, "file_unique_id": f"u{file_id}", "width": 1280,
+                 "height": 960, "file_size": size},
+            ]  # fmt: skip
+        if caption is not None:
+            extra["caption"] = caption
+        if media_group_id is not None:
+            extra["media_group_id"] = media_group_id
+        return self.push_message(chat_id, extra=extra, **kwargs)
+
     def add_file(self, file_id: str, data: bytes, path: str | None = None) -> None:
         self.files[file_id] = (path or f"files/{file_id}", data)
 
