@@ -137,4 +137,43 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX turn_images_image ON turn_images (sha256);
         """,
     ),
+    Migration(
+        4,
+        "fine-tuning",
+        """
+        -- Users who ran /forget: their messages are deleted and they never enter a dataset.
+        CREATE TABLE opted_out_users (
+            user_id    INTEGER PRIMARY KEY,
+            created_at TEXT NOT NULL
+        );
+
+        -- Fine-tuning jobs started from the bot (the trainer's id is the primary key).
+        CREATE TABLE fine_tune_jobs (
+            job_id             TEXT    PRIMARY KEY,
+            trainer            TEXT    NOT NULL,   -- openai, ...
+            base_model         TEXT    NOT NULL,
+            training_file      TEXT,
+            validation_file    TEXT,
+            train_examples     INTEGER NOT NULL,
+            validation_examples INTEGER NOT NULL,
+            tokens             INTEGER NOT NULL,
+            started_by         INTEGER NOT NULL,   -- Telegram user id of the admin
+            description        TEXT    NOT NULL,
+            status             TEXT    NOT NULL,   -- validating_files, queued, running, succeeded, ...
+            fine_tuned_model   TEXT,
+            error              TEXT,
+            created_at         TEXT    NOT NULL,
+            updated_at         TEXT    NOT NULL,
+            notified_status    TEXT                -- the last status the admin was told about
+        );
+        CREATE INDEX fine_tune_jobs_open ON fine_tune_jobs (status);
+
+        -- Settings changed from inside the bot (e.g. /model), which outlive restarts.
+        CREATE TABLE bot_settings (
+            key        TEXT PRIMARY KEY,
+            value      TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        """,
+    ),
 )
