@@ -23,6 +23,11 @@ def admin_only(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def guarded(update: Update, context: CustomContext) -> Any:
         user = update.effective_user
+        message = update.effective_message
+        if update.callback_query is None and message is not None and message.forward_origin:
+            # A forwarded command was typed by someone else, whoever forwards it.
+            await message.reply_text(t("forwarded_command"))
+            return None
         if not context.services.settings.is_admin(user.id if user else None):
             log.info("refused %s to user %s", handler.__name__, user.id if user else None)
             if update.callback_query is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from openai import AsyncOpenAI
@@ -12,19 +13,22 @@ from telegram.ext import ContextTypes as PTBContextTypes
 from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
 from bot.services.chat import ChatService
+from bot.services.finetune import FineTuner
+from bot.services.trainer import OpenAITrainer
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
 from bot.services.albums import Albums
 from bot.services.images import ImageLimits
 from bot.services.photos import PhotoService
 from bot.services.sentiment import build_analyzer
 from bot.settings import Settings
-from handlers import chat, commands, errors, fallback, feedback, photos
-from storage.db import Store
+from handlers import admin, chat, commands, errors, fallback, feedback, forget, photos
+from bot.services.trainer import JobInfo
+from storage.db import JobRecord, Store
 
 log = logging.getLogger(__name__)
 
 # Update types the bot asks Telegram for (later features extend this list).
-ALLOWED_UPDATES: list[str] = [Update.MESSAGE, Update.MESSAGE_REACTION]
+ALLOWED_UPDATES: list[str] = [Update.MESSAGE, Update.MESSAGE_REACTION, Update.CALLBACK_QUERY]
 
 
 def make_openai_client(settings: Settings) -> AsyncOpenAI:
@@ -64,10 +68,18 @@ async def start_services(
         draft_interval=settings.draft_interval,
         sentiment=sentiment,
     )
+    # A model chosen with /model outlives restarts.
+    chat.model = await store.get_setting("model") or settings.openai_model
     limits = ImageLimits(max_side=settings.image_max_side, max_bytes=settings.image_max_bytes)
+    finetune = FineTuner(
+        store, OpenAITrainer(client, epochs=settings.fine_tune_epochs),
+        db_path=settings.database_path, datasets_dir=settings.database_path.parent / "datasets",
+        base_model=settings.fine_tune_base_model, suffix=settings.fine_tune_suffix,
+        epochs=settings.fine_tune_epochs,
+    )  # fmt: skip
     return Services(
         settings=settings, store=store, openai=client, backend=backend, chat=chat,
-        photos=PhotoService(chat, limits), albums=albums,
+        photos=PhotoService(chat, limits), albums=albums, finetune=finetune,
     )  # fmt: skip
 
 
@@ -79,13 +91,30 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     albums = Albums(settings.album_wait)
 
     async def post_init(app: ParleyApp) -> None:
-        app.bot_data.services = await start_services(settings, albums, openai_client)
+        services = app.bot_data.services = await start_services(settings, albums, openai_client)
+
+        async def notify(record: JobRecord, info: JobInfo) -> None:
+            text, keyboard = admin.job_notice(record, info)
+            await app.bot.send_message(record.started_by, text, reply_markup=keyboard)
+
+        # Following fine-tuning jobs resumes after a restart: unfinished ones are in the db.
+        services.background.append(
+            asyncio.create_task(services.finetune.run(notify, settings.job_poll_interval))
+        )
         log.info(
             "Parley started: backend=%s model=%s database=%s",
             settings.conversation_backend,
             settings.openai_model,
             settings.database_path,
         )
+
+    async def post_stop(app: ParleyApp) -> None:
+        services = app.bot_data.services
+        if services is not None:
+            for task in services.background:
+                task.cancel()
+            await asyncio.gather(*services.background, return_exceptions=True)
+            services.background.clear()
 
     async def post_shutdown(app: ParleyApp) -> None:
         services = app.bot_data.services
@@ -114,11 +143,14 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         .connection_pool_size(1024)
         .pool_timeout(30.0)
         .post_init(post_init)
+        .post_stop(post_stop)
         .post_shutdown(post_shutdown)
         .build()
     )
 
     commands.register(app)
+    admin.register(app)
+    forget.register(app)
     feedback.register(app)
     chat.register(app)
     photos.register(app)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 from openai import AsyncOpenAI
@@ -10,6 +11,7 @@ from telegram.ext import Application, CallbackContext, ExtBot
 
 from bot.services.albums import Albums
 from bot.services.chat import ChatService
+from bot.services.finetune import FineTuner
 from bot.services.photos import PhotoService
 from bot.services.conversations import ConversationBackend
 from bot.settings import Settings
@@ -27,6 +29,13 @@ class Services:
     chat: ChatService
     photos: PhotoService
     albums: Albums
+    finetune: FineTuner
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def switch_model(self, name: str) -> None:
+        """Answer with `name` from now on, and after restarts too."""
+        await self.store.set_setting("model", name)
+        self.chat.model = name
 
 
 class BotData:

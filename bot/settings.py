@@ -50,6 +50,13 @@ class Settings(BaseSettings):
 
     admin_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
 
+    # Fine-tuning: the base model, how often unfinished jobs are checked, epochs, the suffix
+    # OpenAI puts in the fine-tuned model's name.
+    fine_tune_base_model: str = "gpt-4.1-mini-2025-04-14"
+    job_poll_interval: float = Field(default=60.0, ge=0.05)
+    fine_tune_epochs: int = Field(default=3, ge=1, le=50)
+    fine_tune_suffix: str = Field(default="parley", pattern=r"^[a-zA-Z0-9_-]{1,40}$")
+
     database_url: str = "sqlite:///data/parley.sqlite3"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 

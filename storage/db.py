@@ -64,6 +64,35 @@ class HistoryMessage:
     images: tuple[StoredImage, ...] = ()
 
 
+JOB_COLUMNS = (
+    "job_id", "trainer", "base_model", "training_file", "validation_file", "train_examples",
+    "validation_examples", "tokens", "started_by", "description", "status", "created_at",
+    "updated_at", "fine_tuned_model", "error", "notified_status",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A fine-tuning job as the bot keeps it (it outlives the trainer's API being reachable)."""
+
+    job_id: str
+    trainer: str
+    base_model: str
+    training_file: str | None
+    validation_file: str | None
+    train_examples: int
+    validation_examples: int
+    tokens: int
+    started_by: int
+    description: str
+    status: str
+    created_at: str
+    updated_at: str
+    fine_tuned_model: str | None = None
+    error: str | None = None
+    notified_status: str | None = None
+
+
 @dataclass(slots=True)
 class TurnRecord:
     """Everything logged about one turn: the user's message and the answer (or the failure)."""
@@ -365,6 +394,92 @@ class Store:
             async for polarity, n in cur:
                 counts[polarity] = n
         return counts
+
+    # -- fine-tuning jobs -------------------------------------------------------------------
+
+    async def add_job(self, job: JobRecord) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO fine_tune_jobs (job_id, trainer, base_model, training_file,"
+                " validation_file, train_examples, validation_examples, tokens, started_by,"
+                " description, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.job_id, job.trainer, job.base_model, job.training_file, job.validation_file,
+                 job.train_examples, job.validation_examples, job.tokens, job.started_by,
+                 job.description, job.status, job.created_at, job.updated_at),
+            )  # fmt: skip
+
+    async def update_job(
+        self, job_id: str, status: str, fine_tuned_model: str | None, error: str | None
+    ) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "UPDATE fine_tune_jobs SET status = ?, fine_tuned_model = ?, error = ?,"
+                " updated_at = ? WHERE job_id = ?",
+                (status, fine_tuned_model, error, utcnow(), job_id),
+            )
+
+    async def mark_notified(self, job_id: str, status: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "UPDATE fine_tune_jobs SET notified_status = ? WHERE job_id = ?", (status, job_id)
+            )
+
+    async def jobs(self, *, unfinished: bool = False, limit: int = 50) -> list[JobRecord]:
+        where = " WHERE status NOT IN ('succeeded', 'failed', 'cancelled')" if unfinished else ""
+        async with self._conn.execute(
+            f"SELECT {', '.join(JOB_COLUMNS)} FROM fine_tune_jobs{where}"
+            " ORDER BY created_at DESC LIMIT ?",
+            (limit,),
+        ) as cur:
+            return [JobRecord(*row) async for row in cur]
+
+    async def job(self, job_id: str) -> JobRecord | None:
+        async with self._conn.execute(
+            f"SELECT {', '.join(JOB_COLUMNS)} FROM fine_tune_jobs WHERE job_id = ?", (job_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return JobRecord(*row) if row else None
+
+    # -- settings changed in the bot, and /forget -------------------------------------------
+
+    async def get_setting(self, key: str) -> str | None:
+        async with self._conn.execute("SELECT value FROM bot_settings WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def set_setting(self, key: str, value: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO bot_settings (key, value, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                " updated_at = excluded.updated_at",
+                (key, value, utcnow()),
+            )
+
+    async def forget_user(self, user_id: int) -> int:
+        """Delete a user's logged turns (and what hangs off them) and opt them out of datasets.
+
+        Returns how many messages were deleted. Images no other turn uses go too.
+        """
+        async with self.transaction() as conn:
+            async with conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE turn_id IN"
+                " (SELECT id FROM turns WHERE user_id = ?)",
+                (user_id,),
+            ) as cur:
+                row = await cur.fetchone()
+            await conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
+            await conn.execute("DELETE FROM turns WHERE user_id = ?", (user_id,))
+            await conn.execute(
+                "DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM turn_images)"
+            )
+            await conn.execute(
+                "INSERT INTO opted_out_users (user_id, created_at) VALUES (?, ?)"
+                " ON CONFLICT (user_id) DO NOTHING",
+                (user_id, utcnow()),
+            )
+        return int(row[0]) if row else 0
 
     async def fetch_all(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         """Run a read query (used by stats and tests); explicit SQL, parameterised."""

@@ -29,7 +29,7 @@ async def test_private_message_streams_a_draft_then_sends_the_answer(
     assert call.body["stream"] is True and call.body["model"] == "gpt-5.4-mini"
     assert call.instructions and "Parley" in call.instructions
     assert call.last_user_text == "What is the capital of France?"
-    assert tg.allowed_updates == ["message", "message_reaction"]
+    assert tg.allowed_updates == ["message", "message_reaction", "callback_query"]
 
 
 async def test_turn_is_logged_with_ids_usage_and_timestamps(

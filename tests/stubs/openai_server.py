@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.stubs.specs import OpenAISpec
+from tests.stubs.specs import UPLOAD_FILE, OpenAISpec
 
 API_KEY = "sk-test-parley-0123456789abcdef"
 
@@ -73,6 +73,14 @@ class FakeOpenAI:
         # they never take a chat answer; empty, a word rule labels the text.
         self.classify_script: deque[Reply] = deque()
         self.classify_calls: list[dict[str, Any]] = []
+        # Fine-tuning: uploaded files, jobs, and how jobs move (one status per poll).
+        self.files: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.job_plan = ["validating_files", "queued", "running", "succeeded"]
+        self.job_failure: str | None = None  # a job fails with this when it would succeed
+        self.fine_tuning_forbidden = False  # job creation answers 403, as it now does for most
+        self.fine_tuned_models: list[str] = []
+        self.fine_tuning_down = False  # every fine-tuning route answers 503
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -104,11 +112,22 @@ class FakeOpenAI:
             return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         path = "/" + request.match_info["path"]
         body: Any = None
+        upload: bytes | None = None
         if request.can_read_body and request.content_type == "application/json":
             body = await request.json()
+        elif request.can_read_body and request.content_type == "multipart/form-data":
+            body = {}
+            for name, value in (await request.post()).items():
+                if isinstance(value, str):
+                    body[name] = value
+                else:
+                    body[name] = UPLOAD_FILE
+                    upload = value.file.read()
         self.requests.append((request.method, path, body))
         if self.spec is not None:
-            problems = self.spec.validate_request(request.method, path, body)
+            problems = self.spec.validate_request(
+                request.method, path, body, content_type=request.content_type or "application/json"
+            )
             if problems:
                 self.violations += problems
                 return _error(400, "; ".join(problems[:3]), "invalid_request_error", None)
@@ -122,8 +141,12 @@ class FakeOpenAI:
         if request.method == "GET" and parts == ["models"]:
             return web.json_response({"object": "list", "data": [
                 {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "openai"}
-                for m in ("gpt-5.4-mini", "gpt-5.4-nano", "gpt-4.1-mini")
+                for m in ("gpt-5.4-mini", "gpt-5.4-nano", "gpt-4.1-mini", *self.fine_tuned_models)
             ]})  # fmt: skip
+        if request.method == "POST" and parts == ["files"]:
+            return self._upload(body, upload or b"")
+        if parts[:2] == ["fine_tuning", "jobs"]:
+            return self._fine_tuning(request.method, parts[2:], body)
         return _error(404, f"Unknown request URL: {request.method} {path}", "invalid_request_error", None)
 
     def _new_id(self, prefix: str) -> str:
@@ -154,6 +177,95 @@ class FakeOpenAI:
             return web.json_response({"object": "list", "data": conv["items"], "has_more": False,
                                       "first_id": None, "last_id": None})  # fmt: skip
         return _error(405, "Method not allowed", "invalid_request_error", None)
+
+    # -- files and fine-tuning --------------------------------------------------------------
+
+    def _upload(self, body: dict[str, Any], data: bytes) -> web.Response:
+        file_id = self._new_id("file")
+        problems = _check_training_file(data) if body.get("purpose") == "fine-tune" else []
+        self.violations += [f"uploaded {file_id}: {p}" for p in problems]
+        self.files[file_id] = {"data": data, "purpose": body.get("purpose"), "problems": problems}
+        return web.json_response({
+            "id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+            "filename": "upload.jsonl", "purpose": body.get("purpose"), "status": "processed",
+            "expires_at": None, "status_details": None,
+        })  # fmt: skip
+
+    def _fine_tuning(self, method: str, parts: list[str], body: Any) -> web.Response:
+        if self.fine_tuning_down:
+            return _status_error(503)
+        if not parts and method == "POST":
+            if self.fine_tuning_forbidden:
+                return _error(403, "Fine-tuning is not available for your organization.",
+                              "invalid_request_error", "fine_tuning_not_available")  # fmt: skip
+            for key in ("training_file", "validation_file"):
+                if body.get(key) and body[key] not in self.files:
+                    return _error(400, f"File {body[key]} not found", "invalid_request_error", None)
+            job_id = self._new_id("ftjob")
+            now = int(time.time())
+            self.jobs[job_id] = {
+                "id": job_id, "object": "fine_tuning.job", "created_at": now, "error": None,
+                "fine_tuned_model": None, "finished_at": None, "model": body["model"],
+                "organization_id": "org-test", "result_files": [], "seed": 42,
+                "status": self.job_plan[0], "trained_tokens": None,
+                "training_file": body["training_file"], "validation_file": body.get("validation_file"),
+                "hyperparameters": {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0},
+                "method": body.get("method"), "metadata": body.get("metadata"),
+                "suffix": body.get("suffix"), "estimated_finish": None, "integrations": [],
+                "_events": [_event(now, "info", f"Created fine-tuning job: {job_id}")],
+                "_checkpoints": [],
+            }  # fmt: skip
+            return web.json_response(_public_job(self.jobs[job_id]))
+        if not parts and method == "GET":
+            return web.json_response({"object": "list", "has_more": False,
+                                      "data": [_public_job(self._advance(j)) for j in reversed(self.jobs.values())]})  # fmt: skip
+        job = self.jobs.get(parts[0])
+        if job is None:
+            return _error(404, "Job not found", "invalid_request_error", None)
+        if len(parts) == 1 and method == "GET":
+            return web.json_response(_public_job(self._advance(job)))
+        if parts[1:] == ["cancel"] and method == "POST":
+            if job["status"] not in ("succeeded", "failed", "cancelled"):
+                job["status"] = "cancelled"
+                job["_events"].append(_event(int(time.time()), "info", "Job cancelled"))
+            return web.json_response(_public_job(job))
+        if parts[1:] == ["events"]:
+            return web.json_response({"object": "list", "has_more": False,
+                                      "data": list(reversed(job["_events"]))})  # fmt: skip
+        if parts[1:] == ["checkpoints"]:
+            return web.json_response({"object": "list", "has_more": False, "first_id": None,
+                                      "last_id": None, "data": job["_checkpoints"]})  # fmt: skip
+        return _error(404, "Unknown fine-tuning route", "invalid_request_error", None)
+
+    def _advance(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Each look at an unfinished job moves it one step along `job_plan`."""
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        now = int(time.time())
+        step = self.job_plan[min(self.job_plan.index(job["status"]) + 1, len(self.job_plan) - 1)]
+        training = self.files[job["training_file"]]
+        if training["problems"] or (step == "succeeded" and self.job_failure):
+            job["status"], job["finished_at"] = "failed", now
+            message = "; ".join(training["problems"]) or self.job_failure
+            job["error"] = {"code": "invalid_training_file" if training["problems"] else "job_failed",
+                            "message": message, "param": "training_file"}  # fmt: skip
+        elif step == "succeeded":
+            job["status"], job["finished_at"] = "succeeded", now
+            job["fine_tuned_model"] = f"ft:{job['model']}:parley:{job['suffix']}:{job['id'][-6:]}"
+            job["trained_tokens"] = len(training["data"]) // 4 * 3
+            self.fine_tuned_models.append(job["fine_tuned_model"])
+            job["_checkpoints"] = [
+                {"id": f"ftckpt_{n}", "object": "fine_tuning.job.checkpoint", "created_at": now,
+                 "fine_tuning_job_id": job["id"], "step_number": n * 10,
+                 "fine_tuned_model_checkpoint": f"{job['fine_tuned_model']}:ckpt-step-{n * 10}",
+                 "metrics": {"step": n * 10, "train_loss": round(2.0 / n, 3)}}
+                for n in (1, 2, 3, 4)
+            ]  # fmt: skip
+        else:
+            job["status"] = step
+        job["_events"].append(_event(now, "info" if job["status"] != "failed" else "error",
+                                     f"Job status: {job['status']}"))  # fmt: skip
+        return job
 
     # -- the model --------------------------------------------------------------------------
 
@@ -345,6 +457,40 @@ class FakeOpenAI:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _event(created_at: int, level: str, message: str) -> dict[str, Any]:
+    return {"id": f"ftevent-{uuid.uuid4().hex[:10]}", "object": "fine_tuning.job.event",
+            "created_at": created_at, "level": level, "message": message, "type": "message"}  # fmt: skip
+
+
+def _public_job(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in job.items() if not k.startswith("_")}
+
+
+def _check_training_file(data: bytes) -> list[str]:
+    """OpenAI's documented chat fine-tuning format rules, line by line."""
+    problems: list[str] = []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError:
+            problems.append(f"line {n}: not JSON")
+            continue
+        messages = example.get("messages") if isinstance(example, dict) else None
+        if not isinstance(messages, list) or not messages:
+            problems.append(f"line {n}: no messages list")
+            continue
+        for m in messages:
+            if m.get("role") not in ("system", "user", "assistant"):
+                problems.append(f"line {n}: unknown role {m.get('role')!r}")
+            content = m.get("content")
+            if not content or (isinstance(content, str) and not content.strip()):
+                problems.append(f"line {n}: empty content")
+        if not any(m.get("role") == "assistant" for m in messages):
+            problems.append(f"line {n}: no assistant message")
+    return problems
 
 
 def _decode_image(url: str) -> tuple[str, int, int] | str:

@@ -64,6 +64,8 @@ class FakeTelegram:
         self.faults: dict[str, deque[Fault]] = {}
         self.latency: dict[str, float] = {}
         self.allowed_updates: list[str] | None = None
+        self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # what the bot sent, as now
+        self.uploads: list[tuple[str, str, bytes]] = []  # (method, field, bytes) of file parts
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids: dict[int, itertools.count[int]] = {}
@@ -246,7 +248,11 @@ class FakeTelegram:
         form = await request.post()
         params: dict[str, Any] = {}
         for name, value in form.items():
-            params[name] = value if isinstance(value, str) else INPUT_FILE
+            if isinstance(value, str):
+                params[name] = value
+            else:
+                params[name] = INPUT_FILE
+                self.uploads.append((request.match_info["method"], name, value.file.read()))
         params.update({k: v for k, v in request.query.items() if k not in params})
         return params, True
 
@@ -316,6 +322,9 @@ class FakeTelegram:
         if params.get("message_thread_id"):
             message["message_thread_id"] = int(params["message_thread_id"])
             message["is_topic_message"] = True
+        if params.get("reply_markup"):
+            message["reply_markup"] = json.loads(params["reply_markup"])
+        self.messages[(chat_id, message["message_id"])] = message
         return message
 
     def _m_getMe(self, params: dict[str, Any]) -> web.Response:
@@ -330,6 +339,48 @@ class FakeTelegram:
         if int(params["chat_id"]) not in self.chats:
             return _error(400, "Bad Request: chat not found")
         return _ok(self._new_message(params, text=text))
+
+    def _m_editMessageText(self, params: dict[str, Any]) -> web.Response:
+        key = (int(params["chat_id"]), int(params["message_id"]))
+        message = self.messages.get(key)
+        if message is None:
+            return _error(400, "Bad Request: message to edit not found")
+        message["text"] = params["text"]
+        message["edit_date"] = int(time.time())
+        if params.get("reply_markup"):
+            message["reply_markup"] = json.loads(params["reply_markup"])
+        else:
+            message.pop("reply_markup", None)
+        return _ok(message)
+
+    def _m_sendDocument(self, params: dict[str, Any]) -> web.Response:
+        document = {"file_id": f"d{len(self.calls)}", "file_unique_id": f"ud{len(self.calls)}",
+                    "file_name": "upload.jsonl"}  # fmt: skip
+        content: dict[str, Any] = {"document": document}
+        if params.get("caption"):
+            content["caption"] = params["caption"]
+        return _ok(self._new_message(params, **content))
+
+    def push_callback(self, user_id: int, chat_id: int, message_id: int, data: str) -> dict[str, Any]:
+        """Queue a press on an inline button of one of the bot's messages."""
+        return self.push_update({"callback_query": {
+            "id": f"cb{len(self.calls)}", "chat_instance": f"ci{chat_id}", "data": data,
+            "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
+            "message": self.messages[(chat_id, message_id)],
+        }})  # fmt: skip
+
+    def buttons(self, chat_id: int) -> list[tuple[int, str, str]]:
+        """(message_id, text, callback_data) of every inline button now shown in a chat."""
+        return [
+            (mid, b["text"], b.get("callback_data", ""))
+            for (cid, mid), m in self.messages.items() if cid == chat_id
+            for row in m.get("reply_markup", {}).get("inline_keyboard", []) for b in row
+        ]
+
+    def texts(self, chat_id: int) -> list[str]:
+        """The bot's messages in a chat as they read now (edits applied), in order."""
+        return [m.get("text") or m.get("caption") or "" for (cid, _), m in
+                sorted(self.messages.items()) if cid == chat_id]  # fmt: skip
 
     def _m_sendPhoto(self, params: dict[str, Any]) -> web.Response:
         photo = [{"file_id": f"p{len(self.calls)}", "file_unique_id": f"up{len(self.calls)}",

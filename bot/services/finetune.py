@@ -1,0 +1,161 @@
+"""From the dialogue log to a fine-tuning job and back to the bot's model.
+
+/train builds a dataset and holds it until an admin confirms; "start" uploads it and
+creates the job; a poller follows unfinished jobs (also after a restart) and tells the
+admin who started each one when its status changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bot.services.dataset import DatasetOptions, DatasetReport, build_dataset
+from bot.services.trainer import JobInfo, Trainer, TrainerError
+from storage.db import JobRecord, Store, utcnow
+
+log = logging.getLogger(__name__)
+
+PENDING_TTL = 3600.0  # a built dataset waits this long for "start"
+MAX_PENDING = 20
+
+Notify = Callable[[JobRecord, JobInfo], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Pending:
+    report: DatasetReport
+    options: DatasetOptions
+    admin_id: int
+    created: float
+
+
+class FineTuner:
+    def __init__(
+        self, store: Store, trainer: Trainer, *, db_path: Path, datasets_dir: Path,
+        base_model: str, suffix: str, epochs: int,
+    ) -> None:  # fmt: skip
+        self.store = store
+        self.trainer = trainer
+        self.db_path = db_path
+        self.datasets_dir = datasets_dir
+        self.base_model = base_model
+        self.suffix = suffix
+        self.epochs = epochs
+        self._pending: dict[str, Pending] = {}
+
+    async def build(self, options: DatasetOptions) -> DatasetReport:
+        """Build and validate a dataset from the log, off the event loop, in its own folder."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        out_dir = self.datasets_dir / f"{stamp}-{secrets.token_hex(3)}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return await asyncio.to_thread(
+            build_dataset, self.db_path, out_dir, options, base_model=self.base_model
+        )
+
+    def hold(self, report: DatasetReport, options: DatasetOptions, admin_id: int) -> str:
+        """Keep a built dataset until its admin presses start or cancel; returns its token."""
+        now = time.monotonic()
+        for token, p in list(self._pending.items()):
+            if now - p.created > PENDING_TTL:
+                del self._pending[token]
+        while len(self._pending) >= MAX_PENDING:
+            del self._pending[next(iter(self._pending))]
+        token = secrets.token_urlsafe(8)
+        self._pending[token] = Pending(report, options, admin_id, now)
+        return token
+
+    def drop(self, token: str) -> bool:
+        return self._pending.pop(token, None) is not None
+
+    async def start(self, token: str, admin_id: int) -> JobRecord:
+        """Upload the held dataset and create the job. KeyError if the token expired."""
+        pending = self._pending.pop(token)
+        report = pending.report
+        if report.train_path is None:
+            raise TrainerError("invalid", "dataset has no training file")
+        description = describe(pending.options, report)
+        try:
+            info = await self.trainer.start(
+                report.train_path, report.validation_path, base_model=self.base_model,
+                suffix=self.suffix,
+                metadata={"source": "parley", "started_by": str(admin_id),
+                          "examples": str(report.examples)},
+            )  # fmt: skip
+        except TrainerError:
+            self._pending[token] = pending  # the admin may retry (or /export)
+            raise
+        now = utcnow()
+        job = JobRecord(
+            job_id=info.id, trainer=self.trainer.name, base_model=self.base_model,
+            training_file=info.training_file, validation_file=info.validation_file,
+            train_examples=report.train_examples, validation_examples=report.validation_examples,
+            tokens=report.tokens, started_by=admin_id, description=description,
+            status=info.status, created_at=now, updated_at=now,
+        )  # fmt: skip
+        await self.store.add_job(job)
+        await self.store.mark_notified(job.job_id, job.status)  # the admin sees it start
+        job.notified_status = job.status
+        return job
+
+    async def jobs(self) -> tuple[list[tuple[JobRecord | None, JobInfo | None]], bool]:
+        """Jobs from the trainer merged with the local table; bool: the trainer answered."""
+        local = {j.job_id: j for j in await self.store.jobs()}
+        try:
+            remote = await self.trainer.list_jobs()
+        except TrainerError as exc:
+            log.warning("could not list fine-tuning jobs: %s", exc.kind)
+            return [(j, None) for j in local.values()], False
+        merged: list[tuple[JobRecord | None, JobInfo | None]] = []
+        for info in remote:
+            record = local.pop(info.id, None)
+            if record is not None and record.status != info.status:
+                await self.store.update_job(info.id, info.status, info.fine_tuned_model, info.error)
+                record.status, record.fine_tuned_model = info.status, info.fine_tuned_model
+            merged.append((record, info))
+        merged += [(j, None) for j in local.values()]
+        return merged, True
+
+    async def poll_once(self, notify: Notify) -> None:
+        """Check every unfinished job once; store changes and notify on each new status."""
+        for job in await self.store.jobs(unfinished=True):
+            try:
+                info = await self.trainer.get(job.job_id)
+            except TrainerError as exc:
+                log.warning("could not check job %s: %s", job.job_id, exc.kind)
+                continue
+            if info.status != job.status:
+                await self.store.update_job(job.job_id, info.status, info.fine_tuned_model, info.error)
+            if info.status != job.notified_status:
+                try:
+                    await notify(job, info)
+                except Exception:
+                    log.exception("could not notify about job %s", job.job_id)
+                    continue
+                await self.store.mark_notified(job.job_id, info.status)
+
+    async def run(self, notify: Notify, interval: float) -> None:
+        """Poll until cancelled; a failing round is logged and the next one comes anyway."""
+        while True:
+            try:
+                await self.poll_once(notify)
+            except Exception:
+                log.exception("fine-tuning poll failed")
+            await asyncio.sleep(interval)
+
+
+def describe(options: DatasetOptions, report: DatasetReport) -> str:
+    """One line saying what went into a dataset."""
+    parts = [f"{report.examples} examples"]
+    if options.since:
+        parts.append(f"since {options.since[:10]}")
+    if options.chat_id is not None:
+        parts.append(f"chat {options.chat_id}")
+    parts.append("with photos" if options.include_photos else "text only")
+    return ", ".join(parts)

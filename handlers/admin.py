@@ -1,0 +1,297 @@
+"""Admin commands: /train, /jobs, /job, /cancel, /model, /export; and the job notices."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram.ext import CallbackQueryHandler, CommandHandler
+
+from bot.access import admin_only
+from bot.context import CustomContext, ParleyApp
+from bot.services.charts import loss_chart
+from bot.services.dataset import DatasetOptions, DatasetReport
+from bot.services.finetune import describe
+from bot.services.trainer import JobInfo, TrainerError
+from bot.texts import t
+from storage.db import JobRecord
+
+log = logging.getLogger(__name__)
+
+
+class BadArgs(ValueError):
+    pass
+
+
+def parse_options(args: list[str]) -> DatasetOptions:
+    """`since=YYYY-MM-DD chat=ID photos=on|off` into dataset options."""
+    since: str | None = None
+    chat_id: int | None = None
+    photos = False
+    for arg in args:
+        name, _, value = arg.partition("=")
+        try:
+            if name == "since":
+                since = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC).isoformat()
+            elif name == "chat":
+                chat_id = int(value)
+            elif name == "photos" and value in ("on", "off"):
+                photos = value == "on"
+            else:
+                raise BadArgs(arg)
+        except ValueError:
+            raise BadArgs(arg) from None
+    return DatasetOptions(since=since, chat_id=chat_id, include_photos=photos)
+
+
+def summary(report: DatasetReport, options: DatasetOptions, model: str) -> str:
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(report.dropped.items())) or "nothing"
+    redacted = ", ".join(f"{k} {v}" for k, v in sorted(report.redactions.items())) or "nothing"
+    cost = f"~${report.estimated_cost_usd:.2f}" if report.estimated_cost_usd is not None else "unknown"
+    return t(
+        "train.summary", description=describe(options, report), examples=report.examples,
+        train=report.train_examples, validation=report.validation_examples,
+        tokens=report.tokens, model=model, cost=cost, dropped=dropped, redacted=redacted,
+    )  # fmt: skip
+
+
+@admin_only
+async def train(update: Update, context: CustomContext) -> None:
+    """Build a curated dataset and offer to start a fine-tuning job with it."""
+    message = update.effective_message
+    user = update.effective_user
+    if message is None or user is None:
+        return
+    try:
+        options = parse_options(context.args or [])
+    except BadArgs as exc:
+        await message.reply_text(t("train.bad_args", arg=str(exc)))
+        return
+    await message.reply_text(t("train.building"))
+    tuner = context.services.finetune
+    report = await tuner.build(options)
+    text = summary(report, options, tuner.base_model)
+    if not report.ok:
+        await message.reply_text(f"{text}\n\n{t('train.problems', problems='; '.join(report.problems))}")
+        return
+    token = tuner.hold(report, options, user.id)
+    keyboard = InlineKeyboardMarkup([[
+        InlineKeyboardButton(t("train.start_button"), callback_data=f"ft:start:{token}"),
+        InlineKeyboardButton(t("train.cancel_button"), callback_data=f"ft:drop:{token}"),
+    ]])  # fmt: skip
+    await message.reply_text(f"{text}\n\n{t('train.confirm')}", reply_markup=keyboard)
+
+
+@admin_only
+async def train_button(update: Update, context: CustomContext) -> None:
+    """Start or cancel the held dataset (callback data ft:start:TOKEN / ft:drop:TOKEN)."""
+    query = update.callback_query
+    if query is None or query.data is None or update.effective_user is None:
+        return
+    _, action, token = query.data.split(":", 2)
+    tuner = context.services.finetune
+    await query.answer()
+    if action == "drop":
+        tuner.drop(token)
+        await query.edit_message_text(t("train.cancelled"))
+        return
+    try:
+        job = await tuner.start(token, update.effective_user.id)
+    except KeyError:
+        await query.edit_message_text(t("train.expired"))
+        return
+    except TrainerError as exc:
+        log.warning("fine-tuning job not started: %s (%s)", exc.kind, exc.detail)
+        key = "train.forbidden" if exc.kind == "permission" else "train.failed_to_start"
+        await query.edit_message_text(t(key, kind=exc.kind))
+        return
+    await query.edit_message_text(t("train.started", job_id=job.job_id, model=job.base_model))
+
+
+def _age(created: int | str) -> str:
+    if isinstance(created, str):
+        seconds = (datetime.now(UTC) - datetime.fromisoformat(created)).total_seconds()
+    else:
+        seconds = datetime.now(UTC).timestamp() - created
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return "just now"
+
+
+def _job_line(record: JobRecord | None, info: JobInfo | None) -> str:
+    """One line per job; the trainer's live view wins over the bot's own record."""
+    if info is not None:
+        job_id, status, base, age, result = (
+            info.id, info.status, info.base_model, _age(info.created_at), info.fine_tuned_model
+        )
+    elif record is not None:
+        job_id, status, base, age, result = (
+            record.job_id, record.status, record.base_model, _age(record.created_at),
+            record.fine_tuned_model,
+        )
+    else:
+        return ""
+    line = f"{job_id}: {status}, {base}, {age}"
+    return f"{line} → {result}" if result else line
+
+
+@admin_only
+async def jobs(update: Update, context: CustomContext) -> None:
+    """List fine-tuning jobs: the trainer's view merged with the bot's own records."""
+    message = update.effective_message
+    if message is None:
+        return
+    merged, online = await context.services.finetune.jobs()
+    if not merged:
+        await message.reply_text(t("jobs.none") if online else t("jobs.offline"))
+        return
+    lines = [_job_line(record, info) for record, info in merged[:20]]
+    if not online:
+        lines.append(t("jobs.offline"))
+    await message.reply_text("\n".join(lines))
+
+
+@admin_only
+async def job(update: Update, context: CustomContext) -> None:
+    """Details of one job, its recent events, and a training-loss chart when there is one."""
+    message = update.effective_message
+    if message is None:
+        return
+    if not context.args:
+        await message.reply_text(t("job.usage"))
+        return
+    job_id = context.args[0]
+    tuner = context.services.finetune
+    record = await context.services.store.job(job_id)
+    try:
+        info = await tuner.trainer.get(job_id)
+        events = await tuner.trainer.events(job_id, limit=5)
+        losses = await tuner.trainer.losses(job_id)
+    except TrainerError as exc:
+        if exc.kind == "not_found" and record is None:
+            await message.reply_text(t("job.unknown"))
+            return
+        text = t("job.unreachable", kind=exc.kind)
+        if record is not None:
+            text = f"{_job_line(record, None)}\n{text}"
+        await message.reply_text(text)
+        return
+    lines = [_job_line(record, info)]
+    if record is not None:
+        lines.append(f"Dataset: {record.description}; {record.tokens:,} tokens")
+    if info.error:
+        lines.append(f"Error: {info.error}")
+    lines += [f"• {e.message}" for e in events]
+    await message.reply_text("\n".join(lines))
+    if len(losses) >= 2:
+        png = await asyncio.to_thread(loss_chart, [(p.step, p.train_loss) for p in losses])
+        await message.reply_photo(png, caption=f"Training loss, {job_id}")
+
+
+@admin_only
+async def cancel(update: Update, context: CustomContext) -> None:
+    """Cancel a fine-tuning job."""
+    message = update.effective_message
+    if message is None:
+        return
+    if not context.args:
+        await message.reply_text(t("cancel.usage"))
+        return
+    tuner = context.services.finetune
+    try:
+        info = await tuner.trainer.cancel(context.args[0])
+    except TrainerError as exc:
+        key = "job.unknown" if exc.kind == "not_found" else "job.unreachable"
+        await message.reply_text(t(key, kind=exc.kind))
+        return
+    if await context.services.store.job(info.id) is not None:
+        await context.services.store.update_job(info.id, info.status, info.fine_tuned_model, info.error)
+    await message.reply_text(t("job.cancelled", job_id=info.id, status=info.status))
+
+
+@admin_only
+async def model(update: Update, context: CustomContext) -> None:
+    """Show the model in use and the available ones; `/model NAME` switches (persisted)."""
+    message = update.effective_message
+    if message is None:
+        return
+    services = context.services
+    try:
+        available = sorted(m.id for m in (await services.openai.models.list()).data)
+    except Exception as exc:  # the list is a convenience; never crash the command on it
+        from bot.errors import classify_model_error
+
+        available = None
+        unreachable = classify_model_error(exc).kind
+    if context.args:
+        name = context.args[0]
+        if available is not None and name not in available:
+            await message.reply_text(t("model.unknown", model=name))
+            return
+        await services.switch_model(name)
+        await message.reply_text(t("model.switched", model=name))
+        return
+    text = t("model.current", model=services.chat.model)
+    if available is None:
+        text += "\n" + t("model.unreachable", kind=unreachable)
+    else:
+        text += "\n\n" + t("model.available", models="\n".join(available))
+    await message.reply_text(text)
+
+
+@admin_only
+async def use_model(update: Update, context: CustomContext) -> None:
+    """The button under a success notice: switch the bot to the fine-tuned model."""
+    query = update.callback_query
+    if query is None or query.data is None:
+        return
+    record = await context.services.store.job(query.data.split(":", 2)[2])
+    await query.answer()
+    if record is None or not record.fine_tuned_model:
+        await query.edit_message_text(t("job.unknown"))
+        return
+    await context.services.switch_model(record.fine_tuned_model)
+    await query.edit_message_text(t("model.switched", model=record.fine_tuned_model))
+
+
+@admin_only
+async def export(update: Update, context: CustomContext) -> None:
+    """Send the curated dataset as JSONL documents, to train elsewhere."""
+    message = update.effective_message
+    if message is None:
+        return
+    try:
+        options = parse_options(context.args or [])
+    except BadArgs as exc:
+        await message.reply_text(t("train.bad_args", arg=str(exc)))
+        return
+    report = await context.services.finetune.build(options)
+    if report.examples == 0 or report.train_path is None:
+        await message.reply_text(t("export.empty"))
+        return
+    caption = t("export.caption", examples=report.examples, description=describe(options, report))
+    await message.reply_document(report.train_path, filename="train.jsonl", caption=caption)
+    if report.validation_path is not None:
+        await message.reply_document(report.validation_path, filename="validation.jsonl")
+
+
+def job_notice(record: JobRecord, info: JobInfo) -> tuple[str, InlineKeyboardMarkup | None]:
+    """What the admin who started a job is told when its status changes."""
+    if info.status == "succeeded" and info.fine_tuned_model:
+        button = InlineKeyboardButton(t("job.use_button"), callback_data=f"ft:use:{info.id}")
+        return (t("job.succeeded", job_id=info.id, model=info.fine_tuned_model),
+                InlineKeyboardMarkup([[button]]))  # fmt: skip
+    if info.status == "failed":
+        return t("job.failed", job_id=info.id, error=info.error or "no reason given"), None
+    return t("job.status", job_id=info.id, status=info.status), None
+
+
+def register(app: ParleyApp) -> None:
+    for name, callback in (("train", train), ("jobs", jobs), ("job", job), ("cancel", cancel),
+                           ("model", model), ("export", export)):  # fmt: skip
+        app.add_handler(CommandHandler(name, callback))
+    app.add_handler(CallbackQueryHandler(train_button, pattern=r"^ft:(start|drop):"))
+    app.add_handler(CallbackQueryHandler(use_model, pattern=r"^ft:use:"))

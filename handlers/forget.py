@@ -1,0 +1,43 @@
+"""/forget: anyone can have their logged messages deleted and be kept out of training data."""
+
+from __future__ import annotations
+
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram.ext import CallbackQueryHandler, CommandHandler
+
+from bot.context import CustomContext, ParleyApp
+from bot.texts import t
+
+
+async def forget(update: Update, context: CustomContext) -> None:
+    """Ask for confirmation before deleting the user's logged messages."""
+    message, user = update.effective_message, update.effective_user
+    if message is None or user is None:
+        return
+    keyboard = InlineKeyboardMarkup([[
+        InlineKeyboardButton(t("forget.yes"), callback_data=f"forget:yes:{user.id}"),
+        InlineKeyboardButton(t("forget.no"), callback_data=f"forget:no:{user.id}"),
+    ]])  # fmt: skip
+    await message.reply_text(t("forget.confirm"), reply_markup=keyboard)
+
+
+async def confirm(update: Update, context: CustomContext) -> None:
+    """The confirmation button: only the user who asked can press it."""
+    query, user = update.callback_query, update.effective_user
+    if query is None or query.data is None or user is None:
+        return
+    _, answer, owner = query.data.split(":", 2)
+    if owner != str(user.id):
+        await query.answer(t("forget.not_yours"), show_alert=True)
+        return
+    await query.answer()
+    if answer != "yes":
+        await query.edit_message_text(t("forget.kept"))
+        return
+    count = await context.services.store.forget_user(user.id)
+    await query.edit_message_text(t("forget.done", count=count))
+
+
+def register(app: ParleyApp) -> None:
+    app.add_handler(CommandHandler("forget", forget))
+    app.add_handler(CallbackQueryHandler(confirm, pattern=r"^forget:(yes|no):-?\d+$"))

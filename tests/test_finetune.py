@@ -1,0 +1,280 @@
+"""Fine-tuning end to end: /train → confirm → upload + job → polling → notice → model switch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import SettingsFactory, eventually, running, settled
+from tests.stubs.openai_server import FakeOpenAI
+from tests.stubs.telegram_server import FakeTelegram
+
+ADMIN = 42
+USER = 100
+
+
+async def _chat(tg: FakeTelegram, chat_id: int, texts: list[str]) -> None:
+    """Have a user talk to the bot; each message gets its answer before the next."""
+    tg.chat(chat_id)
+    start = len(tg.sent_texts(chat_id))
+    for n, text in enumerate(texts, 1):
+        tg.push_message(chat_id, text, user_id=chat_id)
+        await tg.wait_sent(chat_id, start + n)
+
+
+def _dialogue(n: int, tag: str = "q") -> list[str]:
+    return [f"{tag} number {i}: tell me something about topic {i}" for i in range(n)]
+
+
+async def _seed(tg: FakeTelegram, threads: int, first_chat: int = 1000, tag: str = "q") -> None:
+    """`threads` users with a two-turn conversation each: one training example per thread."""
+    for chat in range(first_chat, first_chat + threads):
+        await _chat(tg, chat, [f"{tag} {chat}: hello", f"{tag} {chat}: tell me more"])
+
+
+async def _press(tg: FakeTelegram, user_id: int, chat_id: int, data_prefix: str) -> None:
+    mid, _, data = next(b for b in tg.buttons(chat_id) if b[2].startswith(data_prefix))
+    tg.push_callback(user_id, chat_id, mid, data)
+
+
+def _uploaded_examples(oai: FakeOpenAI) -> list[dict]:  # type: ignore[type-arg]
+    first = next(iter(oai.files.values()))
+    return [json.loads(line) for line in first["data"].decode().splitlines()]
+
+
+async def test_train_to_success_notice_to_model_switch(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(job_poll_interval=0.1)
+    async with running(settings) as app:
+        await _seed(tg, 11)
+        await _chat(tg, USER, ["my mail is ada@example.com, call +44 20 7946 0958"])
+        await settled(app)
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        summary = tg.texts(ADMIN)[-1]
+        assert "Examples: 12 " in summary and "Base model: gpt-4.1-mini-2025-04-14" in summary
+        assert "Redacted: email 2, phone 2" in summary  # the message and its echo
+        assert oai.files == {} and oai.jobs == {}  # nothing uploaded before "start"
+
+        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await tg.wait_for(lambda: any("Started fine-tuning job" in t for t in tg.texts(ADMIN)))
+        [job] = oai.jobs.values()
+        assert job["model"] == "gpt-4.1-mini-2025-04-14" and job["suffix"] == "parley"
+        assert job["method"]["type"] == "supervised"
+        examples = _uploaded_examples(oai)
+        assert examples[0]["messages"][0] == {"role": "system", "content": settings.assistant_instructions}
+        dumped = json.dumps(examples)
+        assert "ada@example.com" not in dumped and "7946" not in dumped and "[email]" in dumped
+
+        # The poller follows the job to the end and tells the admin, with a switch button.
+        await tg.wait_for(lambda: any("succeeded" in t for t in tg.texts(ADMIN)), timeout=10)
+        notice = next(t for t in tg.texts(ADMIN) if "succeeded" in t)
+        model = job["fine_tuned_model"]
+        assert model and model in notice
+        await _press(tg, ADMIN, ADMIN, "ft:use:")
+        await tg.wait_for(lambda: any(t.startswith("Switched") for t in tg.texts(ADMIN)))
+        await _chat(tg, USER, ["which model answers now?"])
+        assert oai.calls[-1].model == model
+        await settled(app)
+        [(status, result)] = await app.bot_data.services.store.fetch_all(  # type: ignore[union-attr]
+            "SELECT status, fine_tuned_model FROM fine_tune_jobs"
+        )
+        assert (status, result) == ("succeeded", model)
+    async with running(settings):  # the choice survives a restart
+        await _chat(tg, USER, ["and after a restart?"])
+    assert oai.calls[-1].model == model
+
+
+@pytest.mark.parametrize("command", ["/train", "/jobs", "/job ftjob-1", "/cancel ftjob-1",
+                                     "/model", "/model gpt-4.1-mini", "/export", "/stats"])
+async def test_admin_commands_are_refused_to_everyone_else(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, command: str
+) -> None:
+    async with running(make_settings()) as app:
+        tg.chat(USER)
+        tg.push_message(USER, command, user_id=USER)
+        [text] = await tg.wait_sent(USER, 1)
+        assert text == "Sorry, that command is only for the bot's admins."
+        assert app.bot_data.services.chat.model == "gpt-5.4-mini"  # type: ignore[union-attr]
+    assert [r for r in oai.requests if r[1] != "/conversations"] == []  # no API call at all
+
+
+async def test_group_command_with_bot_name_is_refused_and_forwarded_commands_are_not_run(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()):
+        tg.chat(-500, "supergroup")
+        tg.push_message(-500, "/train@parley_test_bot", user_id=USER, chat_type="supergroup")
+        [refusal] = await tg.wait_sent(-500, 1)
+        assert "only for the bot's admins" in refusal
+        tg.chat(ADMIN)
+        origin = {"type": "user", "date": 1, "sender_user": {"id": USER, "is_bot": False, "first_name": "U"}}
+        tg.push_message(ADMIN, "/train", user_id=ADMIN, extra={"forward_origin": origin})
+        [text] = await tg.wait_sent(ADMIN, 1)
+        assert "Forwarded commands are not run" in text
+    assert oai.files == {}
+
+
+async def test_start_button_pressed_by_someone_else_is_refused(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()):
+        await _seed(tg, 11)
+        tg.chat(-600, "supergroup")
+        tg.push_message(-600, "/train", user_id=ADMIN, chat_type="supergroup")
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(-600)))
+        await _press(tg, USER, -600, "ft:start:")
+        await tg.wait_for(lambda: bool(tg.calls_of("answerCallbackQuery")))
+        answer = tg.calls_of("answerCallbackQuery")[-1].params
+        assert answer["show_alert"] == "true" and "only for the bot's admins" in answer["text"]
+    assert oai.files == {} and oai.jobs == {}
+
+
+async def test_403_explains_the_wind_down_and_points_to_export(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    oai.fine_tuning_forbidden = True
+    async with running(make_settings()):
+        await _seed(tg, 11)
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await tg.wait_for(lambda: any("403" in t for t in tg.texts(ADMIN)))
+    text = next(t for t in tg.texts(ADMIN) if "403" in t)
+    assert "2027-01-06" in text and "/export" in text
+    assert oai.jobs == {}
+
+
+async def test_fewer_than_ten_examples_cannot_start(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()):
+        await _seed(tg, 3)
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any("can't be used yet" in t for t in tg.texts(ADMIN)))
+    assert "at least 10" in tg.texts(ADMIN)[-1]
+    assert not any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN))
+
+
+async def test_forget_is_honoured_by_the_next_train(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings(job_poll_interval=30)) as app:
+        await _seed(tg, 11, tag="kept")
+        await _chat(tg, USER, _dialogue(5, "secret"))
+        tg.push_message(USER, "/forget", user_id=USER)
+        await tg.wait_for(lambda: any(b[2].startswith("forget:yes:") for b in tg.buttons(USER)))
+        await _press(tg, 1000, USER, "forget:yes:")  # someone else's press does nothing
+        await tg.wait_for(lambda: bool(tg.calls_of("answerCallbackQuery")))
+        await _press(tg, USER, USER, "forget:yes:")
+        await tg.wait_for(lambda: any(t.startswith("Done: I deleted 10") for t in tg.texts(USER)))
+        await _chat(tg, USER, ["secret after forgetting"])  # logged, but never trained on
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await tg.wait_for(lambda: bool(oai.jobs))
+        await settled(app)
+        store = app.bot_data.services.store  # type: ignore[union-attr]
+        assert await store.fetch_all("SELECT user_id FROM opted_out_users") == [(USER,)]
+    dumped = json.dumps(_uploaded_examples(oai))
+    assert "secret" not in dumped and "kept 1010: tell me more" in dumped
+
+
+async def test_failed_job_is_reported_with_its_reason_and_polling_resumes_after_restart(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    oai.job_failure = "Training diverged at step 12"
+    settings = make_settings(job_poll_interval=60)  # nothing is polled during the first run
+    async with running(settings):
+        await _seed(tg, 11)
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await tg.wait_for(lambda: any("Started" in t for t in tg.texts(ADMIN)))
+    assert not any("failed" in t for t in tg.texts(ADMIN))
+    async with running(make_settings(job_poll_interval=0.1)):
+        await tg.wait_for(lambda: any("failed" in t for t in tg.texts(ADMIN)), timeout=10)
+    assert "Training diverged at step 12" in next(t for t in tg.texts(ADMIN) if "failed" in t)
+
+
+async def test_jobs_job_and_cancel_and_offline_listing(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    oai.job_plan = ["validating_files", "queued", "running", "running", "running", "succeeded"]
+    async with running(make_settings(job_poll_interval=60)):
+        await _seed(tg, 11)
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await tg.wait_for(lambda: bool(oai.jobs))
+        [job_id] = oai.jobs
+        n = len(tg.sent_texts(ADMIN))
+        tg.push_message(ADMIN, "/jobs", user_id=ADMIN)
+        listing = (await tg.wait_sent(ADMIN, n + 1))[-1]
+        assert job_id in listing and "gpt-4.1-mini-2025-04-14" in listing
+        tg.push_message(ADMIN, f"/job {job_id}", user_id=ADMIN)
+        detail = (await tg.wait_sent(ADMIN, n + 2))[-1]
+        assert "Created fine-tuning job" in detail and "examples" in detail
+        tg.push_message(ADMIN, f"/cancel {job_id}", user_id=ADMIN)
+        assert (await tg.wait_sent(ADMIN, n + 3))[-1] == f"Job {job_id} is now cancelled."
+        oai.fine_tuning_down = True
+        tg.push_message(ADMIN, "/jobs", user_id=ADMIN)
+        offline = (await tg.wait_sent(ADMIN, n + 4))[-1]
+    assert job_id in offline and "cancelled" in offline and "bot's own records" in offline
+
+
+async def test_job_shows_a_loss_chart_once_metrics_exist(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings(job_poll_interval=0.1)):
+        await _seed(tg, 11)
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await tg.wait_for(lambda: any("succeeded" in t for t in tg.texts(ADMIN)), timeout=10)
+        [job_id] = oai.jobs
+        tg.push_message(ADMIN, f"/job {job_id}", user_id=ADMIN)
+        await tg.wait_for(lambda: bool(tg.calls_of("sendPhoto")))
+    photo = tg.calls_of("sendPhoto")[-1]
+    assert photo.params["caption"] == f"Training loss, {job_id}"
+    png = [data for method, _, data in tg.uploads if method == "sendPhoto"][-1]
+    assert png.startswith(b"\x89PNG")
+
+
+async def test_model_lists_and_switches(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()):
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/model", user_id=ADMIN)
+        [listing] = await tg.wait_sent(ADMIN, 1)
+        assert "The bot uses gpt-5.4-mini." in listing and "gpt-4.1-mini" in listing
+        tg.push_message(ADMIN, "/model no-such-model", user_id=ADMIN)
+        assert "no model called no-such-model" in (await tg.wait_sent(ADMIN, 2))[-1]
+        tg.push_message(ADMIN, "/model gpt-5.4-nano", user_id=ADMIN)
+        assert (await tg.wait_sent(ADMIN, 3))[-1] == "Switched: the bot now answers with gpt-5.4-nano."
+        await _chat(tg, USER, ["hello"])
+    assert oai.calls[-1].model == "gpt-5.4-nano"
+
+
+async def test_export_sends_the_curated_dataset(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()):
+        await _seed(tg, 11)
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/export", user_id=ADMIN)
+        await tg.wait_for(lambda: bool(tg.calls_of("sendDocument")))
+    data = [d for method, _, d in tg.uploads if method == "sendDocument"][0]
+    lines = [json.loads(line) for line in data.decode().splitlines()]
+    assert lines and all(ex["messages"][-1]["role"] == "assistant" for ex in lines)
+    assert oai.files == {}  # exporting uploads nothing to OpenAI
