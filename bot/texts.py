@@ -18,6 +18,16 @@ EN: dict[str, str] = {
         "/reset - forget this chat's conversation and start a new one\n"
         "/forget - delete what the bot logged from you and keep you out of training data"
     ),
+    "admin_commands": (
+        "Admin commands:\n"
+        "/train [since=YYYY-MM-DD] [chat=ID] [photos=on] - build a dataset and start fine-tuning\n"
+        "/jobs - fine-tuning jobs\n"
+        "/job ID - one job's details and loss chart\n"
+        "/cancel ID - cancel a job\n"
+        "/model [NAME] - the model in use, or switch it\n"
+        "/export - the curated dataset as JSONL\n"
+        "/stats - sentiment statistics"
+    ),
     "reset_done": "Started a new conversation. I've forgotten what we talked about here.",
     "unsupported": (
         "Sorry, I can't read that kind of message yet. Please send me text or a photo."

@@ -17,9 +17,14 @@ async def start(update: Update, context: CustomContext) -> None:
 
 
 async def help_(update: Update, context: CustomContext) -> None:
-    """List the commands."""
-    if update.effective_message:
-        await update.effective_message.reply_text(t("help", commands=t("commands")))
+    """List the commands (admins also see theirs)."""
+    if update.effective_message is None:
+        return
+    text = t("help", commands=t("commands"))
+    user = update.effective_user
+    if context.services.settings.is_admin(user.id if user else None):
+        text += "\n\n" + t("admin_commands")
+    await update.effective_message.reply_text(text)
 
 
 async def reset(update: Update, context: CustomContext) -> None:

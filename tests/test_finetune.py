@@ -278,3 +278,30 @@ async def test_export_sends_the_curated_dataset(
     lines = [json.loads(line) for line in data.decode().splitlines()]
     assert lines and all(ex["messages"][-1]["role"] == "assistant" for ex in lines)
     assert oai.files == {}  # exporting uploads nothing to OpenAI
+
+
+async def test_an_edited_admin_command_from_someone_else_is_refused(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()):
+        tg.chat(USER)
+        message = tg.push_message(USER, "hello", user_id=USER)
+        await tg.wait_sent(USER, 1)
+        edited = {**message, "text": "/export", "edit_date": message["date"] + 5,
+                  "entities": [{"type": "bot_command", "offset": 0, "length": 7}]}  # fmt: skip
+        tg.push_update({"edited_message": edited})
+        assert (await tg.wait_sent(USER, 2))[-1] == "Sorry, that command is only for the bot's admins."
+
+
+async def test_help_shows_admin_commands_only_to_admins(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()):
+        tg.chat(USER)
+        tg.chat(ADMIN)
+        tg.push_message(USER, "/help", user_id=USER)
+        tg.push_message(ADMIN, "/help", user_id=ADMIN)
+        [user_help] = await tg.wait_sent(USER, 1)
+        [admin_help] = await tg.wait_sent(ADMIN, 1)
+    assert "/train" not in user_help and "/forget" in user_help
+    assert "/train" in admin_help and "/jobs" in admin_help
