@@ -110,11 +110,23 @@ def generate(path: Path, messages: int, seed: int = 1) -> dict[str, int]:
             turn_id += 1
             at = (start + timedelta(minutes=turn_id)).isoformat(timespec="milliseconds")
             failed = rng.random() < 0.03 or written + 1 >= messages  # no room for a reply
-            turns.append((
-                turn_id, thread_id, chat_id, 0, "private", rng.choice(users), turn_id,
-                "failed" if failed else "ok", "timeout" if failed else None, "gpt-4.1-mini",
-                instr, at, at,
-            ))  # fmt: skip
+            turns.append(
+                (
+                    turn_id,
+                    thread_id,
+                    chat_id,
+                    0,
+                    "private",
+                    rng.choice(users),
+                    turn_id,
+                    "failed" if failed else "ok",
+                    "timeout" if failed else None,
+                    "gpt-4.1-mini",
+                    instr,
+                    at,
+                    at,
+                )
+            )
             label = "negative" if rng.random() < 0.04 else rng.choice(("positive", "neutral"))
             msg_id += 1
             msgs.append((msg_id, turn_id, "user", _text(rng, 20, 300), at, label))
@@ -161,10 +173,13 @@ def generate(path: Path, messages: int, seed: int = 1) -> dict[str, int]:
     conn.execute("COMMIT")
     conn.close()
     return {
-        "threads": len(threads), "turns": len(turns), "messages": len(msgs),
-        "reactions": len(reactions), "opted_out_users": len(opted),
+        "threads": len(threads),
+        "turns": len(turns),
+        "messages": len(msgs),
+        "reactions": len(reactions),
+        "opted_out_users": len(opted),
         "db_mb": round(path.stat().st_size / 2**20, 1),
-    }  # fmt: skip
+    }
 
 
 def _status(field: str) -> int | None:
@@ -228,8 +243,10 @@ def measure(db: Path, out: Path, mode: str) -> dict[str, Any]:
 def _child(db: Path, out: Path, mode: str) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, __file__, "--_measure", mode, str(db), str(out)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(proc.stdout)
 
 
@@ -249,18 +266,22 @@ def markdown(report: dict[str, Any]) -> str:
         ("messages / turns / threads", f"{g['messages']:,} / {g['turns']:,} / {g['threads']:,}"),
         ("database size", f"{g['db_mb']} MB"),
         ("build_dataset wall time", f"{r['seconds']} s"),
-        ("peak RSS (" + r["rss_source"] + ")", f"{r['rss_peak_mb']} MB (before call: "
-         f"{r['rss_before_mb']} MB)"),
+        (
+            "peak RSS (" + r["rss_source"] + ")",
+            f"{r['rss_peak_mb']} MB (before call: {r['rss_before_mb']} MB)",
+        ),
         ("tracemalloc peak (separate run)", f"{r['tracemalloc_peak_mb']} MB"),
-        ("examples (train / validation)",
-         f"{r['examples']:,} ({r['train_examples']:,} / {r['validation_examples']:,})"),
+        (
+            "examples (train / validation)",
+            f"{r['examples']:,} ({r['train_examples']:,} / {r['validation_examples']:,})",
+        ),
         ("train.jsonl size", f"{r['train_mb']} MB"),
         ("estimated tokens (one epoch)", f"{r['tokens']:,}"),
         ("estimated cost, 3 epochs gpt-4.1-mini", f"${r['estimated_cost_usd']}"),
         ("dropped", ", ".join(f"{k} {v:,}" for k, v in r["dropped"].items()) or "-"),
         ("redactions", ", ".join(f"{k} {v:,}" for k, v in r["redactions"].items()) or "-"),
         ("problems", "; ".join(r["problems"]) or "-"),
-    ]  # fmt: skip
+    ]
     lines = [
         f"Machine: {m['platform']}, {m['processor']}, {m['cpus']} CPUs, Python {m['python']}, "
         f"SQLite {m['sqlite']}",

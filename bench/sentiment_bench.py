@@ -158,7 +158,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": len(rows),
         "calls": args.calls,
         "text_chars": {
-            "min": min(lengths), "max": max(lengths), "mean": round(statistics.fmean(lengths)),
+            "min": min(lengths),
+            "max": max(lengths),
+            "mean": round(statistics.fmean(lengths)),
         },
         "vader_import_ms": round(import_ms, 1),
         "lexicon_load_ms": round(load_ms, 1),

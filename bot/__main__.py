@@ -10,7 +10,8 @@ from bot.settings import ConfigError, Settings, load_settings
 def _check_model_access(settings: Settings) -> None:
     if settings.openai_api_key is None and settings.openai_base_url is None:
         raise ConfigError(
-            "OPENAI_API_KEY is not set (or set OPENAI_BASE_URL for a local OpenAI-compatible server)"
+            "OPENAI_API_KEY is not set"
+            " (or set OPENAI_BASE_URL for a local OpenAI-compatible server)"
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from telegram import Update
@@ -14,7 +14,7 @@ from bot.texts import t
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Update, CustomContext], Awaitable[Any]]
+Handler = Callable[[Update, CustomContext], Coroutine[Any, Any, Any]]
 
 
 def admin_only(handler: Handler) -> Handler:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+
 from openai import AsyncOpenAI
 from telegram import Update
 from telegram.ext import AIORateLimiter, ApplicationBuilder
@@ -12,17 +13,16 @@ from telegram.ext import ContextTypes as PTBContextTypes
 
 from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
-from bot.services.chat import ChatService
-from bot.services.finetune import FineTuner
-from bot.services.trainer import OpenAITrainer
-from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
 from bot.services.albums import Albums
+from bot.services.chat import ChatService
+from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
+from bot.services.finetune import FineTuner
 from bot.services.images import ImageLimits
 from bot.services.photos import PhotoService
 from bot.services.sentiment import build_analyzer
+from bot.services.trainer import JobInfo, OpenAITrainer
 from bot.settings import Settings
 from handlers import admin, chat, commands, errors, fallback, feedback, forget, photos
-from bot.services.trainer import JobInfo
 from storage.db import JobRecord, Store
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,24 @@ async def start_services(
     chat.model = await store.get_setting("model") or settings.openai_model
     limits = ImageLimits(max_side=settings.image_max_side, max_bytes=settings.image_max_bytes)
     finetune = FineTuner(
-        store, OpenAITrainer(client, epochs=settings.fine_tune_epochs),
-        db_path=settings.database_path, datasets_dir=settings.database_path.parent / "datasets",
-        base_model=settings.fine_tune_base_model, suffix=settings.fine_tune_suffix,
+        store,
+        OpenAITrainer(client, epochs=settings.fine_tune_epochs),
+        db_path=settings.database_path,
+        datasets_dir=settings.database_path.parent / "datasets",
+        base_model=settings.fine_tune_base_model,
+        suffix=settings.fine_tune_suffix,
         epochs=settings.fine_tune_epochs,
-    )  # fmt: skip
+    )
     return Services(
-        settings=settings, store=store, openai=client, backend=backend, chat=chat,
-        photos=PhotoService(chat, limits), albums=albums, finetune=finetune,
-    )  # fmt: skip
+        settings=settings,
+        store=store,
+        openai=client,
+        backend=backend,
+        chat=chat,
+        photos=PhotoService(chat, limits),
+        albums=albums,
+        finetune=finetune,
+    )
 
 
 def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None = None) -> ParleyApp:

@@ -36,14 +36,19 @@ class _Lane:
 class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
     """Processes updates of different chats concurrently and each chat's in arrival order.
 
-    PTB's processors hold a global slot while an update runs. Here an update first queues
-    on its chat's lane (asyncio.Lock is FIFO) and only then takes a global slot, so a chat
-    with many waiting messages never starves other chats of slots. A lane exists only while
-    it has updates, so memory for idle chats is not kept.
+    PTB's processors hold a global slot while an update waits, so a per-chat lock behind
+    them would let one chat with a backlog take every slot. Here PTB's own semaphore is
+    made effectively unlimited; an update first queues on its chat's lane (asyncio.Lock is
+    FIFO) and only then takes one of the real `max_concurrent_updates` slots. A lane
+    exists only while it has updates, so memory for idle chats is not kept.
     """
 
+    # PTB's semaphore must never make an update wait: ordering happens per chat, below.
+    _UNLIMITED = 1 << 30
+
     def __init__(self, max_concurrent_updates: int, albums: Albums | None = None) -> None:
-        super().__init__(max_concurrent_updates)
+        super().__init__(self._UNLIMITED)
+        self.limit = max_concurrent_updates
         self.albums = albums
         self._lanes: dict[ChatKey, _Lane] = {}
         self._slots = asyncio.BoundedSemaphore(max_concurrent_updates)
@@ -52,7 +57,7 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
     def active_lanes(self) -> int:
         return len(self._lanes)
 
-    async def process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
         if self.albums is not None and self.albums.offer(update):
             # A later album part: the album's first part handles it. Not awaited, so close it.
             if inspect.iscoroutine(coroutine):
@@ -79,9 +84,6 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
             lane.users -= 1
             if lane.users == 0:
                 del self._lanes[key]
-
-    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
-        await coroutine  # process_update above does the ordering
 
     async def initialize(self) -> None:
         pass

@@ -11,9 +11,9 @@ from telegram.ext import Application, CallbackContext, ExtBot
 
 from bot.services.albums import Albums
 from bot.services.chat import ChatService
+from bot.services.conversations import ConversationBackend
 from bot.services.finetune import FineTuner
 from bot.services.photos import PhotoService
-from bot.services.conversations import ConversationBackend
 from bot.settings import Settings
 from storage.db import Store
 
@@ -55,6 +55,4 @@ class CustomContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any]
         return services
 
 
-ParleyApp = Application[
-    ExtBot[None], CustomContext, dict[Any, Any], dict[Any, Any], BotData, Any
-]
+ParleyApp = Application[Any, CustomContext, dict[Any, Any], dict[Any, Any], BotData, Any]

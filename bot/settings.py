@@ -38,7 +38,8 @@ class Settings(BaseSettings):
 
     assistant_instructions: str = DEFAULT_INSTRUCTIONS
     conversation_backend: Literal["openai", "local"] = "openai"
-    # Budget for the history the local backend sends, in estimated tokens (see bot/services/tokens.py).
+    # Budget for the history the local backend sends, in estimated tokens
+    # (see bot/services/tokens.py).
     local_history_tokens: int = Field(default=12_000, ge=500)
 
     # Sentiment tags: "model" (structured output, lexicon fallback), "lexicon" (offline), "off".

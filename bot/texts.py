@@ -8,9 +8,7 @@ EN: dict[str, str] = {
         "Write to me and I'll answer. This chat keeps its own conversation, so I remember "
         "what we talked about, even after I restart.\n\n{commands}"
     ),
-    "help": (
-        "Write a message and I'll answer it, keeping the context of this chat.\n\n{commands}"
-    ),
+    "help": ("Write a message and I'll answer it, keeping the context of this chat.\n\n{commands}"),
     "commands": (
         "Commands:\n"
         "/start - what this bot does\n"
@@ -39,7 +37,9 @@ EN: dict[str, str] = {
     "image.empty": "That file is empty.",
     "image.not_an_image": "That file doesn't look like an image I can read.",
     "image.truncated": "That image seems to be cut off or damaged. Could you send it again?",
-    "image.unsupported_format": "I can read JPEG, PNG, WebP and GIF images; please send one of those.",
+    "image.unsupported_format": (
+        "I can read JPEG, PNG, WebP and GIF images; please send one of those."
+    ),
     "image.too_many_pixels": "That image is too large to process (too many pixels).",
     "image.too_many_frames": "That animation is too long; send a still image or a shorter GIF.",
     "image.download_failed": "I couldn't download that image from Telegram. Please try again.",
@@ -55,22 +55,27 @@ EN: dict[str, str] = {
         "Left out: {dropped}\n"
         "Redacted: {redacted}"
     ),
-    "train.problems": "This dataset can't be used yet: {problems}. /export still gives you what there is.",
+    "train.problems": (
+        "This dataset can't be used yet: {problems}. /export still gives you what there is."
+    ),
     "train.confirm": "Start a fine-tuning job with it?",
     "train.start_button": "Start training",
     "train.cancel_button": "Cancel",
     "train.cancelled": "Cancelled. Nothing was uploaded.",
     "train.expired": "That dataset has expired. Run /train again.",
-    "train.started": "Started fine-tuning job {job_id} on {model}. I'll tell you when its status changes.",
+    "train.started": (
+        "Started fine-tuning job {job_id} on {model}. I'll tell you when its status changes."
+    ),
     "train.forbidden": (
         "OpenAI refused to create the job (403). OpenAI is winding down self-serve fine-tuning: "
         "most organisations can no longer create jobs, and nobody can after 2027-01-06. "
         "Use /export to download the dataset and train it elsewhere."
     ),
-    "train.failed_to_start": "Couldn't start the job ({kind}). Please try again later, or use /export.",
+    "train.failed_to_start": (
+        "Couldn't start the job ({kind}). Please try again later, or use /export."
+    ),
     "train.bad_args": (
-        "Usage: /train [since=YYYY-MM-DD] [chat=CHAT_ID] [photos=on|off]\n"
-        "Unknown option: {arg}"
+        "Usage: /train [since=YYYY-MM-DD] [chat=CHAT_ID] [photos=on|off]\nUnknown option: {arg}"
     ),
     "jobs.none": "No fine-tuning jobs yet. Start one with /train.",
     "jobs.offline": "(Couldn't reach the fine-tuning API: these are the bot's own records.)",
@@ -96,7 +101,9 @@ EN: dict[str, str] = {
     ),
     "forget.yes": "Yes, forget me",
     "forget.no": "No",
-    "forget.done": "Done: I deleted {count} logged messages, and you will not be in any future dataset.",
+    "forget.done": (
+        "Done: I deleted {count} logged messages, and you will not be in any future dataset."
+    ),
     "forget.kept": "Nothing was deleted.",
     "forget.not_yours": "This button is for the person who asked.",
     "empty_text": "Your message is empty. Please write something for me to answer.",

@@ -49,12 +49,21 @@ def parse_options(args: list[str]) -> DatasetOptions:
 def summary(report: DatasetReport, options: DatasetOptions, model: str) -> str:
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(report.dropped.items())) or "nothing"
     redacted = ", ".join(f"{k} {v}" for k, v in sorted(report.redactions.items())) or "nothing"
-    cost = f"~${report.estimated_cost_usd:.2f}" if report.estimated_cost_usd is not None else "unknown"
+    cost = (
+        f"~${report.estimated_cost_usd:.2f}" if report.estimated_cost_usd is not None else "unknown"
+    )
     return t(
-        "train.summary", description=describe(options, report), examples=report.examples,
-        train=report.train_examples, validation=report.validation_examples,
-        tokens=report.tokens, model=model, cost=cost, dropped=dropped, redacted=redacted,
-    )  # fmt: skip
+        "train.summary",
+        description=describe(options, report),
+        examples=report.examples,
+        train=report.train_examples,
+        validation=report.validation_examples,
+        tokens=report.tokens,
+        model=model,
+        cost=cost,
+        dropped=dropped,
+        redacted=redacted,
+    )
 
 
 @admin_only
@@ -74,13 +83,19 @@ async def train(update: Update, context: CustomContext) -> None:
     report = await tuner.build(options)
     text = summary(report, options, tuner.base_model)
     if not report.ok:
-        await message.reply_text(f"{text}\n\n{t('train.problems', problems='; '.join(report.problems))}")
+        await message.reply_text(
+            f"{text}\n\n{t('train.problems', problems='; '.join(report.problems))}"
+        )
         return
     token = tuner.hold(report, options, user.id)
-    keyboard = InlineKeyboardMarkup([[
-        InlineKeyboardButton(t("train.start_button"), callback_data=f"ft:start:{token}"),
-        InlineKeyboardButton(t("train.cancel_button"), callback_data=f"ft:drop:{token}"),
-    ]])  # fmt: skip
+    keyboard = InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton(t("train.start_button"), callback_data=f"ft:start:{token}"),
+                InlineKeyboardButton(t("train.cancel_button"), callback_data=f"ft:drop:{token}"),
+            ]
+        ]
+    )
     await message.reply_text(f"{text}\n\n{t('train.confirm')}", reply_markup=keyboard)
 
 
@@ -125,11 +140,18 @@ def _job_line(record: JobRecord | None, info: JobInfo | None) -> str:
     """One line per job; the trainer's live view wins over the bot's own record."""
     if info is not None:
         job_id, status, base, age, result = (
-            info.id, info.status, info.base_model, _age(info.created_at), info.fine_tuned_model
+            info.id,
+            info.status,
+            info.base_model,
+            _age(info.created_at),
+            info.fine_tuned_model,
         )
     elif record is not None:
         job_id, status, base, age, result = (
-            record.job_id, record.status, record.base_model, _age(record.created_at),
+            record.job_id,
+            record.status,
+            record.base_model,
+            _age(record.created_at),
             record.fine_tuned_model,
         )
     else:
@@ -208,7 +230,9 @@ async def cancel(update: Update, context: CustomContext) -> None:
         await message.reply_text(t(key, kind=exc.kind))
         return
     if await context.services.store.job(info.id) is not None:
-        await context.services.store.update_job(info.id, info.status, info.fine_tuned_model, info.error)
+        await context.services.store.update_job(
+            info.id, info.status, info.fine_tuned_model, info.error
+        )
     await message.reply_text(t("job.cancelled", job_id=info.id, status=info.status))
 
 
@@ -282,16 +306,24 @@ def job_notice(record: JobRecord, info: JobInfo) -> tuple[str, InlineKeyboardMar
     """What the admin who started a job is told when its status changes."""
     if info.status == "succeeded" and info.fine_tuned_model:
         button = InlineKeyboardButton(t("job.use_button"), callback_data=f"ft:use:{info.id}")
-        return (t("job.succeeded", job_id=info.id, model=info.fine_tuned_model),
-                InlineKeyboardMarkup([[button]]))  # fmt: skip
+        return (
+            t("job.succeeded", job_id=info.id, model=info.fine_tuned_model),
+            InlineKeyboardMarkup([[button]]),
+        )
     if info.status == "failed":
         return t("job.failed", job_id=info.id, error=info.error or "no reason given"), None
     return t("job.status", job_id=info.id, status=info.status), None
 
 
 def register(app: ParleyApp) -> None:
-    for name, callback in (("train", train), ("jobs", jobs), ("job", job), ("cancel", cancel),
-                           ("model", model), ("export", export)):  # fmt: skip
+    for name, callback in (
+        ("train", train),
+        ("jobs", jobs),
+        ("job", job),
+        ("cancel", cancel),
+        ("model", model),
+        ("export", export),
+    ):
         app.add_handler(CommandHandler(name, callback))
     app.add_handler(CallbackQueryHandler(train_button, pattern=r"^ft:(start|drop):"))
     app.add_handler(CallbackQueryHandler(use_model, pattern=r"^ft:use:"))

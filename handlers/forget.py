@@ -14,10 +14,14 @@ async def forget(update: Update, context: CustomContext) -> None:
     message, user = update.effective_message, update.effective_user
     if message is None or user is None:
         return
-    keyboard = InlineKeyboardMarkup([[
-        InlineKeyboardButton(t("forget.yes"), callback_data=f"forget:yes:{user.id}"),
-        InlineKeyboardButton(t("forget.no"), callback_data=f"forget:no:{user.id}"),
-    ]])  # fmt: skip
+    keyboard = InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton(t("forget.yes"), callback_data=f"forget:yes:{user.id}"),
+                InlineKeyboardButton(t("forget.no"), callback_data=f"forget:no:{user.id}"),
+            ]
+        ]
+    )
     await message.reply_text(t("forget.confirm"), reply_markup=keyboard)
 
 

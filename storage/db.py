@@ -65,10 +65,23 @@ class HistoryMessage:
 
 
 JOB_COLUMNS = (
-    "job_id", "trainer", "base_model", "training_file", "validation_file", "train_examples",
-    "validation_examples", "tokens", "started_by", "description", "status", "created_at",
-    "updated_at", "fine_tuned_model", "error", "notified_status",
-)  # fmt: skip
+    "job_id",
+    "trainer",
+    "base_model",
+    "training_file",
+    "validation_file",
+    "train_examples",
+    "validation_examples",
+    "tokens",
+    "started_by",
+    "description",
+    "status",
+    "created_at",
+    "updated_at",
+    "fine_tuned_model",
+    "error",
+    "notified_status",
+)
 
 
 @dataclass(slots=True)
@@ -254,20 +267,37 @@ class Store:
                 " input_tokens, output_tokens, latency_ms, started_at, finished_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    turn.thread_id, turn.key.chat_id, turn.key.topic_id, turn.chat_type,
-                    turn.user_id, turn.user_message_id, turn.status, turn.error_kind, turn.model,
-                    instructions_id, turn.response_id, turn.input_tokens, turn.output_tokens,
-                    turn.latency_ms, turn.started_at, turn.finished_at,
+                    turn.thread_id,
+                    turn.key.chat_id,
+                    turn.key.topic_id,
+                    turn.chat_type,
+                    turn.user_id,
+                    turn.user_message_id,
+                    turn.status,
+                    turn.error_kind,
+                    turn.model,
+                    instructions_id,
+                    turn.response_id,
+                    turn.input_tokens,
+                    turn.output_tokens,
+                    turn.latency_ms,
+                    turn.started_at,
+                    turn.finished_at,
                 ),
-            )  # fmt: skip
+            )
             turn_id = cur.lastrowid
             assert turn_id is not None
             rows = [(turn_id, "user", turn.user_text, turn.started_at, *_tag(turn.user_sentiment))]
             if turn.assistant_text is not None:
                 rows.append(
-                    (turn_id, "assistant", turn.assistant_text, turn.finished_at,
-                     *_tag(turn.reply_sentiment))
-                )  # fmt: skip
+                    (
+                        turn_id,
+                        "assistant",
+                        turn.assistant_text,
+                        turn.finished_at,
+                        *_tag(turn.reply_sentiment),
+                    )
+                )
             await conn.executemany(
                 "INSERT INTO messages (turn_id, role, content, created_at, sentiment_label,"
                 " sentiment_score, sentiment_source) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -276,16 +306,22 @@ class Store:
             await conn.executemany(
                 "INSERT INTO images (sha256, mime_type, width, height, bytes, data, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                [(i.sha256, i.mime_type, i.width, i.height, len(i.data), i.data, turn.started_at)
-                 for i in turn.images],
-            )  # fmt: skip
+                [
+                    (i.sha256, i.mime_type, i.width, i.height, len(i.data), i.data, turn.started_at)
+                    for i in turn.images
+                ],
+            )
             await conn.executemany(
                 "INSERT INTO turn_images (turn_id, position, sha256) VALUES (?, ?, ?)",
                 [(turn_id, n, i.sha256) for n, i in enumerate(turn.images)],
             )
             await conn.executemany(
-                "INSERT INTO reply_messages (chat_id, message_id, turn_id, part) VALUES (?, ?, ?, ?)",
-                [(turn.key.chat_id, mid, turn_id, i) for i, mid in enumerate(turn.reply_message_ids)],
+                "INSERT INTO reply_messages (chat_id, message_id, turn_id, part)"
+                " VALUES (?, ?, ?, ?)",
+                [
+                    (turn.key.chat_id, mid, turn_id, i)
+                    for i, mid in enumerate(turn.reply_message_ids)
+                ],
             )
         return turn_id
 
@@ -301,7 +337,8 @@ class Store:
         spent = 0
         async with self._conn.execute(
             "SELECT t.id, m.role, m.content, CASE WHEN m.role = 'user' THEN"
-            "  (SELECT COALESCE(SUM(85 + 170 * ((i.width + 511) / 512) * ((i.height + 511) / 512)), 0)"
+            "  (SELECT COALESCE(SUM("
+            "    85 + 170 * ((i.width + 511) / 512) * ((i.height + 511) / 512)), 0)"
             "   FROM turn_images ti JOIN images i ON i.sha256 = ti.sha256 WHERE ti.turn_id = t.id)"
             " ELSE 0 END"
             " FROM turns t JOIN messages m ON m.turn_id = t.id"
@@ -404,10 +441,22 @@ class Store:
                 " validation_file, train_examples, validation_examples, tokens, started_by,"
                 " description, status, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.job_id, job.trainer, job.base_model, job.training_file, job.validation_file,
-                 job.train_examples, job.validation_examples, job.tokens, job.started_by,
-                 job.description, job.status, job.created_at, job.updated_at),
-            )  # fmt: skip
+                (
+                    job.job_id,
+                    job.trainer,
+                    job.base_model,
+                    job.training_file,
+                    job.validation_file,
+                    job.train_examples,
+                    job.validation_examples,
+                    job.tokens,
+                    job.started_by,
+                    job.description,
+                    job.status,
+                    job.created_at,
+                    job.updated_at,
+                ),
+            )
 
     async def update_job(
         self, job_id: str, status: str, fine_tuned_model: str | None, error: str | None
@@ -444,7 +493,9 @@ class Store:
     # -- settings changed in the bot, and /forget -------------------------------------------
 
     async def get_setting(self, key: str) -> str | None:
-        async with self._conn.execute("SELECT value FROM bot_settings WHERE key = ?", (key,)) as cur:
+        async with self._conn.execute(
+            "SELECT value FROM bot_settings WHERE key = ?", (key,)
+        ) as cur:
             row = await cur.fetchone()
         return str(row[0]) if row else None
 
@@ -484,7 +535,7 @@ class Store:
     async def fetch_all(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         """Run a read query (used by stats and tests); explicit SQL, parameterised."""
         async with self._conn.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+            return [tuple(row) for row in await cur.fetchall()]
 
 
 def _tag(sentiment: SentimentRow | None) -> SentimentRow | tuple[None, None, None]:

@@ -52,7 +52,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             user_id          INTEGER,
             user_message_id  INTEGER,         -- Telegram message id of the user's message
             status           TEXT    NOT NULL CHECK (status IN ('ok', 'failed')),
-            error_kind       TEXT,            -- rate_limited, timeout, unreachable, server_error, ...
+            error_kind       TEXT,            -- rate_limited, timeout, server_error, ...
             model            TEXT    NOT NULL,
             instructions_id  INTEGER REFERENCES instructions (id),
             response_id      TEXT,            -- OpenAI response / completion id
@@ -159,7 +159,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             tokens             INTEGER NOT NULL,
             started_by         INTEGER NOT NULL,   -- Telegram user id of the admin
             description        TEXT    NOT NULL,
-            status             TEXT    NOT NULL,   -- validating_files, queued, running, succeeded, ...
+            status             TEXT    NOT NULL,   -- validating_files, queued, running, ...
             fine_tuned_model   TEXT,
             error              TEXT,
             created_at         TEXT    NOT NULL,

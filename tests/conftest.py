@@ -27,7 +27,11 @@ def _no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def guarded(self: socket.socket, address: Any) -> Any:
         host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and "/" not in host:
+        if (
+            isinstance(host, str)
+            and host not in ("127.0.0.1", "::1", "localhost")
+            and "/" not in host
+        ):
             raise AssertionError(f"test tried to reach the internet: {host}")
         return real_connect(self, address)
 

@@ -28,9 +28,13 @@ def _env(**values: str) -> dict[str, str]:
 
 def test_missing_token_exits_with_one_line_naming_it(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bot"], cwd=tmp_path, env=_env(), capture_output=True,
-        text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "-m", "bot"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "TELEGRAM_BOT_TOKEN" in lines[0]
@@ -41,25 +45,38 @@ def test_missing_token_exits_with_one_line_naming_it(tmp_path: Path) -> None:
     ("env", "named"),
     [
         ({"TELEGRAM_BOT_TOKEN": "x"}, "OPENAI_API_KEY"),
-        ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "ADMIN_USER_IDS": "1,bob"}, "ADMIN_USER_IDS"),
-        ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "CONVERSATION_BACKEND": "x"},
-         "CONVERSATION_BACKEND"),
-        ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "DATABASE_URL": "postgres://db"},
-         "DATABASE_URL"),
+        (
+            {"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "ADMIN_USER_IDS": "1,bob"},
+            "ADMIN_USER_IDS",
+        ),
+        (
+            {"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "CONVERSATION_BACKEND": "x"},
+            "CONVERSATION_BACKEND",
+        ),
+        (
+            {"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "DATABASE_URL": "postgres://db"},
+            "DATABASE_URL",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_configuration_is_one_line_naming_the_variable(
     tmp_path: Path, env: dict[str, str], named: str
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bot"], cwd=tmp_path, env=_env(**env), capture_output=True,
-        text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "-m", "bot"],
+        cwd=tmp_path,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
 
 
-def test_settings_parse_ids_paths_and_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_parse_ids_paths_and_env_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     for var in list(os.environ):
         if var.startswith(("TELEGRAM_", "OPENAI_", "ADMIN_", "DATABASE_", "CONVERSATION_")):
@@ -91,11 +108,21 @@ async def test_python_m_bot_answers_and_stops_cleanly_on_sigterm(
     tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", cwd=tmp_path,
-        env=_env(TELEGRAM_BOT_TOKEN=TOKEN, TELEGRAM_API_URL=tg.url, OPENAI_API_KEY=API_KEY,
-                 OPENAI_BASE_URL=oai.url, LOG_LEVEL="DEBUG", DRAFT_INTERVAL="0.05"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "bot",
+        cwd=tmp_path,
+        env=_env(
+            TELEGRAM_BOT_TOKEN=TOKEN,
+            TELEGRAM_API_URL=tg.url,
+            OPENAI_API_KEY=API_KEY,
+            OPENAI_BASE_URL=oai.url,
+            LOG_LEVEL="DEBUG",
+            DRAFT_INTERVAL="0.05",
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         tg.push_message(100, "hello from a real process")
         # Default settings: replies carry a sentiment tag from the model analyzer.

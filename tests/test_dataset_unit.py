@@ -66,16 +66,23 @@ class Log:
         key = thread.key if thread else ChatKey(chat_id or 1)
         turn_id = await self.store.record_turn(
             TurnRecord(
-                thread_id=thread.id if thread else None, key=key, chat_type="private",
-                user_id=user_id, user_message_id=self.clock, user_text=user, model="m",
-                instructions=instructions, started_at=started, status=status,
+                thread_id=thread.id if thread else None,
+                key=key,
+                chat_type="private",
+                user_id=user_id,
+                user_message_id=self.clock,
+                user_text=user,
+                model="m",
+                instructions=instructions,
+                started_at=started,
+                status=status,
                 error_kind="timeout" if status == "failed" else None,
                 assistant_text=answer if status == "ok" else None,
                 reply_message_ids=[self.reply_id] if status == "ok" else [],
                 images=images,
                 user_sentiment=(user_sentiment, 0.9, "lexicon") if user_sentiment else None,
             )
-        )  # fmt: skip
+        )
         return turn_id, self.reply_id
 
     async def opt_out(self, user_id: int) -> None:
@@ -129,9 +136,12 @@ async def test_a_simple_thread_becomes_one_example_in_order(log: Log, tmp_path: 
     assert report.validation_path is None
     [example] = read(report.train_path)
     assert texts(example) == [
-        ("system", SYSTEM), ("user", "hello"), ("assistant", "hi there"),
-        ("user", "how are you?"), ("assistant", "fine, thanks"),
-    ]  # fmt: skip
+        ("system", SYSTEM),
+        ("user", "hello"),
+        ("assistant", "hi there"),
+        ("user", "how are you?"),
+        ("assistant", "fine, thanks"),
+    ]
     parts = (SYSTEM, "hello", "hi there", "how are you?", "fine, thanks")
     expected = sum(estimate_tokens(t) for t in parts)
     assert report.tokens == expected
@@ -166,9 +176,14 @@ async def test_a_window_never_mixes_instructions(log: Log, tmp_path: Path) -> No
     report = log.build(tmp_path / "out")
     assert [texts(e) for e in read(report.train_path)] == [
         [("system", "Old rules."), ("user", "one"), ("assistant", "1")],
-        [("system", "New rules."), ("user", "two"), ("assistant", "2"),
-         ("user", "three"), ("assistant", "3")],
-    ]  # fmt: skip
+        [
+            ("system", "New rules."),
+            ("user", "two"),
+            ("assistant", "2"),
+            ("user", "three"),
+            ("assistant", "3"),
+        ],
+    ]
 
 
 async def test_a_failed_turn_splits_the_thread(log: Log, tmp_path: Path) -> None:
@@ -392,10 +407,12 @@ async def test_no_examples_writes_nothing(log: Log, tmp_path: Path) -> None:
         (chat(user("x" * 400), ANSWER), "too_long"),
         (chat(user([{"type": "image_url", "image_url": {"url": "ftp://x"}}]), ANSWER), "image_url"),
         (chat(user([{"type": "audio"}]), ANSWER), "content_type"),
-        (chat(user("x"), {"role": "assistant", "content": [{"type": "text", "text": "y"}]}),
-         "content_type"),
+        (
+            chat(user("x"), {"role": "assistant", "content": [{"type": "text", "text": "y"}]}),
+            "content_type",
+        ),
     ],
-)  # fmt: skip
+)
 def test_validate_example_rules(example: dict[str, Any], rule: str) -> None:
     assert validate_example(example, max_tokens=100) == rule
 
@@ -415,6 +432,7 @@ async def test_split_is_deterministic_with_a_validation_file(log: Log, tmp_path:
     first = log.build(tmp_path / "a", options)
     second = log.build(tmp_path / "b", options)
     assert first.ok and (first.train_examples, first.validation_examples) == (24, 6)
+    assert (second.train_examples, second.validation_examples) == (24, 6)
     for name in ("train.jsonl", "validation.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     train = {json.dumps(e) for e in read(first.train_path)}
@@ -422,9 +440,7 @@ async def test_split_is_deterministic_with_a_validation_file(log: Log, tmp_path:
     assert len(train | validation) == 30 and not train & validation
 
 
-async def test_validation_never_takes_training_below_the_minimum(
-    log: Log, tmp_path: Path
-) -> None:
+async def test_validation_never_takes_training_below_the_minimum(log: Log, tmp_path: Path) -> None:
     for n in range(10):
         await log.turn(None, f"q{n}", f"a{n}")
     report = log.build(tmp_path / "out", DatasetOptions(validation_fraction=0.1))

@@ -23,9 +23,13 @@ from tests.stubs.telegram_server import FakeTelegram
 )
 @pytest.mark.parametrize("backend", ["openai", "local"])
 async def test_model_failure_gives_a_friendly_reply_and_the_next_message_works(
-    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, backend: str,
-    reply: Reply, expected: str,
-) -> None:  # fmt: skip
+    tg: FakeTelegram,
+    oai: FakeOpenAI,
+    make_settings: SettingsFactory,
+    backend: str,
+    reply: Reply,
+    expected: str,
+) -> None:
     async with running(make_settings(conversation_backend=backend, openai_timeout=1.0)) as app:
         oai.enqueue(reply)
         tg.push_message(100, "first")
@@ -72,9 +76,20 @@ async def test_telegram_429_is_retried_and_nothing_is_lost(
 async def test_unsupported_message_types_are_explained(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:
-    tg.push_message(100, extra={"sticker": {
-        "file_id": "s1", "file_unique_id": "us1", "type": "regular", "width": 512, "height": 512,
-        "is_animated": False, "is_video": False}})  # fmt: skip
+    tg.push_message(
+        100,
+        extra={
+            "sticker": {
+                "file_id": "s1",
+                "file_unique_id": "us1",
+                "type": "regular",
+                "width": 512,
+                "height": 512,
+                "is_animated": False,
+                "is_video": False,
+            }
+        },
+    )
     tg.push_message(100, extra={"voice": {"file_id": "v1", "file_unique_id": "uv1", "duration": 3}})
     texts = await tg.wait_sent(100, 2)
     assert all("can't read that kind of message" in t for t in texts)

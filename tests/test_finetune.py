@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import SettingsFactory, eventually, running, settled
+from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram
 
@@ -65,7 +65,10 @@ async def test_train_to_success_notice_to_model_switch(
         assert job["model"] == "gpt-4.1-mini-2025-04-14" and job["suffix"] == "parley"
         assert job["method"]["type"] == "supervised"
         examples = _uploaded_examples(oai)
-        assert examples[0]["messages"][0] == {"role": "system", "content": settings.assistant_instructions}
+        assert examples[0]["messages"][0] == {
+            "role": "system",
+            "content": settings.assistant_instructions,
+        }
         dumped = json.dumps(examples)
         assert "ada@example.com" not in dumped and "7946" not in dumped and "[email]" in dumped
 
@@ -88,8 +91,19 @@ async def test_train_to_success_notice_to_model_switch(
     assert oai.calls[-1].model == model
 
 
-@pytest.mark.parametrize("command", ["/train", "/jobs", "/job ftjob-1", "/cancel ftjob-1",
-                                     "/model", "/model gpt-4.1-mini", "/export", "/stats"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "/train",
+        "/jobs",
+        "/job ftjob-1",
+        "/cancel ftjob-1",
+        "/model",
+        "/model gpt-4.1-mini",
+        "/export",
+        "/stats",
+    ],
+)
 async def test_admin_commands_are_refused_to_everyone_else(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, command: str
 ) -> None:
@@ -111,7 +125,11 @@ async def test_group_command_with_bot_name_is_refused_and_forwarded_commands_are
         [refusal] = await tg.wait_sent(-500, 1)
         assert "only for the bot's admins" in refusal
         tg.chat(ADMIN)
-        origin = {"type": "user", "date": 1, "sender_user": {"id": USER, "is_bot": False, "first_name": "U"}}
+        origin = {
+            "type": "user",
+            "date": 1,
+            "sender_user": {"id": USER, "is_bot": False, "first_name": "U"},
+        }
         tg.push_message(ADMIN, "/train", user_id=ADMIN, extra={"forward_origin": origin})
         [text] = await tg.wait_sent(ADMIN, 1)
         assert "Forwarded commands are not run" in text
@@ -261,7 +279,9 @@ async def test_model_lists_and_switches(
         tg.push_message(ADMIN, "/model no-such-model", user_id=ADMIN)
         assert "no model called no-such-model" in (await tg.wait_sent(ADMIN, 2))[-1]
         tg.push_message(ADMIN, "/model gpt-5.4-nano", user_id=ADMIN)
-        assert (await tg.wait_sent(ADMIN, 3))[-1] == "Switched: the bot now answers with gpt-5.4-nano."
+        assert (await tg.wait_sent(ADMIN, 3))[
+            -1
+        ] == "Switched: the bot now answers with gpt-5.4-nano."
         await _chat(tg, USER, ["hello"])
     assert oai.calls[-1].model == "gpt-5.4-nano"
 
@@ -287,10 +307,16 @@ async def test_an_edited_admin_command_from_someone_else_is_refused(
         tg.chat(USER)
         message = tg.push_message(USER, "hello", user_id=USER)
         await tg.wait_sent(USER, 1)
-        edited = {**message, "text": "/export", "edit_date": message["date"] + 5,
-                  "entities": [{"type": "bot_command", "offset": 0, "length": 7}]}  # fmt: skip
+        edited = {
+            **message,
+            "text": "/export",
+            "edit_date": message["date"] + 5,
+            "entities": [{"type": "bot_command", "offset": 0, "length": 7}],
+        }
         tg.push_update({"edited_message": edited})
-        assert (await tg.wait_sent(USER, 2))[-1] == "Sorry, that command is only for the bot's admins."
+        assert (await tg.wait_sent(USER, 2))[
+            -1
+        ] == "Sorry, that command is only for the bot's admins."
 
 
 async def test_help_shows_admin_commands_only_to_admins(

@@ -21,7 +21,10 @@ async def test_local_history_is_replayed_and_survives_restart(
     assert first.api == second.api == "chat"
     assert oai.conversations == {}  # nothing server-side
     assert second.body["stream"] is True
-    assert second.body["messages"][0] == {"role": "system", "content": settings.assistant_instructions}
+    assert second.body["messages"][0] == {
+        "role": "system",
+        "content": settings.assistant_instructions,
+    }
     assert second.transcript == [
         ("user", "My name is Ada."),
         ("assistant", "echo: My name is Ada."),

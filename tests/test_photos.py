@@ -29,10 +29,19 @@ def png_rgba(width: int = 800, height: int = 600) -> bytes:
 
 def png_bomb(side: int = 60_000) -> bytes:
     """A tiny PNG whose header declares side x side pixels (never decodable in memory)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def long_gif(frames: int = 1200) -> bytes:
@@ -56,7 +65,9 @@ async def test_photo_with_caption_is_answered_by_the_vision_model(
         fmt, width, height = call.image_info[0]
         assert fmt == "JPEG" and max(width, height) <= 2048 and width > height
         part = call.body["input"][0]["content"][1]
-        assert part["type"] == "input_image" and part["image_url"].startswith("data:image/jpeg;base64,")
+        assert part["type"] == "input_image" and part["image_url"].startswith(
+            "data:image/jpeg;base64,"
+        )
         assert [c.params["action"] for c in tg.calls_of("sendChatAction")][:1] == ["upload_photo"]
         await settled(app)
         store = app.bot_data.services.store  # type: ignore[union-attr]
@@ -81,8 +92,12 @@ async def test_album_becomes_one_turn_with_all_images(
     async with running(make_settings(album_wait=0.3)) as app:
         colors = ["red", "green", "blue"]
         for i, color in enumerate(colors):
-            tg.push_photo(100, jpeg(640, 480, color), media_group_id="album1",
-                          caption="Which is greenest?" if i == 1 else None)  # fmt: skip
+            tg.push_photo(
+                100,
+                jpeg(640, 480, color),
+                media_group_id="album1",
+                caption="Which is greenest?" if i == 1 else None,
+            )
         [text] = await tg.wait_sent(100, 1)
         assert text == "echo: Which is greenest?"
         await settled(app)
@@ -133,15 +148,26 @@ async def test_the_same_image_is_stored_once(
 
 
 BAD_INPUTS = {
-    "too-big": (dict(data=jpeg(100, 100), as_document="image/jpeg", file_size=25 * 1024 * 1024),
-                "too big for me: I can download files up to 20 MB"),
-    "not-an-image": (dict(data=b"hello, I am text" * 20, as_document="image/png"), "doesn't look like an image"),
-    "truncated": (dict(data=jpeg(1000, 800)[:3000], as_document="image/jpeg"), "cut off or damaged"),
+    "too-big": (
+        dict(data=jpeg(100, 100), as_document="image/jpeg", file_size=25 * 1024 * 1024),
+        "too big for me: I can download files up to 20 MB",
+    ),
+    "not-an-image": (
+        dict(data=b"hello, I am text" * 20, as_document="image/png"),
+        "doesn't look like an image",
+    ),
+    "truncated": (
+        dict(data=jpeg(1000, 800)[:3000], as_document="image/jpeg"),
+        "cut off or damaged",
+    ),
     "empty": (dict(data=b"", as_document="image/jpeg"), "empty"),
     "bomb": (dict(data=png_bomb(), as_document="image/png"), "too many pixels"),
     "long-animation": (dict(data=long_gif(), as_document="image/gif"), "animation is too long"),
-    "tiff": (dict(data=b"II*\x00" + b"\x00" * 100, as_document="image/tiff"), "JPEG, PNG, WebP and GIF"),
-}  # fmt: skip
+    "tiff": (
+        dict(data=b"II*\x00" + b"\x00" * 100, as_document="image/tiff"),
+        "JPEG, PNG, WebP and GIF",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
@@ -170,7 +196,9 @@ async def test_a_photo_too_big_to_download_falls_back_to_a_smaller_size(
     assert get_file.params["file_id"] == msg["photo"][0]["file_id"]  # the size within 20 MB
 
 
-async def test_failed_download_is_explained(tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp) -> None:
+async def test_failed_download_is_explained(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
     tg.fail_next("getFile", 400, description="Bad Request: file is temporarily unavailable")
     tg.push_photo(100, jpeg(200, 200))
     [text] = await tg.wait_sent(100, 1)

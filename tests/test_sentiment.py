@@ -28,9 +28,15 @@ async def test_reply_is_tagged_and_the_tag_stays_out_of_the_thread(
         tg.push_message(100, "I hate waiting in lines")
         [text] = await tg.wait_sent(100, 1)
         assert text == "Great question, glad you asked!\n\n🙂 positive"
-        rows = await _rows(app, "SELECT role, sentiment_label, sentiment_score, sentiment_source"
-                                " FROM messages ORDER BY id")  # fmt: skip
-        assert rows == [("user", "negative", -0.8, "model"), ("assistant", "positive", 0.8, "model")]
+        rows = await _rows(
+            app,
+            "SELECT role, sentiment_label, sentiment_score, sentiment_source"
+            " FROM messages ORDER BY id",
+        )
+        assert rows == [
+            ("user", "negative", -0.8, "model"),
+            ("assistant", "positive", 0.8, "model"),
+        ]
         # The classifier used its own cheap model and a strict JSON schema with an enum.
         body = oai.classify_calls[0]
         assert body["model"] == "gpt-5.4-nano" and body["store"] is False
@@ -44,10 +50,15 @@ async def test_reply_is_tagged_and_the_tag_stays_out_of_the_thread(
 
 
 @pytest.mark.parametrize(
-    "failure", [Reply(status=500), Reply('{"label": "ecstatic"}'), Reply("not json"),
-                Reply('{"label":"positive","score":1}', delay=2.0)],
+    "failure",
+    [
+        Reply(status=500),
+        Reply('{"label": "ecstatic"}'),
+        Reply("not json"),
+        Reply('{"label":"positive","score":1}', delay=2.0),
+    ],
     ids=["500", "bad-label", "not-json", "slow"],
-)  # fmt: skip
+)
 async def test_model_analyzer_falls_back_to_the_lexicon(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, failure: Reply
 ) -> None:
@@ -79,7 +90,9 @@ async def test_long_reply_carries_the_tag_on_its_last_part(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:
     async with running(make_settings(sentiment_backend="lexicon")):
-        oai.enqueue(Reply(("word " * 700).strip() + "\n\n" + ("more " * 700).strip(), chunk_words=100))
+        oai.enqueue(
+            Reply(("word " * 700).strip() + "\n\n" + ("more " * 700).strip(), chunk_words=100)
+        )
         tg.push_message(100, "long please")
         await tg.wait_for(lambda: any("neutral" in t for t in tg.sent_texts(100)))
     parts = tg.sent_texts(100)
@@ -87,12 +100,16 @@ async def test_long_reply_carries_the_tag_on_its_last_part(
 
 
 def _reaction(chat: dict, message_id: int, user_id: int, old: list[str], new: list[str]) -> dict:  # type: ignore[type-arg]
-    return {"message_reaction": {
-        "chat": chat, "message_id": message_id, "date": int(time.time()),
-        "user": {"id": user_id, "is_bot": False, "first_name": "U"},
-        "old_reaction": [{"type": "emoji", "emoji": e} for e in old],
-        "new_reaction": [{"type": "emoji", "emoji": e} for e in new],
-    }}  # fmt: skip
+    return {
+        "message_reaction": {
+            "chat": chat,
+            "message_id": message_id,
+            "date": int(time.time()),
+            "user": {"id": user_id, "is_bot": False, "first_name": "U"},
+            "old_reaction": [{"type": "emoji", "emoji": e} for e in old],
+            "new_reaction": [{"type": "emoji", "emoji": e} for e in new],
+        }
+    }
 
 
 async def test_reactions_on_replies_are_stored_and_replaced(
@@ -147,8 +164,12 @@ def test_chart_is_a_png_with_one_bar_per_role() -> None:
     from bot.services.feedback import Stats, render_chart
 
     counts = {"positive": 6, "neutral": 3, "negative": 1}
-    stats = Stats({"assistant": counts, "user": counts}, {"assistant": counts, "user": counts},
-                  {1: 0, 0: 0, -1: 0}, {1: 0, 0: 0, -1: 0})  # fmt: skip
+    stats = Stats(
+        {"assistant": counts, "user": counts},
+        {"assistant": counts, "user": counts},
+        {1: 0, 0: 0, -1: 0},
+        {1: 0, 0: 0, -1: 0},
+    )
     image = Image.open(io.BytesIO(render_chart(stats)))
     assert image.format == "PNG" and image.size == (720, 300)
     # The positive share (60%) is drawn in green at the start of the first bar.
@@ -161,7 +182,9 @@ async def test_photo_replies_are_tagged_too(
 ) -> None:
     from tests.test_photos import jpeg
 
-    async with running(make_settings(conversation_backend=backend, sentiment_backend="model")) as app:
+    async with running(
+        make_settings(conversation_backend=backend, sentiment_backend="model")
+    ) as app:
         oai.enqueue("A wonderful sunny beach, great for a holiday.")
         tg.push_photo(100, jpeg(300, 200, "yellow"), caption="where is this?")
         [text] = await tg.wait_sent(100, 1)

@@ -57,7 +57,8 @@ class Albums:
         if album is None or album.parts[0] is not update.message:
             return
         loop = asyncio.get_running_loop()
-        while (delay := album.last + self.wait - loop.time()) > 0:
+        # The deadline moves each time a part arrives, so sleep until it stops moving.
+        while (delay := album.last + self.wait - loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(delay)
         album.closed.set()
 

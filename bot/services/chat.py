@@ -15,7 +15,7 @@ from bot.services.conversations import ConversationBackend, ReplyResult, UserCon
 from bot.services.replies import ReplyStreamer, send_parts
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.texts import t
-from storage.db import ChatKey, StoredImage, Store, TurnRecord, utcnow
+from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,21 @@ from typing import Any, Protocol
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import (
+    ChatCompletionContentPartParam,
+    ChatCompletionMessageParam,
+    ChatCompletionUserMessageParam,
+)
+from openai.types.responses import (
+    EasyInputMessageParam,
+    ResponseCompletedEvent,
+    ResponseErrorEvent,
+    ResponseFailedEvent,
+    ResponseIncompleteEvent,
+    ResponseInputImageParam,
+    ResponseInputMessageContentListParam,
+    ResponseTextDeltaEvent,
+)
 
 from bot.errors import ModelError, classify_model_error
 from bot.services.tokens import estimate_tokens
@@ -49,9 +64,14 @@ class ConversationBackend(Protocol):
     async def open_thread(self, key: ChatKey) -> Thread: ...
 
     async def run_turn(
-        self, thread: Thread, content: UserContent, *, model: str, instructions: str,
+        self,
+        thread: Thread,
+        content: UserContent,
+        *,
+        model: str,
+        instructions: str,
         on_delta: OnDelta,
-    ) -> ReplyResult: ...  # fmt: skip
+    ) -> ReplyResult: ...
 
     async def reset(self, key: ChatKey) -> None: ...
 
@@ -78,14 +98,22 @@ class OpenAIConversations:
         return await self._store.create_thread(key, self.name, conversation.id)
 
     async def run_turn(
-        self, thread: Thread, content: UserContent, *, model: str, instructions: str,
+        self,
+        thread: Thread,
+        content: UserContent,
+        *,
+        model: str,
+        instructions: str,
         on_delta: OnDelta,
-    ) -> ReplyResult:  # fmt: skip
-        parts: list[dict[str, Any]] = [{"type": "input_text", "text": content.text}]
-        parts += [
-            {"type": "input_image", "image_url": url, "detail": "auto"}
-            for url in content.image_urls
+    ) -> ReplyResult:
+        parts: ResponseInputMessageContentListParam = [
+            {"type": "input_text", "text": content.text},
+            *(
+                ResponseInputImageParam(type="input_image", image_url=url, detail="auto")
+                for url in content.image_urls
+            ),
         ]
+        message: EasyInputMessageParam = {"type": "message", "role": "user", "content": parts}
         started = time.perf_counter()
         chunks: list[str] = []
         try:
@@ -93,22 +121,22 @@ class OpenAIConversations:
                 model=model,
                 conversation=thread.conversation_id,
                 instructions=instructions,
-                input=[{"type": "message", "role": "user", "content": parts}],  # type: ignore[list-item]
+                input=[message],
                 stream=True,
             )
             async with stream:
                 async for event in stream:
-                    if event.type == "response.output_text.delta":
+                    if isinstance(event, ResponseTextDeltaEvent):
                         chunks.append(event.delta)
                         await on_delta(event.delta)
-                    elif event.type == "response.completed" or (
-                        event.type == "response.incomplete" and chunks
+                    elif isinstance(event, ResponseCompletedEvent) or (
+                        isinstance(event, ResponseIncompleteEvent) and chunks
                     ):
                         # An incomplete response (output cap hit) still delivers what it wrote.
                         return _result(event.response, chunks, model, started)
-                    elif event.type in ("response.failed", "response.incomplete"):
+                    elif isinstance(event, ResponseFailedEvent | ResponseIncompleteEvent):
                         raise ModelError(_failed_kind(event.response), event.type)
-                    elif event.type == "error":
+                    elif isinstance(event, ResponseErrorEvent):
                         raise ModelError(_error_event_kind(event.code), f"error event {event.code}")
         except ModelError:
             raise
@@ -138,26 +166,23 @@ class LocalHistory:
 
     async def build_messages(
         self, thread: Thread, content: UserContent, instructions: str
-    ) -> list[dict[str, Any]]:
+    ) -> list[ChatCompletionMessageParam]:
         """Instructions, then as much recent history as fits the budget, then the new message."""
-        user: dict[str, Any]
-        if content.image_urls:
-            user = {
-                "role": "user",
-                "content": [{"type": "text", "text": content.text}]
-                + [{"type": "image_url", "image_url": {"url": u}} for u in content.image_urls],
-            }
-        else:
-            user = {"role": "user", "content": content.text}
+        user = _user_message(content.text, content.image_urls)
         # The instructions and the new message are always sent; history gets what is left.
         left = self._budget - estimate_tokens(instructions) - estimate_tokens(content.text)
         history = await self._store.history(thread.id, max(left, 0), estimate_tokens)
         return [{"role": "system", "content": instructions}, *map(_chat_message, history), user]
 
     async def run_turn(
-        self, thread: Thread, content: UserContent, *, model: str, instructions: str,
+        self,
+        thread: Thread,
+        content: UserContent,
+        *,
+        model: str,
+        instructions: str,
         on_delta: OnDelta,
-    ) -> ReplyResult:  # fmt: skip
+    ) -> ReplyResult:
         messages = await self.build_messages(thread, content, instructions)
         started = time.perf_counter()
         chunks: list[str] = []
@@ -167,7 +192,7 @@ class LocalHistory:
         try:
             stream = await self._client.chat.completions.create(
                 model=model,
-                messages=messages,  # type: ignore[arg-type]
+                messages=messages,
                 stream=True,
                 stream_options={"include_usage": True},
             )
@@ -201,15 +226,20 @@ class LocalHistory:
         await self._store.close_threads(key)
 
 
-def _chat_message(message: HistoryMessage) -> dict[str, Any]:
-    if not message.images:
-        return {"role": message.role, "content": message.content}
-    return {
-        "role": message.role,
-        "content": [{"type": "text", "text": message.content}]
-        + [{"type": "image_url", "image_url": {"url": data_url(i.mime_type, i.data)}}
-           for i in message.images],
-    }  # fmt: skip
+def _user_message(text: str, image_urls: Sequence[str]) -> ChatCompletionUserMessageParam:
+    if not image_urls:
+        return {"role": "user", "content": text}
+    parts: list[ChatCompletionContentPartParam] = [{"type": "text", "text": text}]
+    parts += [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    return {"role": "user", "content": parts}
+
+
+def _chat_message(message: HistoryMessage) -> ChatCompletionMessageParam:
+    if message.role == "user":
+        return _user_message(
+            message.content, [data_url(i.mime_type, i.data) for i in message.images]
+        )
+    return {"role": "assistant", "content": message.content}
 
 
 def data_url(mime_type: str, data: bytes) -> str:

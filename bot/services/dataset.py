@@ -125,9 +125,7 @@ _EMAIL = re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
 _NUMBER = re.compile(  # the lookahead first lets the engine skip non-candidates quickly
     r"(?=[+(\d])(?<![\w+])(?:\+[ ]?)?(?:\(\d{1,5}\)|\d)(?:[ .\-]?(?:\(\d{1,5}\)|\d))*(?!\w)"
 )
-_DATE = re.compile(
-    r"(?:\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4})"
-)
+_DATE = re.compile(r"(?:\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4})")
 _IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
 _GROUPS = re.compile(r"\d+")
 _DIGIT = re.compile(r"\d")
@@ -472,9 +470,7 @@ class _Builder:
             return
         kept = _Kept(user, assistant, images, tokens, counts)
         w = self.window
-        if w.turns and (
-            w.instructions_id != turn.instructions_id or w.tokens + tokens > limit
-        ):
+        if w.turns and (w.instructions_id != turn.instructions_id or w.tokens + tokens > limit):
             self._flush()
             w = self.window
         if not w.turns:

@@ -66,7 +66,8 @@ def render_text(stats: Stats) -> str:
             )
     ra, rw = stats.reactions_all, stats.reactions_week
     lines.append(
-        f"\nReactions on replies: 👍 {ra[1]} / {rw[1]}, 👎 {ra[-1]} / {rw[-1]}, other {ra[0]} / {rw[0]}"
+        f"\nReactions on replies: 👍 {ra[1]} / {rw[1]}, 👎 {ra[-1]} / {rw[-1]},"
+        f" other {ra[0]} / {rw[0]}"
     )
     if stats.tagged == 0:
         lines.append("\nNo tagged messages yet.")
@@ -97,7 +98,9 @@ def render_chart(stats: Stats) -> bytes:
             if w:
                 draw.rectangle((x, y, x + w, y + bar_h), fill=COLORS[label])
                 if w > 40:
-                    draw.text((x + 6, y + bar_h // 2 - 10), str(counts[label]), fill="white", font=font)
+                    draw.text(
+                        (x + 6, y + bar_h // 2 - 10), str(counts[label]), fill="white", font=font
+                    )
             x += w
     x = left
     for label in LABELS:

@@ -38,9 +38,16 @@ class Pending:
 
 class FineTuner:
     def __init__(
-        self, store: Store, trainer: Trainer, *, db_path: Path, datasets_dir: Path,
-        base_model: str, suffix: str, epochs: int,
-    ) -> None:  # fmt: skip
+        self,
+        store: Store,
+        trainer: Trainer,
+        *,
+        db_path: Path,
+        datasets_dir: Path,
+        base_model: str,
+        suffix: str,
+        epochs: int,
+    ) -> None:
         self.store = store
         self.trainer = trainer
         self.db_path = db_path
@@ -83,22 +90,35 @@ class FineTuner:
         description = describe(pending.options, report)
         try:
             info = await self.trainer.start(
-                report.train_path, report.validation_path, base_model=self.base_model,
+                report.train_path,
+                report.validation_path,
+                base_model=self.base_model,
                 suffix=self.suffix,
-                metadata={"source": "parley", "started_by": str(admin_id),
-                          "examples": str(report.examples)},
-            )  # fmt: skip
+                metadata={
+                    "source": "parley",
+                    "started_by": str(admin_id),
+                    "examples": str(report.examples),
+                },
+            )
         except TrainerError:
             self._pending[token] = pending  # the admin may retry (or /export)
             raise
         now = utcnow()
         job = JobRecord(
-            job_id=info.id, trainer=self.trainer.name, base_model=self.base_model,
-            training_file=info.training_file, validation_file=info.validation_file,
-            train_examples=report.train_examples, validation_examples=report.validation_examples,
-            tokens=report.tokens, started_by=admin_id, description=description,
-            status=info.status, created_at=now, updated_at=now,
-        )  # fmt: skip
+            job_id=info.id,
+            trainer=self.trainer.name,
+            base_model=self.base_model,
+            training_file=info.training_file,
+            validation_file=info.validation_file,
+            train_examples=report.train_examples,
+            validation_examples=report.validation_examples,
+            tokens=report.tokens,
+            started_by=admin_id,
+            description=description,
+            status=info.status,
+            created_at=now,
+            updated_at=now,
+        )
         await self.store.add_job(job)
         await self.store.mark_notified(job.job_id, job.status)  # the admin sees it start
         job.notified_status = job.status
@@ -131,7 +151,9 @@ class FineTuner:
                 log.warning("could not check job %s: %s", job.job_id, exc.kind)
                 continue
             if info.status != job.status:
-                await self.store.update_job(job.job_id, info.status, info.fine_tuned_model, info.error)
+                await self.store.update_job(
+                    job.job_id, info.status, info.fine_tuned_model, info.error
+                )
             if info.status != job.notified_status:
                 try:
                     await notify(job, info)

@@ -12,8 +12,8 @@ from telegram.constants import ChatAction
 from telegram.error import TelegramError
 
 from bot.services.chat import ChatService, Incoming
-from bot.services.replies import send_parts
 from bot.services.images import ImageLimits, ImageRejected, PreparedImage, prepare_image
+from bot.services.replies import send_parts
 from bot.texts import t
 from storage.db import ChatKey, StoredImage
 
@@ -57,7 +57,11 @@ class PhotoService:
     def pick(self, message: Message) -> FileRef:
         """The file to fetch: the largest photo size within the limit, or the image document."""
         if message.photo:
-            fitting = [p for p in message.photo if p.file_size is None or p.file_size <= self.limits.max_bytes]
+            fitting = [
+                p
+                for p in message.photo
+                if p.file_size is None or p.file_size <= self.limits.max_bytes
+            ]
             if not fitting:
                 raise PhotoRejected("image.too_large")
             best = max(fitting, key=lambda p: p.width * p.height)
@@ -89,9 +93,13 @@ class PhotoService:
                 raise PhotoRejected(f"image.{exc.reason}") from exc
 
     async def answer(
-        self, bot: Bot, key: ChatKey, chat_type: str, user_id: int | None,
+        self,
+        bot: Bot,
+        key: ChatKey,
+        chat_type: str,
+        user_id: int | None,
         messages: Sequence[Message],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Prepare every image of the message(s) and ask the vision model about them."""
         first = messages[0]
         try:
@@ -105,7 +113,9 @@ class PhotoService:
         )
         images = [r for r in results if isinstance(r, PreparedImage)]
         refusals = [r for r in results if isinstance(r, PhotoRejected)]
-        unexpected = [r for r in results if isinstance(r, BaseException) and not isinstance(r, PhotoRejected)]
+        unexpected = [
+            r for r in results if isinstance(r, BaseException) and not isinstance(r, PhotoRejected)
+        ]
         if unexpected:
             raise unexpected[0]
         reply_to = None if chat_type == "private" else first.message_id
@@ -126,7 +136,9 @@ class PhotoService:
                 user_id=user_id,
                 message_id=first.message_id,
                 text=question,
-                images=[StoredImage(i.sha256, i.mime_type, i.width, i.height, i.data) for i in images],
+                images=[
+                    StoredImage(i.sha256, i.mime_type, i.width, i.height, i.data) for i in images
+                ],
             ),
         )
 

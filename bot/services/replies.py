@@ -111,9 +111,11 @@ class ReplyStreamer:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         await self._stop()
 
     async def on_delta(self, delta: str) -> None:
@@ -164,9 +166,11 @@ class ReplyStreamer:
         """Stop the progress display and send `text` (+ `footer`) as messages; their ids."""
         await self._stop()
         return await send_parts(
-            self._bot, self._key, with_footer(split_text(text) or [text], footer),
+            self._bot,
+            self._key,
+            with_footer(split_text(text) or [text], footer),
             reply_to=self._reply_to,
-        )  # fmt: skip
+        )
 
 
 def with_footer(parts: list[str], footer: str | None) -> list[str]:

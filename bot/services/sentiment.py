@@ -56,10 +56,27 @@ _MODEL_MAX_INPUT_CHARS = 4000
 # reactions ("thumbs up" and "pouting face" have no lexicon words; "fire" is negative).
 # Valences on VADER's -4..4 word scale, set from the emoji's conventional chat meaning.
 _EMOJI_VALENCE: dict[str, float] = {
-    "👍": 1.9, "👏": 1.9, "🙌": 1.9, "💯": 1.9, "🤩": 2.5, "🔥": 1.5, "💪": 1.5,
-    "🙏": 1.0, "✅": 1.0, "😉": 1.0,
-    "👎": -1.9, "😡": -2.5, "🤬": -2.8, "😤": -1.5, "💔": -2.0, "😔": -1.5,
-    "🙄": -1.0, "🤮": -2.0, "🤢": -1.5, "💩": -1.5, "❌": -1.0,
+    "👍": 1.9,
+    "👏": 1.9,
+    "🙌": 1.9,
+    "💯": 1.9,
+    "🤩": 2.5,
+    "🔥": 1.5,
+    "💪": 1.5,
+    "🙏": 1.0,
+    "✅": 1.0,
+    "😉": 1.0,
+    "👎": -1.9,
+    "😡": -2.5,
+    "🤬": -2.8,
+    "😤": -1.5,
+    "💔": -2.0,
+    "😔": -1.5,
+    "🙄": -1.0,
+    "🤮": -2.0,
+    "🤢": -1.5,
+    "💩": -1.5,
+    "❌": -1.0,
 }
 
 
@@ -106,10 +123,34 @@ class KeywordAnalyzer:
     """Deliberately naive floor for the benchmark: English substring counts, no negation."""
 
     name = "keywords"
-    POSITIVE = ("good", "great", "love", "thank", "happy", "glad", "nice", "excellent",
-                "awesome", "wonderful", "perfect", "enjoy")
-    NEGATIVE = ("bad", "terrible", "awful", "hate", "sad", "sorry", "angry", "wrong",
-                "fail", "broken", "worst", "problem")
+    POSITIVE = (
+        "good",
+        "great",
+        "love",
+        "thank",
+        "happy",
+        "glad",
+        "nice",
+        "excellent",
+        "awesome",
+        "wonderful",
+        "perfect",
+        "enjoy",
+    )
+    NEGATIVE = (
+        "bad",
+        "terrible",
+        "awful",
+        "hate",
+        "sad",
+        "sorry",
+        "angry",
+        "wrong",
+        "fail",
+        "broken",
+        "worst",
+        "problem",
+    )
 
     async def analyze(self, text: str) -> Sentiment | None:
         low = text.lower()
@@ -163,9 +204,9 @@ class LexiconAnalyzer:
         """Synchronous scoring; CPU-bound, roughly linear in len(text)."""
         chunks = _chunks(text)
         total = sum(len(c) for c in chunks) or 1
-        compound = sum(
-            float(self._vader.polarity_scores(c)["compound"]) * len(c) for c in chunks
-        ) / total
+        compound = (
+            sum(float(self._vader.polarity_scores(c)["compound"]) * len(c) for c in chunks) / total
+        )
         return Sentiment(_label_for(compound), compound, self.name)
 
     async def analyze(self, text: str) -> Sentiment | None:
@@ -234,8 +275,10 @@ class ModelAnalyzer:
         label, score = data.get("label"), data.get("score")
         if label not in LABELS:
             raise SentimentError("model label outside the enum")
-        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(
-            score
+        if (
+            isinstance(score, bool)
+            or not isinstance(score, int | float)
+            or not math.isfinite(score)
         ):
             raise SentimentError("model score is not a finite number")
         return Sentiment(label, max(-1.0, min(1.0, float(score))), self.name)
@@ -259,7 +302,10 @@ class FallbackAnalyzer:
         except (SentimentError, openai.OpenAIError, TimeoutError) as exc:
             logger.warning(
                 "sentiment backend %s failed (%s: %s); using %s",
-                self.primary.name, type(exc).__name__, exc, self.fallback.name,
+                self.primary.name,
+                type(exc).__name__,
+                exc,
+                self.fallback.name,
             )
         return await self.fallback.analyze(text)
 

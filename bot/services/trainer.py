@@ -67,9 +67,14 @@ class Trainer(Protocol):
     name: str
 
     async def start(
-        self, train: Path, validation: Path | None, *, base_model: str, suffix: str,
+        self,
+        train: Path,
+        validation: Path | None,
+        *,
+        base_model: str,
+        suffix: str,
         metadata: Mapping[str, str],
-    ) -> JobInfo: ...  # fmt: skip
+    ) -> JobInfo: ...
 
     async def get(self, job_id: str) -> JobInfo: ...
 
@@ -117,23 +122,32 @@ class OpenAITrainer:
     name: str = field(default="openai", init=False)
 
     async def start(
-        self, train: Path, validation: Path | None, *, base_model: str, suffix: str,
+        self,
+        train: Path,
+        validation: Path | None,
+        *,
+        base_model: str,
+        suffix: str,
         metadata: Mapping[str, str],
-    ) -> JobInfo:  # fmt: skip
+    ) -> JobInfo:
         try:
             train_file = await self.client.files.create(file=train, purpose="fine-tune")
             validation_id = None
             if validation is not None:
-                validation_id = (await self.client.files.create(file=validation, purpose="fine-tune")).id
+                validation_id = (
+                    await self.client.files.create(file=validation, purpose="fine-tune")
+                ).id
             job = await self.client.fine_tuning.jobs.create(
                 model=base_model,
                 training_file=train_file.id,
                 validation_file=validation_id,
                 suffix=suffix,
                 metadata=dict(metadata),
-                method={"type": "supervised",
-                        "supervised": {"hyperparameters": {"n_epochs": self.epochs}}},
-            )  # fmt: skip
+                method={
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": {"n_epochs": self.epochs}},
+                },
+            )
         except openai.OpenAIError as exc:
             raise _trainer_error(exc) from exc
         return _job(job)

@@ -109,7 +109,9 @@ class FakeOpenAI:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            return _error(
+                401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
+            )
         path = "/" + request.match_info["path"]
         body: Any = None
         upload: bytes | None = None
@@ -139,15 +141,27 @@ class FakeOpenAI:
         if parts[0] == "conversations":
             return self._conversations(request.method, parts[1:], body)
         if request.method == "GET" and parts == ["models"]:
-            return web.json_response({"object": "list", "data": [
-                {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "openai"}
-                for m in ("gpt-5.4-mini", "gpt-5.4-nano", "gpt-4.1-mini", *self.fine_tuned_models)
-            ]})  # fmt: skip
+            return web.json_response(
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "openai"}
+                        for m in (
+                            "gpt-5.4-mini",
+                            "gpt-5.4-nano",
+                            "gpt-4.1-mini",
+                            *self.fine_tuned_models,
+                        )
+                    ],
+                }
+            )
         if request.method == "POST" and parts == ["files"]:
             return self._upload(body, upload or b"")
         if parts[:2] == ["fine_tuning", "jobs"]:
             return self._fine_tuning(request.method, parts[2:], body)
-        return _error(404, f"Unknown request URL: {request.method} {path}", "invalid_request_error", None)
+        return _error(
+            404, f"Unknown request URL: {request.method} {path}", "invalid_request_error", None
+        )
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids):04d}{uuid.uuid4().hex[:12]}"
@@ -161,7 +175,9 @@ class FakeOpenAI:
                 "object": "conversation",
                 "created_at": int(time.time()),
                 "metadata": (body or {}).get("metadata") or {},
-                "items": [_as_item(i, self._new_id("msg")) for i in (body or {}).get("items") or []],
+                "items": [
+                    _as_item(i, self._new_id("msg")) for i in (body or {}).get("items") or []
+                ],
             }
             self.conversations[conv["id"]] = conv
             return web.json_response(_public(conv))
@@ -172,10 +188,19 @@ class FakeOpenAI:
             return web.json_response(_public(conv))
         if len(parts) == 1 and method == "DELETE":
             del self.conversations[conv["id"]]
-            return web.json_response({"id": conv["id"], "object": "conversation.deleted", "deleted": True})
+            return web.json_response(
+                {"id": conv["id"], "object": "conversation.deleted", "deleted": True}
+            )
         if len(parts) == 2 and parts[1] == "items" and method == "GET":
-            return web.json_response({"object": "list", "data": conv["items"], "has_more": False,
-                                      "first_id": None, "last_id": None})  # fmt: skip
+            return web.json_response(
+                {
+                    "object": "list",
+                    "data": conv["items"],
+                    "has_more": False,
+                    "first_id": None,
+                    "last_id": None,
+                }
+            )
         return _error(405, "Method not allowed", "invalid_request_error", None)
 
     # -- files and fine-tuning --------------------------------------------------------------
@@ -185,40 +210,73 @@ class FakeOpenAI:
         problems = _check_training_file(data) if body.get("purpose") == "fine-tune" else []
         self.violations += [f"uploaded {file_id}: {p}" for p in problems]
         self.files[file_id] = {"data": data, "purpose": body.get("purpose"), "problems": problems}
-        return web.json_response({
-            "id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-            "filename": "upload.jsonl", "purpose": body.get("purpose"), "status": "processed",
-            "expires_at": None, "status_details": None,
-        })  # fmt: skip
+        return web.json_response(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(data),
+                "created_at": int(time.time()),
+                "filename": "upload.jsonl",
+                "purpose": body.get("purpose"),
+                "status": "processed",
+                "expires_at": None,
+                "status_details": None,
+            }
+        )
 
     def _fine_tuning(self, method: str, parts: list[str], body: Any) -> web.Response:
         if self.fine_tuning_down:
             return _status_error(503)
         if not parts and method == "POST":
             if self.fine_tuning_forbidden:
-                return _error(403, "Fine-tuning is not available for your organization.",
-                              "invalid_request_error", "fine_tuning_not_available")  # fmt: skip
+                return _error(
+                    403,
+                    "Fine-tuning is not available for your organization.",
+                    "invalid_request_error",
+                    "fine_tuning_not_available",
+                )
             for key in ("training_file", "validation_file"):
                 if body.get(key) and body[key] not in self.files:
                     return _error(400, f"File {body[key]} not found", "invalid_request_error", None)
             job_id = self._new_id("ftjob")
             now = int(time.time())
             self.jobs[job_id] = {
-                "id": job_id, "object": "fine_tuning.job", "created_at": now, "error": None,
-                "fine_tuned_model": None, "finished_at": None, "model": body["model"],
-                "organization_id": "org-test", "result_files": [], "seed": 42,
-                "status": self.job_plan[0], "trained_tokens": None,
-                "training_file": body["training_file"], "validation_file": body.get("validation_file"),
-                "hyperparameters": {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0},
-                "method": body.get("method"), "metadata": body.get("metadata"),
-                "suffix": body.get("suffix"), "estimated_finish": None, "integrations": [],
+                "id": job_id,
+                "object": "fine_tuning.job",
+                "created_at": now,
+                "error": None,
+                "fine_tuned_model": None,
+                "finished_at": None,
+                "model": body["model"],
+                "organization_id": "org-test",
+                "result_files": [],
+                "seed": 42,
+                "status": self.job_plan[0],
+                "trained_tokens": None,
+                "training_file": body["training_file"],
+                "validation_file": body.get("validation_file"),
+                "hyperparameters": {
+                    "n_epochs": 3,
+                    "batch_size": 1,
+                    "learning_rate_multiplier": 1.0,
+                },
+                "method": body.get("method"),
+                "metadata": body.get("metadata"),
+                "suffix": body.get("suffix"),
+                "estimated_finish": None,
+                "integrations": [],
                 "_events": [_event(now, "info", f"Created fine-tuning job: {job_id}")],
                 "_checkpoints": [],
-            }  # fmt: skip
+            }
             return web.json_response(_public_job(self.jobs[job_id]))
         if not parts and method == "GET":
-            return web.json_response({"object": "list", "has_more": False,
-                                      "data": [_public_job(self._advance(j)) for j in reversed(self.jobs.values())]})  # fmt: skip
+            return web.json_response(
+                {
+                    "object": "list",
+                    "has_more": False,
+                    "data": [_public_job(self._advance(j)) for j in reversed(self.jobs.values())],
+                }
+            )
         job = self.jobs.get(parts[0])
         if job is None:
             return _error(404, "Job not found", "invalid_request_error", None)
@@ -230,11 +288,19 @@ class FakeOpenAI:
                 job["_events"].append(_event(int(time.time()), "info", "Job cancelled"))
             return web.json_response(_public_job(job))
         if parts[1:] == ["events"]:
-            return web.json_response({"object": "list", "has_more": False,
-                                      "data": list(reversed(job["_events"]))})  # fmt: skip
+            return web.json_response(
+                {"object": "list", "has_more": False, "data": list(reversed(job["_events"]))}
+            )
         if parts[1:] == ["checkpoints"]:
-            return web.json_response({"object": "list", "has_more": False, "first_id": None,
-                                      "last_id": None, "data": job["_checkpoints"]})  # fmt: skip
+            return web.json_response(
+                {
+                    "object": "list",
+                    "has_more": False,
+                    "first_id": None,
+                    "last_id": None,
+                    "data": job["_checkpoints"],
+                }
+            )
         return _error(404, "Unknown fine-tuning route", "invalid_request_error", None)
 
     def _advance(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -247,24 +313,37 @@ class FakeOpenAI:
         if training["problems"] or (step == "succeeded" and self.job_failure):
             job["status"], job["finished_at"] = "failed", now
             message = "; ".join(training["problems"]) or self.job_failure
-            job["error"] = {"code": "invalid_training_file" if training["problems"] else "job_failed",
-                            "message": message, "param": "training_file"}  # fmt: skip
+            job["error"] = {
+                "code": "invalid_training_file" if training["problems"] else "job_failed",
+                "message": message,
+                "param": "training_file",
+            }
         elif step == "succeeded":
             job["status"], job["finished_at"] = "succeeded", now
             job["fine_tuned_model"] = f"ft:{job['model']}:parley:{job['suffix']}:{job['id'][-6:]}"
             job["trained_tokens"] = len(training["data"]) // 4 * 3
             self.fine_tuned_models.append(job["fine_tuned_model"])
             job["_checkpoints"] = [
-                {"id": f"ftckpt_{n}", "object": "fine_tuning.job.checkpoint", "created_at": now,
-                 "fine_tuning_job_id": job["id"], "step_number": n * 10,
-                 "fine_tuned_model_checkpoint": f"{job['fine_tuned_model']}:ckpt-step-{n * 10}",
-                 "metrics": {"step": n * 10, "train_loss": round(2.0 / n, 3)}}
+                {
+                    "id": f"ftckpt_{n}",
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": now,
+                    "fine_tuning_job_id": job["id"],
+                    "step_number": n * 10,
+                    "fine_tuned_model_checkpoint": f"{job['fine_tuned_model']}:ckpt-step-{n * 10}",
+                    "metrics": {"step": n * 10, "train_loss": round(2.0 / n, 3)},
+                }
                 for n in (1, 2, 3, 4)
-            ]  # fmt: skip
+            ]
         else:
             job["status"] = step
-        job["_events"].append(_event(now, "info" if job["status"] != "failed" else "error",
-                                     f"Job status: {job['status']}"))  # fmt: skip
+        job["_events"].append(
+            _event(
+                now,
+                "info" if job["status"] != "failed" else "error",
+                f"Job status: {job['status']}",
+            )
+        )
         return job
 
     # -- the model --------------------------------------------------------------------------
@@ -309,16 +388,35 @@ class FakeOpenAI:
         await asyncio.sleep(reply.delay)
         if reply.status != 200:
             return _status_error(reply.status)
-        text = body.get("input") if isinstance(body.get("input"), str) else json.dumps(body.get("input"))
+        text = (
+            body.get("input")
+            if isinstance(body.get("input"), str)
+            else json.dumps(body.get("input"))
+        )
         answer = reply.text if isinstance(reply.text, str) else json.dumps(_word_rule(text or ""))
-        item = {"id": self._new_id("msg"), "type": "message", "status": "completed", "role": "assistant",
-                "content": [{"type": "output_text", "text": answer, "annotations": [], "logprobs": []}]}  # fmt: skip
+        item = {
+            "id": self._new_id("msg"),
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": answer, "annotations": [], "logprobs": []}],
+        }
         return web.json_response(
-            _response_obj(self._new_id("resp"), body, None, "completed", [item],
-                          {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
-                           "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0},
-                           "total_tokens": 15})
-        )  # fmt: skip
+            _response_obj(
+                self._new_id("resp"),
+                body,
+                None,
+                "completed",
+                [item],
+                {
+                    "input_tokens": 10,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": 5,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": 15,
+                },
+            )
+        )
 
     async def _responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         if ((body.get("text") or {}).get("format") or {}).get("type") == "json_schema":
@@ -327,7 +425,9 @@ class FakeOpenAI:
         conv_id = conv_ref if isinstance(conv_ref, str) else (conv_ref or {}).get("id")
         conv = self.conversations.get(conv_id) if conv_id else None
         if conv_id and conv is None:
-            return _error(404, f"Conversation with id '{conv_id}' not found.", "invalid_request_error", None)
+            return _error(
+                404, f"Conversation with id '{conv_id}' not found.", "invalid_request_error", None
+            )
         new_items = [_as_item(i, self._new_id("msg")) for i in _input_items(body.get("input"))]
         history = conv["items"] if conv else []
         call = ModelCall(
@@ -335,15 +435,25 @@ class FakeOpenAI:
             model=body["model"],
             instructions=body.get("instructions"),
             transcript=[_item_text(i) for i in history + new_items],
-            images=[p["image_url"] for i in new_items for p in i.get("content", [])
-                    if isinstance(p, dict) and p.get("type") == "input_image"],
+            images=[
+                p["image_url"]
+                for i in new_items
+                for p in i.get("content", [])
+                if isinstance(p, dict) and p.get("type") == "input_image"
+            ],
             conversation=conv_id,
             body=body,
-        )  # fmt: skip
-        all_images = [p["image_url"] for i in history + new_items for p in i.get("content", [])
-                      if isinstance(p, dict) and p.get("type") == "input_image"]  # fmt: skip
+        )
+        all_images = [
+            p["image_url"]
+            for i in history + new_items
+            for p in i.get("content", [])
+            if isinstance(p, dict) and p.get("type") == "input_image"
+        ]
         if problem := self._check_images(call, all_images):
-            return _error(400, f"Invalid image: {problem}", "invalid_request_error", "invalid_image")
+            return _error(
+                400, f"Invalid image: {problem}", "invalid_request_error", "invalid_image"
+            )
         try:
             reply, text = await self._model_call(call)
             if reply.status != 200:
@@ -351,9 +461,14 @@ class FakeOpenAI:
             response_id = self._new_id("resp")
             message_id = self._new_id("msg")
             output_item = {
-                "id": message_id, "type": "message", "status": "completed", "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-            }  # fmt: skip
+                "id": message_id,
+                "type": "message",
+                "status": "completed",
+                "role": "assistant",
+                "content": [
+                    {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+                ],
+            }
             usage = _usage(call, text)
             final = _response_obj(response_id, body, conv_id, "completed", [output_item], usage)
             if conv is not None and reply.cut_after is None:
@@ -365,9 +480,13 @@ class FakeOpenAI:
             self._done(call)
 
     async def _stream_response(
-        self, request: web.Request, reply: Reply, text: str, final: dict[str, Any],
+        self,
+        request: web.Request,
+        reply: Reply,
+        text: str,
+        final: dict[str, Any],
         item: dict[str, Any],
-    ) -> web.StreamResponse:  # fmt: skip
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         seq = itertools.count()
@@ -380,19 +499,32 @@ class FakeOpenAI:
         await send("response.created", response=pending)
         await send("response.in_progress", response=pending)
         ref = {"item_id": item["id"], "output_index": 0}
-        await send("response.output_item.added", output_index=0,
-                   item={**item, "status": "in_progress", "content": []})  # fmt: skip
-        await send("response.content_part.added", **ref, content_index=0,
-                   part={"type": "output_text", "text": "", "annotations": []})  # fmt: skip
+        await send(
+            "response.output_item.added",
+            output_index=0,
+            item={**item, "status": "in_progress", "content": []},
+        )
+        await send(
+            "response.content_part.added",
+            **ref,
+            content_index=0,
+            part={"type": "output_text", "text": "", "annotations": []},
+        )
         for n, delta in enumerate(_chunks(text, reply.chunk_words)):
             if reply.cut_after is not None and n >= reply.cut_after:
                 _drop(request)
                 return resp
-            await send("response.output_text.delta", **ref, content_index=0, delta=delta, logprobs=[])
+            await send(
+                "response.output_text.delta", **ref, content_index=0, delta=delta, logprobs=[]
+            )
             await asyncio.sleep(0)
         await send("response.output_text.done", **ref, content_index=0, text=text, logprobs=[])
-        await send("response.content_part.done", **ref, content_index=0,
-                   part={"type": "output_text", "text": text, "annotations": []})  # fmt: skip
+        await send(
+            "response.content_part.done",
+            **ref,
+            content_index=0,
+            part={"type": "output_text", "text": text, "annotations": []},
+        )
         await send("response.output_item.done", output_index=0, item=item)
         await send("response.completed", response=final)
         await resp.write_eof()
@@ -405,46 +537,88 @@ class FakeOpenAI:
             if isinstance(content, list):
                 transcript.append((m["role"], "".join(p.get("text", "") for p in content)))
                 if m is body["messages"][-1]:
-                    images = [p["image_url"]["url"] for p in content if p.get("type") == "image_url"]
+                    images = [
+                        p["image_url"]["url"] for p in content if p.get("type") == "image_url"
+                    ]
             else:
                 transcript.append((m["role"], content or ""))
         system = [text for role, text in transcript if role in ("system", "developer")]
-        all_images = [p["image_url"]["url"] for m in body["messages"] if isinstance(m.get("content"), list)
-                      for p in m["content"] if p.get("type") == "image_url"]  # fmt: skip
+        all_images = [
+            p["image_url"]["url"]
+            for m in body["messages"]
+            if isinstance(m.get("content"), list)
+            for p in m["content"]
+            if p.get("type") == "image_url"
+        ]
         call = ModelCall(
-            api="chat", model=body["model"], instructions=system[0] if system else None,
+            api="chat",
+            model=body["model"],
+            instructions=system[0] if system else None,
             transcript=[(r, t) for r, t in transcript if r not in ("system", "developer")],
-            images=images, conversation=None, body=body,
-        )  # fmt: skip
+            images=images,
+            conversation=None,
+            body=body,
+        )
         if problem := self._check_images(call, all_images):
-            return _error(400, f"Invalid image: {problem}", "invalid_request_error", "invalid_image")
+            return _error(
+                400, f"Invalid image: {problem}", "invalid_request_error", "invalid_image"
+            )
         try:
             reply, text = await self._model_call(call)
             if reply.status != 200:
                 return _status_error(reply.status)
             completion_id = self._new_id("chatcmpl")
             usage = _usage(call, text)
-            chat_usage = {"prompt_tokens": usage["input_tokens"],
-                          "completion_tokens": usage["output_tokens"],
-                          "total_tokens": usage["total_tokens"]}  # fmt: skip
+            chat_usage = {
+                "prompt_tokens": usage["input_tokens"],
+                "completion_tokens": usage["output_tokens"],
+                "total_tokens": usage["total_tokens"],
+            }
             base = {"id": completion_id, "created": int(time.time()), "model": body["model"]}
             if not body.get("stream"):
-                return web.json_response({**base, "object": "chat.completion", "usage": chat_usage,
-                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                 "message": {"role": "assistant", "content": text, "refusal": None}}]})  # fmt: skip
+                return web.json_response(
+                    {
+                        **base,
+                        "object": "chat.completion",
+                        "usage": chat_usage,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "logprobs": None,
+                                "message": {"role": "assistant", "content": text, "refusal": None},
+                            }
+                        ],
+                    }
+                )
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
 
             async def send(data: dict[str, Any]) -> None:
-                await resp.write(f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', **data})}\n\n".encode())
+                await resp.write(
+                    b"data: "
+                    + json.dumps({**base, "object": "chat.completion.chunk", **data}).encode()
+                    + b"\n\n"
+                )
 
-            await send({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": None}]})  # fmt: skip
+            await send(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                        }
+                    ]
+                }
+            )
             for n, delta in enumerate(_chunks(text, reply.chunk_words)):
                 if reply.cut_after is not None and n >= reply.cut_after:
                     _drop(request)
                     return resp
-                await send({"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]})
+                await send(
+                    {"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
+                )
                 await asyncio.sleep(0)
             await send({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -460,8 +634,14 @@ class FakeOpenAI:
 
 
 def _event(created_at: int, level: str, message: str) -> dict[str, Any]:
-    return {"id": f"ftevent-{uuid.uuid4().hex[:10]}", "object": "fine_tuning.job.event",
-            "created_at": created_at, "level": level, "message": message, "type": "message"}  # fmt: skip
+    return {
+        "id": f"ftevent-{uuid.uuid4().hex[:10]}",
+        "object": "fine_tuning.job.event",
+        "created_at": created_at,
+        "level": level,
+        "message": message,
+        "type": "message",
+    }
 
 
 def _public_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -543,7 +723,9 @@ def _input_items(value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+        return [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}
+        ]
     return list(value)
 
 
@@ -551,8 +733,13 @@ def _as_item(item: dict[str, Any], item_id: str) -> dict[str, Any]:
     content = item.get("content")
     if isinstance(content, str):
         content = [{"type": "input_text", "text": content}]
-    return {"id": item_id, "type": item.get("type", "message"), "status": "completed",
-            "role": item.get("role", "user"), "content": content or []}  # fmt: skip
+    return {
+        "id": item_id,
+        "type": item.get("type", "message"),
+        "status": "completed",
+        "role": item.get("role", "user"),
+        "content": content or [],
+    }
 
 
 def _item_text(item: dict[str, Any]) -> tuple[str, str]:
@@ -563,24 +750,46 @@ def _item_text(item: dict[str, Any]) -> tuple[str, str]:
 def _usage(call: ModelCall, text: str) -> dict[str, Any]:
     seen = sum(len(t) for _, t in call.transcript) + len(call.instructions or "")
     input_tokens, output_tokens = seen // 4 + 1, len(text) // 4 + 1
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens}  # fmt: skip
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
 
 
 def _response_obj(
-    response_id: str, body: dict[str, Any], conv_id: str | None, status: str,
-    output: list[dict[str, Any]], usage: dict[str, Any] | None,
-) -> dict[str, Any]:  # fmt: skip
+    response_id: str,
+    body: dict[str, Any],
+    conv_id: str | None,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
     return {
-        "id": response_id, "object": "response", "created_at": int(time.time()),
-        "status": status, "model": body["model"], "output": output, "usage": usage,
-        "instructions": body.get("instructions"), "conversation": {"id": conv_id} if conv_id else None,
-        "error": None, "incomplete_details": None, "metadata": {}, "parallel_tool_calls": True,
-        "tool_choice": "auto", "tools": [], "temperature": 1.0, "top_p": 1.0,
-        "text": body.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
-        "store": body.get("store", True), "background": False,
-    }  # fmt: skip
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": body["model"],
+        "output": output,
+        "usage": usage,
+        "instructions": body.get("instructions"),
+        "conversation": {"id": conv_id} if conv_id else None,
+        "error": None,
+        "incomplete_details": None,
+        "metadata": {},
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "text": body.get("text") or {"format": {"type": "text"}},
+        "truncation": "disabled",
+        "store": body.get("store", True),
+        "background": False,
+    }
 
 
 def _public(conv: dict[str, Any]) -> dict[str, Any]:
@@ -600,4 +809,6 @@ def _status_error(status: int) -> web.Response:
         return resp
     if status == 403:
         return _error(403, "You are not allowed to do this.", "invalid_request_error", None)
-    return _error(status, "The server had an error while processing your request.", "server_error", None)
+    return _error(
+        status, "The server had an error while processing your request.", "server_error", None
+    )

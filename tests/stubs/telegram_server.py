@@ -97,9 +97,13 @@ class FakeTelegram:
     # -- what tests inject ------------------------------------------------------------------
 
     def chat(
-        self, chat_id: int, chat_type: str = "private", *, title: str | None = None,
+        self,
+        chat_id: int,
+        chat_type: str = "private",
+        *,
+        title: str | None = None,
         is_forum: bool = False,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         chat: dict[str, Any] = {"id": chat_id, "type": chat_type}
         if chat_type == "private":
             chat["first_name"] = f"User{chat_id}"
@@ -117,7 +121,9 @@ class FakeTelegram:
         """Queue a raw update (given without update_id); it is checked against the spec."""
         update = {"update_id": next(self._update_ids), **update}
         if self.spec is not None:
-            self.violations += [f"injected Update: {v}" for v in self.spec.validate_object("Update", update)]
+            self.violations += [
+                f"injected Update: {v}" for v in self.spec.validate_object("Update", update)
+            ]
         self._updates.append(update)
         asyncio.get_running_loop().create_task(self._notify())
         return update
@@ -139,9 +145,13 @@ class FakeTelegram:
             "message_id": self.next_message_id(chat_id),
             "date": int(time.time()),
             "chat": chat,
-            "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}",
-                     "language_code": "en"},
-        }  # fmt: skip
+            "from": {
+                "id": user_id,
+                "is_bot": False,
+                "first_name": f"User{user_id}",
+                "language_code": "en",
+            },
+        }
         if text is not None:
             message["text"] = text
             if text.startswith("/"):
@@ -177,18 +187,32 @@ class FakeTelegram:
         size = file_size if file_size is not None else len(data)
         extra: dict[str, Any] = {}
         if as_document:
-            extra["document"] = {"file_id": file_id, "file_unique_id": f"u{file_id}",
-                                 "file_name": f"image{n}", "mime_type": as_document,
-                                 "file_size": size}  # fmt: skip
+            extra["document"] = {
+                "file_id": file_id,
+                "file_unique_id": f"u{file_id}",
+                "file_name": f"image{n}",
+                "mime_type": as_document,
+                "file_size": size,
+            }
         else:
             thumb_id = f"thumb{n}"
             self.add_file(thumb_id, data, f"photos/thumb_{n}.bin")
             extra["photo"] = [
-                {"file_id": thumb_id, "file_unique_id": f"u{thumb_id}", "width": 90,
-                 "height": 68, "file_size": min(size, 2000)},
-                {"file_id": file_id, "file_unique_id": f"u{file_id}", "width": 1280,
-                 "height": 960, "file_size": size},
-            ]  # fmt: skip
+                {
+                    "file_id": thumb_id,
+                    "file_unique_id": f"u{thumb_id}",
+                    "width": 90,
+                    "height": 68,
+                    "file_size": min(size, 2000),
+                },
+                {
+                    "file_id": file_id,
+                    "file_unique_id": f"u{file_id}",
+                    "width": 1280,
+                    "height": 960,
+                    "file_size": size,
+                },
+            ]
         if caption is not None:
             extra["caption"] = caption
         if media_group_id is not None:
@@ -199,15 +223,22 @@ class FakeTelegram:
         self.files[file_id] = (path or f"files/{file_id}", data)
 
     def fail_next(
-        self, method: str, status: int = 429, *, retry_after: int | None = 1, times: int = 1,
+        self,
+        method: str,
+        status: int = 429,
+        *,
+        retry_after: int | None = 1,
+        times: int = 1,
         description: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Make the next `times` calls of `method` fail like Telegram does."""
         text = description or (
             f"Too Many Requests: retry after {retry_after}" if status == 429 else "Bad Gateway"
         )
         queue = self.faults.setdefault(method, deque())
-        queue.extend(Fault(status, text, retry_after if status == 429 else None) for _ in range(times))
+        queue.extend(
+            Fault(status, text, retry_after if status == 429 else None) for _ in range(times)
+        )
 
     # -- what tests read --------------------------------------------------------------------
 
@@ -354,37 +385,59 @@ class FakeTelegram:
         return _ok(message)
 
     def _m_sendDocument(self, params: dict[str, Any]) -> web.Response:
-        document = {"file_id": f"d{len(self.calls)}", "file_unique_id": f"ud{len(self.calls)}",
-                    "file_name": "upload.jsonl"}  # fmt: skip
+        document = {
+            "file_id": f"d{len(self.calls)}",
+            "file_unique_id": f"ud{len(self.calls)}",
+            "file_name": "upload.jsonl",
+        }
         content: dict[str, Any] = {"document": document}
         if params.get("caption"):
             content["caption"] = params["caption"]
         return _ok(self._new_message(params, **content))
 
-    def push_callback(self, user_id: int, chat_id: int, message_id: int, data: str) -> dict[str, Any]:
+    def push_callback(
+        self, user_id: int, chat_id: int, message_id: int, data: str
+    ) -> dict[str, Any]:
         """Queue a press on an inline button of one of the bot's messages."""
-        return self.push_update({"callback_query": {
-            "id": f"cb{len(self.calls)}", "chat_instance": f"ci{chat_id}", "data": data,
-            "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
-            "message": self.messages[(chat_id, message_id)],
-        }})  # fmt: skip
+        return self.push_update(
+            {
+                "callback_query": {
+                    "id": f"cb{len(self.calls)}",
+                    "chat_instance": f"ci{chat_id}",
+                    "data": data,
+                    "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
+                    "message": self.messages[(chat_id, message_id)],
+                }
+            }
+        )
 
     def buttons(self, chat_id: int) -> list[tuple[int, str, str]]:
         """(message_id, text, callback_data) of every inline button now shown in a chat."""
         return [
             (mid, b["text"], b.get("callback_data", ""))
-            for (cid, mid), m in self.messages.items() if cid == chat_id
-            for row in m.get("reply_markup", {}).get("inline_keyboard", []) for b in row
+            for (cid, mid), m in self.messages.items()
+            if cid == chat_id
+            for row in m.get("reply_markup", {}).get("inline_keyboard", [])
+            for b in row
         ]
 
     def texts(self, chat_id: int) -> list[str]:
         """The bot's messages in a chat as they read now (edits applied), in order."""
-        return [m.get("text") or m.get("caption") or "" for (cid, _), m in
-                sorted(self.messages.items()) if cid == chat_id]  # fmt: skip
+        return [
+            m.get("text") or m.get("caption") or ""
+            for (cid, _), m in sorted(self.messages.items())
+            if cid == chat_id
+        ]
 
     def _m_sendPhoto(self, params: dict[str, Any]) -> web.Response:
-        photo = [{"file_id": f"p{len(self.calls)}", "file_unique_id": f"up{len(self.calls)}",
-                  "width": 720, "height": 300}]  # fmt: skip
+        photo = [
+            {
+                "file_id": f"p{len(self.calls)}",
+                "file_unique_id": f"up{len(self.calls)}",
+                "width": 720,
+                "height": 300,
+            }
+        ]
         content: dict[str, Any] = {"photo": photo}
         if params.get("caption"):
             content["caption"] = params["caption"]
@@ -406,9 +459,13 @@ class FakeTelegram:
             return _error(400, "Bad Request: invalid file_id")
         path, data = self.files[file_id]
         return _ok(
-            {"file_id": file_id, "file_unique_id": f"u{file_id}", "file_size": len(data),
-             "file_path": path}
-        )  # fmt: skip
+            {
+                "file_id": file_id,
+                "file_unique_id": f"u{file_id}",
+                "file_size": len(data),
+                "file_path": path,
+            }
+        )
 
     def _violation(self, problem: str) -> web.Response:
         self.violations.append(problem)
