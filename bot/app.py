@@ -22,7 +22,7 @@ from bot.services.photos import PhotoService
 from bot.services.sentiment import build_analyzer
 from bot.services.trainer import JobInfo, OpenAITrainer
 from bot.settings import Settings
-from handlers import admin, chat, commands, errors, fallback, feedback, forget, photos
+from handlers import access, admin, chat, commands, errors, fallback, feedback, forget, photos
 from storage.db import JobRecord, Store
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ async def start_services(
         instructions=settings.assistant_instructions,
         draft_interval=settings.draft_interval,
         sentiment=sentiment,
+        daily_limit=settings.daily_message_limit,
+        exempt=settings.is_admin,
     )
     # A model chosen with /model outlives restarts.
     chat.model = await store.get_setting("model") or settings.openai_model
@@ -157,12 +159,13 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         .build()
     )
 
+    access.register(app)
     commands.register(app)
     admin.register(app)
     forget.register(app)
     feedback.register(app)
-    chat.register(app)
-    photos.register(app)
+    chat.register(app, settings.group_trigger)
+    photos.register(app, settings.group_trigger)
     fallback.register(app)
     errors.register(app)
     return app

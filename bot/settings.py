@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     sentiment_timeout: float = Field(default=3.0, gt=0, le=60)
 
     admin_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
+    # Optional allow-lists: when either is set, only those users, or anyone in those chats,
+    # may use the bot (admins always may). Others get a short refusal and cause no model call.
+    allowed_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
+    allowed_chat_ids: Annotated[frozenset[int], NoDecode] = frozenset()
+    # Messages per user per day (UTC) answered by the model; 0 means no limit. Admins exempt.
+    daily_message_limit: int = Field(default=0, ge=0)
+    # In groups: answer only when mentioned, replied to or commanded ("mention"), or every
+    # message the bot receives ("all"; with privacy mode on Telegram sends only those anyway).
+    group_trigger: Literal["mention", "all"] = "mention"
 
     # Fine-tuning: the base model, how often unfinished jobs are checked, epochs, the suffix
     # OpenAI puts in the fine-tuned model's name.
@@ -71,7 +80,7 @@ class Settings(BaseSettings):
     # How many updates may be processed at once across all chats (one per chat at a time).
     max_concurrent_updates: int = Field(default=4096, ge=1)
 
-    @field_validator("admin_user_ids", mode="before")
+    @field_validator("admin_user_ids", "allowed_user_ids", "allowed_chat_ids", mode="before")
     @classmethod
     def _parse_ids(cls, value: object) -> object:
         if isinstance(value, str):
@@ -79,7 +88,7 @@ class Settings(BaseSettings):
             try:
                 return frozenset(int(p) for p in parts)
             except ValueError:
-                raise ValueError("must be comma-separated numeric Telegram user ids") from None
+                raise ValueError("must be comma-separated numeric Telegram ids") from None
         return value
 
     @field_validator("telegram_bot_token")
@@ -137,6 +146,16 @@ class Settings(BaseSettings):
 
     def is_admin(self, user_id: int | None) -> bool:
         return user_id is not None and user_id in self.admin_user_ids
+
+    def may_use(self, user_id: int | None, chat_id: int | None) -> bool:
+        """Whether the allow-lists let this user, in this chat, use the bot."""
+        if not self.allowed_user_ids and not self.allowed_chat_ids:
+            return True
+        if self.is_admin(user_id):
+            return True
+        return (user_id is not None and user_id in self.allowed_user_ids) or (
+            chat_id is not None and chat_id in self.allowed_chat_ids
+        )
 
 
 class ConfigError(Exception):

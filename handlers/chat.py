@@ -5,6 +5,7 @@ from __future__ import annotations
 from telegram import Update
 from telegram.ext import MessageHandler, filters
 
+from bot.addressing import Addressed, strip_mention
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
 from bot.services.chat import Incoming
@@ -27,12 +28,15 @@ async def on_text(update: Update, context: CustomContext) -> None:
             chat_type=message.chat.type,
             user_id=update.effective_user.id if update.effective_user else None,
             message_id=message.message_id,
-            text=message.text,
+            text=strip_mention(message.text, context.bot.username),
         ),
     )
 
 
-def register(app: ParleyApp) -> None:
+def register(app: ParleyApp, group_trigger: str) -> None:
     app.add_handler(
-        MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND, on_text)
+        MessageHandler(
+            filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND & Addressed(group_trigger),
+            on_text,
+        )
     )

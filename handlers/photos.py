@@ -5,6 +5,7 @@ from __future__ import annotations
 from telegram import Update
 from telegram.ext import MessageHandler, filters
 
+from bot.addressing import Addressed
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
 
@@ -25,9 +26,12 @@ async def on_photo(update: Update, context: CustomContext) -> None:
     )
 
 
-def register(app: ParleyApp) -> None:
+def register(app: ParleyApp, group_trigger: str) -> None:
     app.add_handler(
         MessageHandler(
-            filters.UpdateType.MESSAGE & (filters.PHOTO | filters.Document.IMAGE), on_photo
+            filters.UpdateType.MESSAGE
+            & (filters.PHOTO | filters.Document.IMAGE)
+            & Addressed(group_trigger),
+            on_photo,
         )
     )

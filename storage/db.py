@@ -432,6 +432,26 @@ class Store:
                 counts[polarity] = n
         return counts
 
+    async def turns_since(self, user_id: int, since: str) -> int:
+        """How many turns a user started since `since` (for the daily limit)."""
+        async with self._conn.execute(
+            "SELECT COUNT(*) FROM turns WHERE user_id = ? AND started_at >= ?", (user_id, since)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def usage(self, column: str, since: str | None, limit: int = 5) -> list[tuple[int, int]]:
+        """Top `user_id`s or `chat_id`s by tokens used (input + output), optionally since."""
+        if column not in ("user_id", "chat_id"):
+            raise ValueError(column)
+        async with self._conn.execute(
+            f"SELECT {column}, SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)) AS n"
+            f" FROM turns WHERE {column} IS NOT NULL AND (? IS NULL OR started_at >= ?)"
+            f" GROUP BY {column} ORDER BY n DESC LIMIT ?",
+            (since, since, limit),
+        ) as cur:
+            return [(int(k), int(n)) async for k, n in cur]
+
     # -- fine-tuning jobs -------------------------------------------------------------------
 
     async def add_job(self, job: JobRecord) -> None:

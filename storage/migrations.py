@@ -176,4 +176,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        5,
+        "limits and profiles",
+        """
+        -- The daily message limit counts a user's turns since midnight UTC.
+        CREATE INDEX turns_user_started ON turns (user_id, started_at);
+
+        -- The assistant profile each chat (or forum topic) chose with /assistant.
+        CREATE TABLE chat_profiles (
+            chat_id    INTEGER NOT NULL,
+            topic_id   INTEGER NOT NULL DEFAULT 0,
+            profile    TEXT    NOT NULL,
+            updated_at TEXT    NOT NULL,
+            PRIMARY KEY (chat_id, topic_id)
+        );
+        """,
+    ),
 )

@@ -65,8 +65,11 @@ async def test_group_chat_shows_typing_and_replies_to_the_message(
 ) -> None:
     tg.chat(-1001, "supergroup")
     oai.enqueue(Reply("group answer", delay=0.2))
-    msg = tg.push_message(-1001, "question in a group", user_id=5, chat_type="supergroup")
+    msg = tg.push_message(
+        -1001, "@parley_test_bot question in a group", user_id=5, chat_type="supergroup"
+    )
     assert await tg.wait_sent(-1001) == ["group answer"]
+    assert oai.calls[0].last_user_text == "question in a group"  # the mention is stripped
     assert tg.calls_of("sendMessageDraft") == []  # drafts exist only in private chats
     [action, *_] = tg.calls_of("sendChatAction")
     assert action.params["action"] == "typing" and action.params["chat_id"] == "-1001"
@@ -78,11 +81,11 @@ async def test_each_forum_topic_is_its_own_thread_and_gets_its_replies(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:
     tg.chat(-1002, "supergroup", is_forum=True)
-    tg.push_message(-1002, "in topic 7", chat_type="supergroup", topic_id=7)
+    tg.push_message(-1002, "@parley_test_bot in topic 7", chat_type="supergroup", topic_id=7)
     await tg.wait_sent(-1002, 1)
-    tg.push_message(-1002, "in topic 9", chat_type="supergroup", topic_id=9)
+    tg.push_message(-1002, "@parley_test_bot in topic 9", chat_type="supergroup", topic_id=9)
     await tg.wait_sent(-1002, 2)
-    tg.push_message(-1002, "topic 7 again", chat_type="supergroup", topic_id=7)
+    tg.push_message(-1002, "@parley_test_bot topic 7 again", chat_type="supergroup", topic_id=7)
     await tg.wait_sent(-1002, 3)
     sends = [c.params for c in tg.calls_of("sendMessage")]
     assert [s["message_thread_id"] for s in sends] == ["7", "9", "7"]

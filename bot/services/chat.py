@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from telegram import Bot
 from telegram.error import TelegramError
@@ -49,7 +50,11 @@ class ChatService:
         instructions: str,
         draft_interval: float,
         sentiment: SentimentAnalyzer,
+        daily_limit: int = 0,
+        exempt: Callable[[int | None], bool] = lambda _user: False,
     ) -> None:
+        self.daily_limit = daily_limit
+        self.exempt = exempt
         self.vision_model = vision_model
         self.store = store
         self.backend = backend
@@ -58,8 +63,25 @@ class ChatService:
         self.instructions = instructions
         self.draft_interval = draft_interval
 
-    async def answer(self, bot: Bot, msg: Incoming) -> TurnRecord:
+    async def over_limit(self, user_id: int | None) -> bool:
+        """Whether the user has used up today's messages (UTC day; admins are exempt)."""
+        if not self.daily_limit or user_id is None or self.exempt(user_id):
+            return False
+        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        used = await self.store.turns_since(user_id, midnight.isoformat(timespec="milliseconds"))
+        return used >= self.daily_limit
+
+    async def refuse_over_limit(self, bot: Bot, msg: Incoming) -> bool:
+        """Tell the user about the daily limit if it is reached; True if so."""
+        if not await self.over_limit(msg.user_id):
+            return False
+        await self._tell(bot, msg, t("limit.reached", limit=self.daily_limit))
+        return True
+
+    async def answer(self, bot: Bot, msg: Incoming) -> TurnRecord | None:
         """Stream the model's answer to `msg` into its chat; the logged turn is returned."""
+        if await self.refuse_over_limit(bot, msg):
+            return None
         model = self.vision_model if msg.images else self.model
         turn = TurnRecord(
             thread_id=None,

@@ -102,6 +102,11 @@ class PhotoService:
     ) -> None:
         """Prepare every image of the message(s) and ask the vision model about them."""
         first = messages[0]
+        # Checked before anything is downloaded: a refused photo costs nothing.
+        if await self.chat.refuse_over_limit(
+            bot, Incoming(key, chat_type, user_id, first.message_id, text="")
+        ):
+            return
         try:
             await bot.send_chat_action(
                 key.chat_id, ChatAction.UPLOAD_PHOTO, message_thread_id=key.topic_id or None

@@ -154,11 +154,19 @@ class FakeTelegram:
         }
         if text is not None:
             message["text"] = text
+            entities = []
             if text.startswith("/"):
                 command = text.split()[0]
-                message["entities"] = [
-                    {"type": "bot_command", "offset": 0, "length": utf16_len(command)}
-                ]
+                entities.append({"type": "bot_command", "offset": 0, "length": utf16_len(command)})
+            # Telegram marks @mentions as entities; the bot relies on them in groups.
+            for word in text.split():
+                if word.startswith("@") and len(word) > 1:
+                    offset = utf16_len(text[: text.index(word)])
+                    entities.append(
+                        {"type": "mention", "offset": offset, "length": utf16_len(word)}
+                    )
+            if entities:
+                message["entities"] = entities
         if topic_id is not None:
             message["message_thread_id"] = topic_id
             message["is_topic_message"] = True
