@@ -23,7 +23,8 @@ def mentions_bot(message: Message, username: str | None, bot_id: int) -> bool:
             )
             if mention.lower() == f"@{username.lower()}":
                 return True
-    return bool(username) and f"@{username.lower()}" in text.lower() and not entities
+    # Without entities (e.g. a forwarded text), fall back to the plain text.
+    return username is not None and not entities and f"@{username.lower()}" in text.lower()
 
 
 def replies_to_bot(message: Message, bot_id: int) -> bool:
