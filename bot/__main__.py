@@ -15,8 +15,19 @@ def _check_model_access(settings: Settings) -> None:
         )
 
 
+USAGE = "usage: python -m bot [check]"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the bot until SIGINT/SIGTERM; exit 2 with a one-line error on bad configuration."""
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["check"]:
+        from bot.check import main as check
+
+        return check()
+    if args:
+        print(USAGE, file=sys.stderr)
+        return 2
     try:
         settings = load_settings()
         _check_model_access(settings)
@@ -33,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         secrets.append(settings.openai_api_key.get_secret_value())
     setup_logging(settings.log_level, secrets)
     app = build_application(settings)
-    app.run_polling(allowed_updates=ALLOWED_UPDATES)
+    if settings.webhook_url:
+        from bot import webhook
+
+        webhook.run(app, settings, ALLOWED_UPDATES)
+    else:
+        app.run_polling(allowed_updates=ALLOWED_UPDATES)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -67,6 +68,14 @@ class Settings(BaseSettings):
     fine_tune_epochs: int = Field(default=3, ge=1, le=50)
     fine_tune_suffix: str = Field(default="parley", pattern=r"^[a-zA-Z0-9_-]{1,40}$")
 
+    # Webhook mode: with WEBHOOK_URL set (the public https URL Telegram should call), the bot
+    # serves it on WEBHOOK_LISTEN:WEBHOOK_PORT instead of polling, with /healthz beside it.
+    # WEBHOOK_SECRET is checked on every request; unset, a random one is made at each start.
+    webhook_url: str | None = None
+    webhook_listen: str = "0.0.0.0"
+    webhook_port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port
+    webhook_secret: SecretStr | None = None
+
     database_url: str = "sqlite:///data/parley.sqlite3"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
@@ -96,6 +105,16 @@ class Settings(BaseSettings):
     def _token_not_blank(cls, value: SecretStr) -> SecretStr:
         if not value.get_secret_value().strip():
             raise ValueError("is empty")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_chars(cls, value: SecretStr | None) -> SecretStr | None:
+        # Telegram's rule for secret_token: 1-256 characters A-Z, a-z, 0-9, _ and -.
+        if value is not None and not re.fullmatch(
+            r"[A-Za-z0-9_-]{1,256}", value.get_secret_value()
+        ):
+            raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
         return value
 
     @field_validator("telegram_api_url", "openai_base_url")

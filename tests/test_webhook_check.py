@@ -1,0 +1,128 @@
+"""Webhook mode (secret token checked on every request, /healthz) and `python -m bot check`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bot.app import ALLOWED_UPDATES, build_application
+from bot.webhook import SECRET_HEADER, serving
+from tests.conftest import TOKEN, SettingsFactory
+from tests.stubs.openai_server import API_KEY, FakeOpenAI
+from tests.stubs.telegram_server import FakeTelegram
+from tests.test_cli import _env
+
+SECRET = "s3cret-token_for-tests"
+
+
+def _update(update_id: int, chat_id: int, text: str) -> dict:  # type: ignore[type-arg]
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": int(time.time()),
+            "text": text,
+            "chat": {"id": chat_id, "type": "private", "first_name": "U"},
+            "from": {"id": chat_id, "is_bot": False, "first_name": "U"},
+        },
+    }
+
+
+async def test_webhook_checks_the_secret_and_answers_updates(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(
+        webhook_url="https://bot.example.org/tg/hook",
+        webhook_listen="127.0.0.1",
+        webhook_port=0,
+        webhook_secret=SECRET,
+    )
+    tg.chat(100)
+    async with serving(build_application(settings), settings, ALLOWED_UPDATES) as port:
+        [set_webhook] = tg.calls_of("setWebhook")
+        assert set_webhook.params["url"] == "https://bot.example.org/tg/hook"
+        assert set_webhook.params["secret_token"] == SECRET
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            body = _update(1, 100, "via webhook")
+            for headers in ({}, {SECRET_HEADER: "wrong"}, {SECRET_HEADER: SECRET[:-1]}):
+                async with http.post(f"{base}/tg/hook", json=body, headers=headers) as r:
+                    assert r.status == 403
+            async with http.post(
+                f"{base}/tg/hook", data=b"{not json", headers={SECRET_HEADER: SECRET}
+            ) as r:
+                assert r.status == 400
+            async with http.get(f"{base}/healthz") as r:
+                assert r.status == 200 and (await r.json()) == {"ok": True}
+            assert oai.calls == []  # nothing refused reached the bot
+            async with http.post(
+                f"{base}/tg/hook", json=body, headers={SECRET_HEADER: SECRET}
+            ) as r:
+                assert r.status == 200
+            assert await tg.wait_sent(100, 1) == ["echo: via webhook"]
+    assert tg.calls_of("getUpdates") == []  # no polling in webhook mode
+
+
+async def test_check_reports_a_good_configuration(
+    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
+) -> None:
+    env = _env(
+        TELEGRAM_BOT_TOKEN=TOKEN,
+        TELEGRAM_API_URL=tg.url,
+        OPENAI_API_KEY=API_KEY,
+        OPENAI_BASE_URL=oai.url,
+        DATABASE_URL=f"sqlite:///{tmp_path}/db.sqlite3",
+    )
+    code, out = await _run_check(env, tmp_path)
+    assert code == 0, out
+    assert "✓ Telegram: reached" in out and "@parley_test_bot" in out
+    assert "✓ OPENAI_MODEL gpt-5.4-mini is available" in out and "✓ Database:" in out
+    assert "✗" not in out and TOKEN not in out and API_KEY not in out
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"TELEGRAM_BOT_TOKEN": "123:wrong-token"}, "✗ Telegram: TELEGRAM_BOT_TOKEN was rejected"),
+        ({"OPENAI_API_KEY": "sk-wrong"}, "✗ OpenAI: could not list models"),
+        ({"OPENAI_MODEL": "gpt-9-imaginary"}, "✗ OPENAI_MODEL gpt-9-imaginary is not available"),
+        ({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, "✗ OpenAI: could not list models"),
+        ({"TELEGRAM_BOT_TOKEN": ""}, "✗ Configuration: TELEGRAM_BOT_TOKEN is empty"),
+    ],
+    ids=["bad-token", "bad-key", "unknown-model", "unreachable-openai", "empty-token"],
+)
+async def test_check_reports_what_is_wrong(
+    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path, change: dict[str, str], expected: str
+) -> None:
+    env = _env(
+        TELEGRAM_BOT_TOKEN=TOKEN,
+        TELEGRAM_API_URL=tg.url,
+        OPENAI_API_KEY=API_KEY,
+        OPENAI_BASE_URL=oai.url,
+        DATABASE_URL=f"sqlite:///{tmp_path}/db.sqlite3",
+    )
+    env.update(change)
+    code, out = await _run_check(env, tmp_path)
+    assert code == 1 and expected in out, out
+    assert "Traceback" not in out
+
+
+async def _run_check(env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "check",
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
