@@ -7,7 +7,14 @@ import sys
 from bot.settings import ConfigError, Settings, load_settings
 
 
-def _check_model_access(settings: Settings) -> None:
+def _validate(settings: Settings) -> None:
+    """Checks beyond single variables, so misconfiguration fails at start in one line."""
+    from bot.services.profiles import ProfileError, load_profiles
+
+    try:
+        load_profiles(settings.profiles_file, settings.assistant_instructions)
+    except ProfileError as exc:
+        raise ConfigError(f"PROFILES_FILE: {exc}") from None
     if settings.openai_api_key is None and settings.openai_base_url is None:
         raise ConfigError(
             "OPENAI_API_KEY is not set"
@@ -30,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         settings = load_settings()
-        _check_model_access(settings)
+        _validate(settings)
     except ConfigError as exc:
         print(f"parley: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from typing import Any
 from telegram import Update
 
 from bot.context import CustomContext
-from bot.texts import t
+from bot.texts import tr
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,14 @@ def admin_only(handler: Handler) -> Handler:
         message = update.effective_message
         if update.callback_query is None and message is not None and message.forward_origin:
             # A forwarded command was typed by someone else, whoever forwards it.
-            await message.reply_text(t("forwarded_command"))
+            await message.reply_text(tr(update, "forwarded_command"))
             return None
         if not context.services.settings.is_admin(user.id if user else None):
             log.info("refused %s to user %s", handler.__name__, user.id if user else None)
             if update.callback_query is not None:
-                await update.callback_query.answer(t("admin_only"), show_alert=True)
+                await update.callback_query.answer(tr(update, "admin_only"), show_alert=True)
             elif update.effective_message is not None:
-                await update.effective_message.reply_text(t("admin_only"))
+                await update.effective_message.reply_text(tr(update, "admin_only"))
             return None
         return await handler(update, context)
 

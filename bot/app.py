@@ -7,7 +7,8 @@ import logging
 import os
 
 from openai import AsyncOpenAI
-from telegram import Update
+from telegram import Bot, BotCommand, BotCommandScopeChat, BotCommandScopeDefault, Update
+from telegram.error import TelegramError
 from telegram.ext import AIORateLimiter, ApplicationBuilder
 from telegram.ext import ContextTypes as PTBContextTypes
 
@@ -19,10 +20,23 @@ from bot.services.conversations import ConversationBackend, LocalHistory, OpenAI
 from bot.services.finetune import FineTuner
 from bot.services.images import ImageLimits
 from bot.services.photos import PhotoService
+from bot.services.profiles import Profiles, load_profiles
 from bot.services.sentiment import build_analyzer
 from bot.services.trainer import JobInfo, OpenAITrainer
 from bot.settings import Settings
-from handlers import access, admin, chat, commands, errors, fallback, feedback, forget, photos
+from bot.texts import DEFAULT_LANGUAGE, LANGUAGES, command_descriptions
+from handlers import (
+    access,
+    admin,
+    assistant,
+    chat,
+    commands,
+    errors,
+    fallback,
+    feedback,
+    forget,
+    photos,
+)
 from storage.db import JobRecord, Store
 
 log = logging.getLogger(__name__)
@@ -46,6 +60,7 @@ async def start_services(
     settings: Settings, albums: Albums, openai_client: AsyncOpenAI | None = None
 ) -> Services:
     """Open the database (applying migrations) and build the services on top of it."""
+    profiles = load_profiles(settings.profiles_file, settings.assistant_instructions)
     store = await Store.open(settings.database_path)
     client = openai_client or make_openai_client(settings)
     backend: ConversationBackend
@@ -62,9 +77,9 @@ async def start_services(
     chat = ChatService(
         store,
         backend,
+        profiles=Profiles(store, profiles),
         model=settings.openai_model,
-        vision_model=settings.vision_model,
-        instructions=settings.assistant_instructions,
+        vision_model=settings.openai_vision_model,
         draft_interval=settings.draft_interval,
         sentiment=sentiment,
         daily_limit=settings.daily_message_limit,
@@ -94,6 +109,27 @@ async def start_services(
     )
 
 
+async def set_command_menus(bot: Bot, admins: frozenset[int]) -> None:
+    """Commands in Telegram's menu: everyone's, per language; admins' only in their chats."""
+    for lang in LANGUAGES:
+        code = "" if lang == DEFAULT_LANGUAGE else lang  # "" = every other language
+        await bot.set_my_commands(
+            [BotCommand(c, d) for c, d in command_descriptions(lang)],
+            scope=BotCommandScopeDefault(),
+            language_code=code or None,
+        )
+        for admin_id in admins:
+            try:
+                await bot.set_my_commands(
+                    [BotCommand(c, d) for c, d in command_descriptions(lang, admin=True)],
+                    scope=BotCommandScopeChat(admin_id),
+                    language_code=code or None,
+                )
+            except TelegramError as exc:
+                # e.g. an admin who never started the bot: their chat doesn't exist yet.
+                log.warning("no admin menu for %s: %s", admin_id, type(exc).__name__)
+
+
 def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None = None) -> ParleyApp:
     """Build the bot: nothing connects until the application is initialised and started."""
     # Opt in to PTB 23's durations (timedelta) now: PTB 22 otherwise warns on every 429.
@@ -108,6 +144,7 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
             text, keyboard = admin.job_notice(record, info)
             await app.bot.send_message(record.started_by, text, reply_markup=keyboard)
 
+        await set_command_menus(app.bot, settings.admin_user_ids)
         # Following fine-tuning jobs resumes after a restart: unfinished ones are in the db.
         services.background.append(
             asyncio.create_task(services.finetune.run(notify, settings.job_poll_interval))
@@ -162,6 +199,7 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     access.register(app)
     commands.register(app)
     admin.register(app)
+    assistant.register(app)
     forget.register(app)
     feedback.register(app)
     chat.register(app, settings.group_trigger)

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     image_max_mb: float | None = Field(default=None, gt=0, le=200)
 
     assistant_instructions: str = DEFAULT_INSTRUCTIONS
+    # Optional TOML file of assistant profiles (see bot/services/profiles.py).
+    profiles_file: Path | None = None
     conversation_backend: Literal["openai", "local"] = "openai"
     # Budget for the history the local backend sends, in estimated tokens
     # (see bot/services/tokens.py).

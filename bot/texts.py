@@ -70,3 +70,14 @@ def command_descriptions(lang: str | None = None, *, admin: bool = False) -> lis
     With `admin`, the admin commands follow the user ones."""
     names = USER_COMMANDS + (ADMIN_COMMANDS if admin else ())
     return [(name, t(f"cmd.{name}", lang=lang)) for name in names]
+
+
+def language_of(update: object) -> str:
+    """The catalog language for whoever sent an update (their Telegram language_code)."""
+    user = getattr(update, "effective_user", None)
+    return normalize(getattr(user, "language_code", None))
+
+
+def tr(update: object, key: str, **values: object) -> str:
+    """`t` in the language of the user behind `update`."""
+    return t(key, lang=language_of(update), **values)

@@ -9,7 +9,7 @@ from telegram.ext import ApplicationHandlerStop, TypeHandler
 
 from bot.addressing import mentions_bot, replies_to_bot
 from bot.context import CustomContext, ParleyApp
-from bot.texts import t
+from bot.texts import tr
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ async def gate(update: Update, context: CustomContext) -> None:
     log.info("refused user %s in chat %s", user.id if user else None, chat.id if chat else None)
     message = update.message
     if update.callback_query is not None:
-        await update.callback_query.answer(t("access.denied"), show_alert=True)
+        await update.callback_query.answer(tr(update, "access.denied"), show_alert=True)
     elif message is not None and chat is not None:
         bot = context.bot
         addressed = (
@@ -32,7 +32,7 @@ async def gate(update: Update, context: CustomContext) -> None:
             or mentions_bot(message, bot.username, bot.id)
         )
         if addressed:  # in groups, stay quiet about messages that weren't for the bot
-            await message.reply_text(t("access.denied"))
+            await message.reply_text(tr(update, "access.denied"))
     raise ApplicationHandlerStop
 
 

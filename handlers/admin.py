@@ -15,7 +15,7 @@ from bot.services.charts import loss_chart
 from bot.services.dataset import DatasetOptions, DatasetReport
 from bot.services.finetune import describe
 from bot.services.trainer import JobInfo, TrainerError
-from bot.texts import t
+from bot.texts import t, tr
 from storage.db import JobRecord
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,15 @@ def parse_options(args: list[str]) -> DatasetOptions:
     return DatasetOptions(since=since, chat_id=chat_id, include_photos=photos)
 
 
-def summary(report: DatasetReport, options: DatasetOptions, model: str) -> str:
+def summary(update: Update, report: DatasetReport, options: DatasetOptions, model: str) -> str:
+    """The dataset summary shown before anything is uploaded."""
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(report.dropped.items())) or "nothing"
     redacted = ", ".join(f"{k} {v}" for k, v in sorted(report.redactions.items())) or "nothing"
     cost = (
         f"~${report.estimated_cost_usd:.2f}" if report.estimated_cost_usd is not None else "unknown"
     )
-    return t(
+    return tr(
+        update,
         "train.summary",
         description=describe(options, report),
         examples=report.examples,
@@ -76,27 +78,31 @@ async def train(update: Update, context: CustomContext) -> None:
     try:
         options = parse_options(context.args or [])
     except BadArgs as exc:
-        await message.reply_text(t("train.bad_args", arg=str(exc)))
+        await message.reply_text(tr(update, "train.bad_args", arg=str(exc)))
         return
-    await message.reply_text(t("train.building"))
+    await message.reply_text(tr(update, "train.building"))
     tuner = context.services.finetune
     report = await tuner.build(options)
-    text = summary(report, options, tuner.base_model)
+    text = summary(update, report, options, tuner.base_model)
     if not report.ok:
         await message.reply_text(
-            f"{text}\n\n{t('train.problems', problems='; '.join(report.problems))}"
+            f"{text}\n\n{tr(update, 'train.problems', problems='; '.join(report.problems))}"
         )
         return
     token = tuner.hold(report, options, user.id)
     keyboard = InlineKeyboardMarkup(
         [
             [
-                InlineKeyboardButton(t("train.start_button"), callback_data=f"ft:start:{token}"),
-                InlineKeyboardButton(t("train.cancel_button"), callback_data=f"ft:drop:{token}"),
+                InlineKeyboardButton(
+                    tr(update, "train.start_button"), callback_data=f"ft:start:{token}"
+                ),
+                InlineKeyboardButton(
+                    tr(update, "train.cancel_button"), callback_data=f"ft:drop:{token}"
+                ),
             ]
         ]
     )
-    await message.reply_text(f"{text}\n\n{t('train.confirm')}", reply_markup=keyboard)
+    await message.reply_text(f"{text}\n\n{tr(update, 'train.confirm')}", reply_markup=keyboard)
 
 
 @admin_only
@@ -110,19 +116,21 @@ async def train_button(update: Update, context: CustomContext) -> None:
     await query.answer()
     if action == "drop":
         tuner.drop(token)
-        await query.edit_message_text(t("train.cancelled"))
+        await query.edit_message_text(tr(update, "train.cancelled"))
         return
     try:
         job = await tuner.start(token, update.effective_user.id)
     except KeyError:
-        await query.edit_message_text(t("train.expired"))
+        await query.edit_message_text(tr(update, "train.expired"))
         return
     except TrainerError as exc:
         log.warning("fine-tuning job not started: %s (%s)", exc.kind, exc.detail)
         key = "train.forbidden" if exc.kind == "permission" else "train.failed_to_start"
-        await query.edit_message_text(t(key, kind=exc.kind))
+        await query.edit_message_text(tr(update, key, kind=exc.kind))
         return
-    await query.edit_message_text(t("train.started", job_id=job.job_id, model=job.base_model))
+    await query.edit_message_text(
+        tr(update, "train.started", job_id=job.job_id, model=job.base_model)
+    )
 
 
 def _age(created: int | str) -> str:
@@ -168,11 +176,11 @@ async def jobs(update: Update, context: CustomContext) -> None:
         return
     merged, online = await context.services.finetune.jobs()
     if not merged:
-        await message.reply_text(t("jobs.none") if online else t("jobs.offline"))
+        await message.reply_text(tr(update, "jobs.none") if online else tr(update, "jobs.offline"))
         return
     lines = [_job_line(record, info) for record, info in merged[:20]]
     if not online:
-        lines.append(t("jobs.offline"))
+        lines.append(tr(update, "jobs.offline"))
     await message.reply_text("\n".join(lines))
 
 
@@ -183,7 +191,7 @@ async def job(update: Update, context: CustomContext) -> None:
     if message is None:
         return
     if not context.args:
-        await message.reply_text(t("job.usage"))
+        await message.reply_text(tr(update, "job.usage"))
         return
     job_id = context.args[0]
     tuner = context.services.finetune
@@ -194,9 +202,9 @@ async def job(update: Update, context: CustomContext) -> None:
         losses = await tuner.trainer.losses(job_id)
     except TrainerError as exc:
         if exc.kind == "not_found" and record is None:
-            await message.reply_text(t("job.unknown"))
+            await message.reply_text(tr(update, "job.unknown"))
             return
-        text = t("job.unreachable", kind=exc.kind)
+        text = tr(update, "job.unreachable", kind=exc.kind)
         if record is not None:
             text = f"{_job_line(record, None)}\n{text}"
         await message.reply_text(text)
@@ -220,20 +228,20 @@ async def cancel(update: Update, context: CustomContext) -> None:
     if message is None:
         return
     if not context.args:
-        await message.reply_text(t("cancel.usage"))
+        await message.reply_text(tr(update, "cancel.usage"))
         return
     tuner = context.services.finetune
     try:
         info = await tuner.trainer.cancel(context.args[0])
     except TrainerError as exc:
         key = "job.unknown" if exc.kind == "not_found" else "job.unreachable"
-        await message.reply_text(t(key, kind=exc.kind))
+        await message.reply_text(tr(update, key, kind=exc.kind))
         return
     if await context.services.store.job(info.id) is not None:
         await context.services.store.update_job(
             info.id, info.status, info.fine_tuned_model, info.error
         )
-    await message.reply_text(t("job.cancelled", job_id=info.id, status=info.status))
+    await message.reply_text(tr(update, "job.cancelled", job_id=info.id, status=info.status))
 
 
 @admin_only
@@ -253,16 +261,16 @@ async def model(update: Update, context: CustomContext) -> None:
     if context.args:
         name = context.args[0]
         if available is not None and name not in available:
-            await message.reply_text(t("model.unknown", model=name))
+            await message.reply_text(tr(update, "model.unknown", model=name))
             return
         await services.switch_model(name)
-        await message.reply_text(t("model.switched", model=name))
+        await message.reply_text(tr(update, "model.switched", model=name))
         return
-    text = t("model.current", model=services.chat.model)
+    text = tr(update, "model.current", model=services.chat.model)
     if available is None:
-        text += "\n" + t("model.unreachable", kind=unreachable)
+        text += "\n" + tr(update, "model.unreachable", kind=unreachable)
     else:
-        text += "\n\n" + t("model.available", models="\n".join(available))
+        text += "\n\n" + tr(update, "model.available", models="\n".join(available))
     await message.reply_text(text)
 
 
@@ -275,10 +283,10 @@ async def use_model(update: Update, context: CustomContext) -> None:
     record = await context.services.store.job(query.data.split(":", 2)[2])
     await query.answer()
     if record is None or not record.fine_tuned_model:
-        await query.edit_message_text(t("job.unknown"))
+        await query.edit_message_text(tr(update, "job.unknown"))
         return
     await context.services.switch_model(record.fine_tuned_model)
-    await query.edit_message_text(t("model.switched", model=record.fine_tuned_model))
+    await query.edit_message_text(tr(update, "model.switched", model=record.fine_tuned_model))
 
 
 @admin_only
@@ -290,20 +298,25 @@ async def export(update: Update, context: CustomContext) -> None:
     try:
         options = parse_options(context.args or [])
     except BadArgs as exc:
-        await message.reply_text(t("train.bad_args", arg=str(exc)))
+        await message.reply_text(tr(update, "train.bad_args", arg=str(exc)))
         return
     report = await context.services.finetune.build(options)
     if report.examples == 0 or report.train_path is None:
-        await message.reply_text(t("export.empty"))
+        await message.reply_text(tr(update, "export.empty"))
         return
-    caption = t("export.caption", examples=report.examples, description=describe(options, report))
+    caption = tr(
+        update, "export.caption", examples=report.examples, description=describe(options, report)
+    )
     await message.reply_document(report.train_path, filename="train.jsonl", caption=caption)
     if report.validation_path is not None:
         await message.reply_document(report.validation_path, filename="validation.jsonl")
 
 
 def job_notice(record: JobRecord, info: JobInfo) -> tuple[str, InlineKeyboardMarkup | None]:
-    """What the admin who started a job is told when its status changes."""
+    """What the admin who started a job is told when its status changes.
+
+    Sent from the poller, outside any update, so in the catalog's default language.
+    """
     if info.status == "succeeded" and info.fine_tuned_model:
         button = InlineKeyboardButton(t("job.use_button"), callback_data=f"ft:use:{info.id}")
         return (

@@ -9,7 +9,7 @@ from bot.addressing import Addressed, strip_mention
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
 from bot.services.chat import Incoming
-from bot.texts import t
+from bot.texts import tr
 
 
 async def on_text(update: Update, context: CustomContext) -> None:
@@ -19,7 +19,7 @@ async def on_text(update: Update, context: CustomContext) -> None:
     if message is None or key is None or message.text is None:
         return
     if not message.text.strip():
-        await message.reply_text(t("empty_text"))
+        await message.reply_text(tr(update, "empty_text"))
         return
     await context.services.chat.answer(
         context.bot,
@@ -29,6 +29,7 @@ async def on_text(update: Update, context: CustomContext) -> None:
             user_id=update.effective_user.id if update.effective_user else None,
             message_id=message.message_id,
             text=strip_mention(message.text, context.bot.username),
+            lang=update.effective_user.language_code if update.effective_user else None,
         ),
     )
 

@@ -7,23 +7,25 @@ from telegram.ext import CommandHandler
 
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
-from bot.texts import t
+from bot.texts import tr
 
 
 async def start(update: Update, context: CustomContext) -> None:
     """Say what the bot does and list the commands."""
     if update.effective_message:
-        await update.effective_message.reply_text(t("start", commands=t("commands")))
+        await update.effective_message.reply_text(
+            tr(update, "start", commands=tr(update, "commands"))
+        )
 
 
 async def help_(update: Update, context: CustomContext) -> None:
     """List the commands (admins also see theirs)."""
     if update.effective_message is None:
         return
-    text = t("help", commands=t("commands"))
+    text = tr(update, "help", commands=tr(update, "commands"))
     user = update.effective_user
     if context.services.settings.is_admin(user.id if user else None):
-        text += "\n\n" + t("admin_commands")
+        text += "\n\n" + tr(update, "admin_commands")
     await update.effective_message.reply_text(text)
 
 
@@ -33,7 +35,7 @@ async def reset(update: Update, context: CustomContext) -> None:
     if key is None or update.effective_message is None:
         return
     await context.services.backend.reset(key)
-    await update.effective_message.reply_text(t("reset_done"))
+    await update.effective_message.reply_text(tr(update, "reset_done"))
 
 
 def register(app: ParleyApp) -> None:

@@ -8,7 +8,7 @@ from telegram import Update
 from telegram.error import TelegramError
 
 from bot.context import CustomContext, ParleyApp
-from bot.texts import t
+from bot.texts import tr
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ async def on_error(update: object, context: CustomContext) -> None:
         try:
             await context.bot.send_message(
                 update.effective_chat.id,
-                t("error.unknown"),
+                tr(update, "error.unknown"),
                 message_thread_id=(
                     update.effective_message.message_thread_id
                     if update.effective_message and update.effective_message.is_topic_message

@@ -6,13 +6,13 @@ from telegram import Update
 from telegram.ext import MessageHandler, filters
 
 from bot.context import CustomContext, ParleyApp
-from bot.texts import t
+from bot.texts import tr
 
 
 async def unsupported(update: Update, context: CustomContext) -> None:
     """Explain that this kind of message (sticker, voice, unknown command...) isn't handled."""
     if update.effective_message:
-        await update.effective_message.reply_text(t("unsupported"))
+        await update.effective_message.reply_text(tr(update, "unsupported"))
 
 
 def register(app: ParleyApp) -> None:

@@ -6,7 +6,7 @@ from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler
 
 from bot.context import CustomContext, ParleyApp
-from bot.texts import t
+from bot.texts import tr
 
 
 async def forget(update: Update, context: CustomContext) -> None:
@@ -17,12 +17,14 @@ async def forget(update: Update, context: CustomContext) -> None:
     keyboard = InlineKeyboardMarkup(
         [
             [
-                InlineKeyboardButton(t("forget.yes"), callback_data=f"forget:yes:{user.id}"),
-                InlineKeyboardButton(t("forget.no"), callback_data=f"forget:no:{user.id}"),
+                InlineKeyboardButton(
+                    tr(update, "forget.yes"), callback_data=f"forget:yes:{user.id}"
+                ),
+                InlineKeyboardButton(tr(update, "forget.no"), callback_data=f"forget:no:{user.id}"),
             ]
         ]
     )
-    await message.reply_text(t("forget.confirm"), reply_markup=keyboard)
+    await message.reply_text(tr(update, "forget.confirm"), reply_markup=keyboard)
 
 
 async def confirm(update: Update, context: CustomContext) -> None:
@@ -32,14 +34,14 @@ async def confirm(update: Update, context: CustomContext) -> None:
         return
     _, answer, owner = query.data.split(":", 2)
     if owner != str(user.id):
-        await query.answer(t("forget.not_yours"), show_alert=True)
+        await query.answer(tr(update, "forget.not_yours"), show_alert=True)
         return
     await query.answer()
     if answer != "yes":
-        await query.edit_message_text(t("forget.kept"))
+        await query.edit_message_text(tr(update, "forget.kept"))
         return
     count = await context.services.store.forget_user(user.id)
-    await query.edit_message_text(t("forget.done", count=count))
+    await query.edit_message_text(tr(update, "forget.done", count=count))
 
 
 def register(app: ParleyApp) -> None:

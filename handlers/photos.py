@@ -23,6 +23,7 @@ async def on_photo(update: Update, context: CustomContext) -> None:
         message.chat.type,
         update.effective_user.id if update.effective_user else None,
         services.albums.take(message),
+        update.effective_user.language_code if update.effective_user else None,
     )
 
 

@@ -452,6 +452,23 @@ class Store:
         ) as cur:
             return [(int(k), int(n)) async for k, n in cur]
 
+    async def chat_profile(self, key: ChatKey) -> str | None:
+        async with self._conn.execute(
+            "SELECT profile FROM chat_profiles WHERE chat_id = ? AND topic_id = ?",
+            (key.chat_id, key.topic_id),
+        ) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def set_chat_profile(self, key: ChatKey, profile: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO chat_profiles (chat_id, topic_id, profile, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (chat_id, topic_id) DO UPDATE"
+                " SET profile = excluded.profile, updated_at = excluded.updated_at",
+                (key.chat_id, key.topic_id, profile, utcnow()),
+            )
+
     # -- fine-tuning jobs -------------------------------------------------------------------
 
     async def add_job(self, job: JobRecord) -> None:

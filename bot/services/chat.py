@@ -13,6 +13,7 @@ from telegram.error import TelegramError
 
 from bot.errors import ModelError
 from bot.services.conversations import ConversationBackend, ReplyResult, UserContent, data_url
+from bot.services.profiles import Profiles
 from bot.services.replies import ReplyStreamer, send_parts
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.texts import t
@@ -31,6 +32,7 @@ class Incoming:
     message_id: int
     text: str
     images: Sequence[StoredImage] = field(default_factory=tuple)
+    lang: str | None = None  # the user's Telegram language_code, for the bot's own words
 
     @property
     def private(self) -> bool:
@@ -45,9 +47,9 @@ class ChatService:
         store: Store,
         backend: ConversationBackend,
         *,
+        profiles: Profiles,
         model: str,
-        vision_model: str,
-        instructions: str,
+        vision_model: str | None,
         draft_interval: float,
         sentiment: SentimentAnalyzer,
         daily_limit: int = 0,
@@ -55,12 +57,12 @@ class ChatService:
     ) -> None:
         self.daily_limit = daily_limit
         self.exempt = exempt
-        self.vision_model = vision_model
+        self.profiles = profiles
+        self.vision_model = vision_model  # None: the same as the chat model
         self.store = store
         self.backend = backend
         self.sentiment = sentiment
         self.model = model
-        self.instructions = instructions
         self.draft_interval = draft_interval
 
     async def over_limit(self, user_id: int | None) -> bool:
@@ -75,14 +77,15 @@ class ChatService:
         """Tell the user about the daily limit if it is reached; True if so."""
         if not await self.over_limit(msg.user_id):
             return False
-        await self._tell(bot, msg, t("limit.reached", limit=self.daily_limit))
+        await self._tell(bot, msg, t("limit.reached", lang=msg.lang, limit=self.daily_limit))
         return True
 
     async def answer(self, bot: Bot, msg: Incoming) -> TurnRecord | None:
         """Stream the model's answer to `msg` into its chat; the logged turn is returned."""
         if await self.refuse_over_limit(bot, msg):
             return None
-        model = self.vision_model if msg.images else self.model
+        profile = await self.profiles.for_chat(msg.key)
+        model = profile.model or ((self.vision_model or self.model) if msg.images else self.model)
         turn = TurnRecord(
             thread_id=None,
             key=msg.key,
@@ -91,7 +94,7 @@ class ChatService:
             user_message_id=msg.message_id,
             user_text=msg.text,
             model=model,
-            instructions=self.instructions,
+            instructions=profile.instructions,
             started_at=utcnow(),
             images=tuple(msg.images),
         )
@@ -113,7 +116,8 @@ class ChatService:
                     thread,
                     UserContent(msg.text, tuple(data_url(i.mime_type, i.data) for i in msg.images)),
                     model=model,
-                    instructions=self.instructions,
+                    instructions=profile.instructions,
+                    temperature=profile.temperature,
                     on_delta=streamer.on_delta,
                 )
                 if not result.text.strip():
@@ -128,7 +132,9 @@ class ChatService:
         except ModelError as exc:
             log.warning("turn failed in chat %s: %s (%s)", msg.key, exc.kind, exc.detail)
             turn.status, turn.error_kind = "failed", exc.kind
-            turn.reply_message_ids = await self._tell(bot, msg, t(f"error.{exc.kind}"))
+            turn.reply_message_ids = await self._tell(
+                bot, msg, t(f"error.{exc.kind}", lang=msg.lang)
+            )
         except TelegramError as exc:
             # The answer exists but could not be delivered (after the rate limiter's retries).
             log.error("could not deliver the reply in chat %s: %s", msg.key, type(exc).__name__)

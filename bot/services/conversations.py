@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, omit
 from openai.types.chat import (
     ChatCompletionContentPartParam,
     ChatCompletionMessageParam,
@@ -71,6 +71,7 @@ class ConversationBackend(Protocol):
         model: str,
         instructions: str,
         on_delta: OnDelta,
+        temperature: float | None = None,
     ) -> ReplyResult: ...
 
     async def reset(self, key: ChatKey) -> None: ...
@@ -105,6 +106,7 @@ class OpenAIConversations:
         model: str,
         instructions: str,
         on_delta: OnDelta,
+        temperature: float | None = None,
     ) -> ReplyResult:
         parts: ResponseInputMessageContentListParam = [
             {"type": "input_text", "text": content.text},
@@ -123,6 +125,7 @@ class OpenAIConversations:
                 instructions=instructions,
                 input=[message],
                 stream=True,
+                temperature=temperature if temperature is not None else omit,
             )
             async with stream:
                 async for event in stream:
@@ -182,6 +185,7 @@ class LocalHistory:
         model: str,
         instructions: str,
         on_delta: OnDelta,
+        temperature: float | None = None,
     ) -> ReplyResult:
         messages = await self.build_messages(thread, content, instructions)
         started = time.perf_counter()
@@ -195,6 +199,7 @@ class LocalHistory:
                 messages=messages,
                 stream=True,
                 stream_options={"include_usage": True},
+                temperature=temperature if temperature is not None else omit,
             )
             async with stream:
                 async for chunk in stream:

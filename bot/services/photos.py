@@ -99,13 +99,22 @@ class PhotoService:
         chat_type: str,
         user_id: int | None,
         messages: Sequence[Message],
+        lang: str | None = None,
     ) -> None:
         """Prepare every image of the message(s) and ask the vision model about them."""
         first = messages[0]
         # Checked before anything is downloaded: a refused photo costs nothing.
         if await self.chat.refuse_over_limit(
-            bot, Incoming(key, chat_type, user_id, first.message_id, text="")
+            bot, Incoming(key, chat_type, user_id, first.message_id, text="", lang=lang)
         ):
+            return
+        if not (await self.chat.profiles.for_chat(key)).vision:
+            await send_parts(
+                bot,
+                key,
+                [t("assistant.no_vision", lang=lang)],
+                reply_to=None if chat_type == "private" else first.message_id,
+            )
             return
         try:
             await bot.send_chat_action(
@@ -125,14 +134,14 @@ class PhotoService:
             raise unexpected[0]
         reply_to = None if chat_type == "private" else first.message_id
         if refusals:
-            text = t(refusals[0].key, limit=self.limit_mb)
+            text = t(refusals[0].key, lang=lang, limit=self.limit_mb)
             if images:
-                text = t("image.some_skipped", count=len(refusals), reason=text)
+                text = t("image.some_skipped", lang=lang, count=len(refusals), reason=text)
             await send_parts(bot, key, [text], reply_to=reply_to)
         if not images:
             return
         caption = next((m.caption for m in messages if m.caption and m.caption.strip()), None)
-        question = caption or t("describe_many" if len(images) > 1 else "describe")
+        question = caption or t("describe_many" if len(images) > 1 else "describe", lang=lang)
         await self.chat.answer(
             bot,
             Incoming(
@@ -144,6 +153,7 @@ class PhotoService:
                 images=[
                     StoredImage(i.sha256, i.mime_type, i.width, i.height, i.data) for i in images
                 ],
+                lang=lang,
             ),
         )
 
