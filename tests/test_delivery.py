@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 from bot.context import ParleyApp
-from bot.services.replies import draft_preview, split_text, utf16_len
+from bot.services.formatting import plain_parts, render_parts, utf16_len
+from tests.conftest import settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
+
+
+def split_text(text: str) -> list[str]:
+    return [p.text for p in plain_parts(text)]
 
 
 def test_split_prefers_paragraphs_then_lines_then_words() -> None:
@@ -31,10 +38,43 @@ def test_split_counts_utf16_and_cuts_hard_only_without_spaces() -> None:
     assert split_text("  short  ") == ["short"]
 
 
-def test_draft_preview_shows_the_part_being_written() -> None:
-    text = "a " * 3000
-    assert utf16_len(draft_preview(text)) <= 4096
-    assert draft_preview("short") == "short"
+async def test_markdown_is_sent_as_entities_and_drafts_are_formatted_too(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    answer = "Use **bold** and `x < y` here:\n\n```python\nprint('a_b * 2')\n```\n\n- one\n- two"
+    oai.enqueue(Reply(answer, chunk_words=3))
+    tg.push_message(100, "format please")
+    [text] = await tg.wait_sent(100, 1)
+    assert "**" not in text and "```" not in text and "print('a_b * 2')" in text
+    final = json.loads(tg.calls_of("sendMessage")[-1].params["entities"])
+    types = {e["type"] for e in final}
+    assert {"bold", "code", "pre"} <= types
+    pre = next(e for e in final if e["type"] == "pre")
+    assert pre["language"] == "python"
+    drafts = [c.params for c in tg.calls_of("sendMessageDraft") if c.params.get("text")]
+    assert drafts and all("**" not in d["text"] for d in drafts)
+    await settled(bot)
+    store = bot.bot_data.services.store  # type: ignore[union-attr]
+    [(logged,)] = await store.fetch_all("SELECT content FROM messages WHERE role = 'assistant'")
+    assert logged == answer  # the log keeps the model's own Markdown
+
+
+async def test_a_part_telegram_refuses_to_format_is_sent_plain(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    oai.enqueue("**important** answer")
+    tg.fail_next("sendMessage", 400, description="Bad Request: can't parse entities")
+    tg.push_message(100, "hi")
+    assert await tg.wait_sent(100, 1) == ["important answer"]
+    attempts = tg.calls_of("sendMessage")
+    assert "entities" in attempts[0].params and "entities" not in attempts[1].params
+
+
+def test_render_parts_keeps_entities_valid_across_splits() -> None:
+    code = "```\n" + "\n".join(f"line {i} = {i} * 2" for i in range(400)) + "\n```"
+    parts = render_parts("**Intro** text.\n\n" + code + "\n\nThe end, *really*.")
+    assert len(parts) >= 2 and all(utf16_len(p.text) <= 4096 for p in parts)
+    assert all(e.offset + e.length <= utf16_len(p.text) for p in parts for e in p.entities)
 
 
 async def test_long_reply_arrives_as_ordered_parts_and_is_logged_whole(
@@ -50,8 +90,6 @@ async def test_long_reply_arrives_as_ordered_parts_and_is_logged_whole(
     assert len(parts) == 4
     assert all(utf16_len(p) <= 4096 and p.startswith("Paragraph") for p in parts)
     assert "\n\n".join(parts) == answer
-    from tests.conftest import settled
-
     await settled(bot)
     store = bot.bot_data.services.store  # type: ignore[union-attr]
     [(text,)] = await store.fetch_all("SELECT content FROM messages WHERE role = 'assistant'")

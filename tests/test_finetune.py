@@ -49,6 +49,7 @@ async def test_train_to_success_notice_to_model_switch(
     settings = make_settings(job_poll_interval=0.1)
     async with running(settings) as app:
         await _seed(tg, 11)
+        await settled(app)  # every seeded turn is logged before /train
         await _chat(tg, USER, ["my mail is ada@example.com, call +44 20 7946 0958"])
         await settled(app)
         tg.chat(ADMIN)
@@ -139,8 +140,9 @@ async def test_group_command_with_bot_name_is_refused_and_forwarded_commands_are
 async def test_start_button_pressed_by_someone_else_is_refused(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:
-    async with running(make_settings()):
+    async with running(make_settings()) as app:
         await _seed(tg, 11)
+        await settled(app)  # every seeded turn is logged before /train
         tg.chat(-600, "supergroup")
         tg.push_message(-600, "/train", user_id=ADMIN, chat_type="supergroup")
         await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(-600)))
@@ -155,8 +157,9 @@ async def test_403_explains_the_wind_down_and_points_to_export(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:
     oai.fine_tuning_forbidden = True
-    async with running(make_settings()):
+    async with running(make_settings()) as app:
         await _seed(tg, 11)
+        await settled(app)  # every seeded turn is logged before /train
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/train", user_id=ADMIN)
         await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
@@ -170,8 +173,9 @@ async def test_403_explains_the_wind_down_and_points_to_export(
 async def test_fewer_than_ten_examples_cannot_start(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:
-    async with running(make_settings()):
+    async with running(make_settings()) as app:
         await _seed(tg, 3)
+        await settled(app)  # every seeded turn is logged before /train
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/train", user_id=ADMIN)
         await tg.wait_for(lambda: any("can't be used yet" in t for t in tg.texts(ADMIN)))
@@ -184,6 +188,7 @@ async def test_forget_is_honoured_by_the_next_train(
 ) -> None:
     async with running(make_settings(job_poll_interval=30)) as app:
         await _seed(tg, 11, tag="kept")
+        await settled(app)  # every seeded turn is logged before /train
         await _chat(tg, USER, _dialogue(5, "secret"))
         tg.push_message(USER, "/forget", user_id=USER)
         await tg.wait_for(lambda: any(b[2].startswith("forget:yes:") for b in tg.buttons(USER)))
@@ -209,15 +214,16 @@ async def test_failed_job_is_reported_with_its_reason_and_polling_resumes_after_
 ) -> None:
     oai.job_failure = "Training diverged at step 12"
     settings = make_settings(job_poll_interval=60)  # nothing is polled during the first run
-    async with running(settings):
+    async with running(settings) as app:
         await _seed(tg, 11)
+        await settled(app)  # every seeded turn is logged before /train
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/train", user_id=ADMIN)
         await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
         await _press(tg, ADMIN, ADMIN, "ft:start:")
         await tg.wait_for(lambda: any("Started" in t for t in tg.texts(ADMIN)))
     assert not any("failed" in t for t in tg.texts(ADMIN))
-    async with running(make_settings(job_poll_interval=0.1)):
+    async with running(make_settings(job_poll_interval=0.1)) as app:
         await tg.wait_for(lambda: any("failed" in t for t in tg.texts(ADMIN)), timeout=10)
     assert "Training diverged at step 12" in next(t for t in tg.texts(ADMIN) if "failed" in t)
 
@@ -226,8 +232,9 @@ async def test_jobs_job_and_cancel_and_offline_listing(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:
     oai.job_plan = ["validating_files", "queued", "running", "running", "running", "succeeded"]
-    async with running(make_settings(job_poll_interval=60)):
+    async with running(make_settings(job_poll_interval=60)) as app:
         await _seed(tg, 11)
+        await settled(app)  # every seeded turn is logged before /train
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/train", user_id=ADMIN)
         await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
@@ -252,8 +259,9 @@ async def test_jobs_job_and_cancel_and_offline_listing(
 async def test_job_shows_a_loss_chart_once_metrics_exist(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:
-    async with running(make_settings(job_poll_interval=0.1)):
+    async with running(make_settings(job_poll_interval=0.1)) as app:
         await _seed(tg, 11)
+        await settled(app)  # every seeded turn is logged before /train
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/train", user_id=ADMIN)
         await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
@@ -289,8 +297,9 @@ async def test_model_lists_and_switches(
 async def test_export_sends_the_curated_dataset(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:
-    async with running(make_settings()):
+    async with running(make_settings()) as app:
         await _seed(tg, 11)
+        await settled(app)  # every seeded turn is logged before /train
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/export", user_id=ADMIN)
         await tg.wait_for(lambda: bool(tg.calls_of("sendDocument")))

@@ -14,7 +14,7 @@ from telegram.error import TelegramError
 from bot.errors import ModelError
 from bot.services.conversations import ConversationBackend, ReplyResult, UserContent, data_url
 from bot.services.profiles import Profiles
-from bot.services.replies import ReplyStreamer, send_parts
+from bot.services.replies import ReplyStreamer, send_text
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.texts import t
 from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
@@ -158,7 +158,7 @@ class ChatService:
     async def _tell(self, bot: Bot, msg: Incoming, text: str) -> list[int]:
         try:
             reply_to = None if msg.private else msg.message_id
-            return await send_parts(bot, msg.key, [text], reply_to=reply_to)
+            return await send_text(bot, msg.key, text, reply_to=reply_to)
         except TelegramError as exc:
             log.error("could not tell chat %s about an error: %s", msg.key, type(exc).__name__)
             return []

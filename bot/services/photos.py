@@ -13,7 +13,7 @@ from telegram.error import TelegramError
 
 from bot.services.chat import ChatService, Incoming
 from bot.services.images import ImageLimits, ImageRejected, PreparedImage, prepare_image
-from bot.services.replies import send_parts
+from bot.services.replies import send_text
 from bot.texts import t
 from storage.db import ChatKey, StoredImage
 
@@ -109,10 +109,10 @@ class PhotoService:
         ):
             return
         if not (await self.chat.profiles.for_chat(key)).vision:
-            await send_parts(
+            await send_text(
                 bot,
                 key,
-                [t("assistant.no_vision", lang=lang)],
+                t("assistant.no_vision", lang=lang),
                 reply_to=None if chat_type == "private" else first.message_id,
             )
             return
@@ -137,7 +137,7 @@ class PhotoService:
             text = t(refusals[0].key, lang=lang, limit=self.limit_mb)
             if images:
                 text = t("image.some_skipped", lang=lang, count=len(refusals), reason=text)
-            await send_parts(bot, key, [text], reply_to=reply_to)
+            await send_text(bot, key, text, reply_to=reply_to)
         if not images:
             return
         caption = next((m.caption for m in messages if m.caption and m.caption.strip()), None)

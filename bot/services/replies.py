@@ -10,66 +10,15 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from telegram import Bot, ReplyParameters
-from telegram.constants import ChatAction, MessageLimit
-from telegram.error import TelegramError
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, TelegramError
 
+from bot.services.formatting import TEXT_LIMIT, Formatted, plain_parts, render_parts, utf16_len
 from storage.db import ChatKey
 
 log = logging.getLogger(__name__)
 
-TEXT_LIMIT: int = MessageLimit.MAX_TEXT_LENGTH  # 4096
 TYPING_EVERY = 4.0  # a chat action shows for ~5 s
-
-
-def utf16_len(text: str) -> int:
-    """Length as Telegram counts it: UTF-16 code units (an emoji outside the BMP counts 2)."""
-    return len(text.encode("utf-16-le")) // 2
-
-
-def _fit(text: str, limit: int) -> int:
-    """The largest number of characters of `text` whose UTF-16 length is at most `limit`."""
-    if len(text) <= limit and utf16_len(text) <= limit:
-        return len(text)
-    units = 0
-    for i, ch in enumerate(text):
-        units += 2 if ord(ch) > 0xFFFF else 1
-        if units > limit:
-            return i
-    return len(text)
-
-
-def split_text(text: str, limit: int = TEXT_LIMIT) -> list[str]:
-    """Split a reply into Telegram-sized parts at paragraph, line or word boundaries.
-
-    A boundary is used only if it keeps at least half of the part, so a long paragraph is
-    not cut into slivers; a hard cut happens only when a part has no space at all.
-    """
-    parts: list[str] = []
-    rest = text.strip()
-    while rest:
-        end = _fit(rest, limit)
-        if end >= len(rest):
-            parts.append(rest)
-            break
-        window = rest[:end]
-        cut = -1
-        for separator in ("\n\n", "\n", " "):
-            pos = window.rfind(separator)
-            if pos >= end // 2 or (separator == " " and pos > 0):
-                cut = pos
-                break
-        if cut <= 0:
-            cut = end
-        parts.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
-    return [p for p in parts if p]
-
-
-def draft_preview(text: str, limit: int = TEXT_LIMIT) -> str:
-    """What a draft can show of a growing reply: the last part, as the final split will."""
-    if utf16_len(text) <= limit:
-        return text
-    return split_text(text, limit)[-1]
 
 
 class ReplyStreamer:
@@ -139,11 +88,16 @@ class ReplyStreamer:
             while True:
                 await self._changed.wait()
                 self._changed.clear()
-                text = draft_preview("".join(self._chunks))
-                if not text.strip():
+                # The draft shows the part being written, formatted as the final one will be.
+                parts = render_parts("".join(self._chunks))
+                if not parts:
                     continue
                 await self._bot.send_message_draft(
-                    self._key.chat_id, self._draft_id, text=text, message_thread_id=self._topic
+                    self._key.chat_id,
+                    self._draft_id,
+                    text=parts[-1].text,
+                    entities=list(parts[-1].entities),
+                    message_thread_id=self._topic,
                 )
                 if self.first_draft_at is None:
                     self.first_draft_at = time.monotonic()
@@ -162,30 +116,33 @@ class ReplyStreamer:
                 log.debug("typing action failed for chat %s: %s", self._key, type(exc).__name__)
             await asyncio.sleep(TYPING_EVERY)
 
-    async def send(self, text: str, footer: str | None = None) -> list[int]:
-        """Stop the progress display and send `text` (+ `footer`) as messages; their ids."""
+    async def send(self, markdown: str, footer: str | None = None) -> list[int]:
+        """Stop the progress display and send the model's Markdown (+ `footer`); the ids."""
         await self._stop()
+        parts = render_parts(markdown) or plain_parts(markdown)
         return await send_parts(
-            self._bot,
-            self._key,
-            with_footer(split_text(text) or [text], footer),
-            reply_to=self._reply_to,
+            self._bot, self._key, with_footer(parts, footer), reply_to=self._reply_to
         )
 
 
-def with_footer(parts: list[str], footer: str | None) -> list[str]:
-    """Put `footer` under the last part, or in a part of its own if that one is full."""
+def with_footer(parts: list[Formatted], footer: str | None) -> list[Formatted]:
+    """Put `footer` (plain text) under the last part, or in a part of its own if it is full."""
     if not footer:
         return parts
-    if utf16_len(parts[-1]) + 2 + utf16_len(footer) <= TEXT_LIMIT:
-        return [*parts[:-1], f"{parts[-1]}\n\n{footer}"]
-    return [*parts, footer]
+    last = parts[-1]
+    if utf16_len(last.text) + 2 + utf16_len(footer) <= TEXT_LIMIT:
+        return [*parts[:-1], Formatted(f"{last.text}\n\n{footer}", last.entities)]
+    return [*parts, Formatted(footer, ())]
 
 
 async def send_parts(
-    bot: Bot, key: ChatKey, parts: Sequence[str], *, reply_to: int | None
+    bot: Bot, key: ChatKey, parts: Sequence[Formatted], *, reply_to: int | None
 ) -> list[int]:
-    """Send parts in order; the first replies to the user's message where that helps."""
+    """Send parts in order; the first replies to the user's message where that helps.
+
+    Should Telegram still refuse a part's entities, that part goes again as plain text:
+    a reply is never lost to formatting.
+    """
     ids: list[int] = []
     for i, part in enumerate(parts):
         reply = (
@@ -193,8 +150,23 @@ async def send_parts(
             if reply_to is not None and i == 0
             else None
         )
-        message = await bot.send_message(
-            key.chat_id, part, message_thread_id=key.topic_id or None, reply_parameters=reply
-        )
+        thread = key.topic_id or None
+        try:
+            message = await bot.send_message(
+                key.chat_id, part.text, entities=list(part.entities) or None,
+                message_thread_id=thread, reply_parameters=reply,
+            )  # fmt: skip
+        except BadRequest as exc:
+            if not part.entities:
+                raise
+            log.warning("Telegram refused a formatted part (%s); sending it plain", exc.message)
+            message = await bot.send_message(
+                key.chat_id, part.text, message_thread_id=thread, reply_parameters=reply
+            )
         ids.append(message.message_id)
     return ids
+
+
+async def send_text(bot: Bot, key: ChatKey, text: str, *, reply_to: int | None) -> list[int]:
+    """Send the bot's own words (never parsed as Markdown), split if long."""
+    return await send_parts(bot, key, plain_parts(text) or [Formatted(text, ())], reply_to=reply_to)

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.stubs.entities import check_entities
 from tests.stubs.specs import INPUT_FILE, TelegramSpec
 
 BOT_USER = {
@@ -309,6 +310,14 @@ class FakeTelegram:
 
     async def _answer(self, call: Call, form_encoded: bool) -> web.Response:
         method, params = call.method, call.params
+        if method in ("sendMessage", "sendMessageDraft", "editMessageText") and params.get(
+            "entities"
+        ):
+            # Telegram answers "can't parse entities" for these; the bot must never cause it.
+            problems = check_entities(params.get("text", ""), json.loads(params["entities"]))
+            if problems:
+                self.violations += [f"{method}: {p}" for p in problems]
+                return _error(400, f"Bad Request: can't parse entities: {problems[0]}")
         if self.spec is not None:
             problems = self.spec.validate_call(method, params, form_encoded=form_encoded)
             if problems:
@@ -363,6 +372,8 @@ class FakeTelegram:
             message["is_topic_message"] = True
         if params.get("reply_markup"):
             message["reply_markup"] = json.loads(params["reply_markup"])
+        if params.get("entities"):
+            message["entities"] = json.loads(params["entities"])
         self.messages[(chat_id, message["message_id"])] = message
         return message
 
