@@ -469,6 +469,16 @@ class Store:
                 (key.chat_id, key.topic_id, profile, utcnow()),
             )
 
+    async def total_tokens(self, since: str | None) -> int:
+        """Tokens used by every turn (input + output), optionally since a time."""
+        async with self._conn.execute(
+            "SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0)"
+            " FROM turns WHERE ? IS NULL OR started_at >= ?",
+            (since, since),
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     # -- fine-tuning jobs -------------------------------------------------------------------
 
     async def add_job(self, job: JobRecord) -> None:

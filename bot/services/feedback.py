@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from PIL import Image, ImageDraw, ImageFont
@@ -32,6 +32,10 @@ class Stats:
     week: dict[str, dict[str, int]]
     reactions_all: dict[int, int]
     reactions_week: dict[int, int]
+    top_users: list[tuple[int, int]] = field(default_factory=list)  # (user id, tokens), 7 days
+    top_chats: list[tuple[int, int]] = field(default_factory=list)  # (chat id, tokens), 7 days
+    tokens_all: int = 0
+    tokens_week: int = 0
 
     @property
     def tagged(self) -> int:
@@ -45,6 +49,10 @@ async def collect(store: Store, now: datetime | None = None) -> Stats:
         week=await store.sentiment_counts(since),
         reactions_all=await store.reaction_counts(),
         reactions_week=await store.reaction_counts(since),
+        top_users=await store.usage("user_id", since),
+        top_chats=await store.usage("chat_id", since),
+        tokens_all=await store.total_tokens(None),
+        tokens_week=await store.total_tokens(since),
     )
 
 
@@ -69,6 +77,13 @@ def render_text(stats: Stats) -> str:
         f"\nReactions on replies: 👍 {ra[1]} / {rw[1]}, 👎 {ra[-1]} / {rw[-1]},"
         f" other {ra[0]} / {rw[0]}"
     )
+    lines.append(f"\nTokens used: {stats.tokens_all:,} / {stats.tokens_week:,}")
+    if stats.top_users:
+        users = ", ".join(f"{u}: {n:,}" for u, n in stats.top_users)
+        lines.append(f"Top users (7 days): {users}")
+    if stats.top_chats:
+        chats = ", ".join(f"{c}: {n:,}" for c, n in stats.top_chats)
+        lines.append(f"Top chats (7 days): {chats}")
     if stats.tagged == 0:
         lines.append("\nNo tagged messages yet.")
     return "\n".join(lines)
