@@ -11,9 +11,11 @@ from telegram import Bot, BotCommand, BotCommandScopeChat, BotCommandScopeDefaul
 from telegram.error import TelegramError
 from telegram.ext import AIORateLimiter, ApplicationBuilder
 from telegram.ext import ContextTypes as PTBContextTypes
+from telegram.request import HTTPXRequest
 
 from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
+from bot.durability import DurableBot, Inbox, InboxSlot
 from bot.services.albums import Albums
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
@@ -139,6 +141,11 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
 
     async def post_init(app: ParleyApp) -> None:
         services = app.bot_data.services = await start_services(settings, albums, openai_client)
+        inbox = slot.inbox = Inbox(services.store)
+        processor.on_done = inbox.done
+        # Updates a crash left unhandled go first, before anything new is fetched.
+        for update in await inbox.replay(bot):
+            await app.update_queue.put(update)
 
         async def notify(record: JobRecord, info: JobInfo) -> None:
             text, keyboard = admin.job_notice(record, info)
@@ -173,23 +180,27 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
                 await services.openai.close()
 
     api = settings.telegram_api_url
+    slot = InboxSlot()
+    bot = DurableBot(
+        settings.telegram_bot_token.get_secret_value(),
+        slot=slot,
+        base_url=f"{api}/bot",
+        base_file_url=f"{api}/file/bot",
+        # Replies to many chats go out at once; PTB's default pool of 256 would queue them.
+        request=HTTPXRequest(connection_pool_size=1024, pool_timeout=30.0),
+        get_updates_request=HTTPXRequest(connection_pool_size=1),
+        rate_limiter=AIORateLimiter(
+            overall_max_rate=settings.telegram_max_rate,
+            group_max_rate=settings.telegram_group_rate,
+            max_retries=settings.telegram_max_retries,
+        ),
+    )
+    processor = ChatOrderedUpdateProcessor(settings.max_concurrent_updates, albums)
     app: ParleyApp = (
         ApplicationBuilder()
-        .token(settings.telegram_bot_token.get_secret_value())
-        .base_url(f"{api}/bot")
-        .base_file_url(f"{api}/file/bot")
+        .bot(bot)
         .context_types(PTBContextTypes(context=CustomContext, bot_data=BotData))
-        .concurrent_updates(ChatOrderedUpdateProcessor(settings.max_concurrent_updates, albums))
-        .rate_limiter(
-            AIORateLimiter(
-                overall_max_rate=settings.telegram_max_rate,
-                group_max_rate=settings.telegram_group_rate,
-                max_retries=settings.telegram_max_retries,
-            )
-        )
-        # Replies to many chats go out at once; PTB's default pool of 256 would queue them.
-        .connection_pool_size(1024)
-        .pool_timeout(30.0)
+        .concurrent_updates(processor)
         .post_init(post_init)
         .post_stop(post_stop)
         .post_shutdown(post_shutdown)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from telegram import Update
@@ -50,6 +50,8 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
         super().__init__(self._UNLIMITED)
         self.limit = max_concurrent_updates
         self.albums = albums
+        # Called with the ids of updates that are fully handled (the durable inbox).
+        self.on_done: Callable[[list[int]], Awaitable[None]] | None = None
         self._lanes: dict[ChatKey, _Lane] = {}
         self._slots = asyncio.BoundedSemaphore(max_concurrent_updates)
 
@@ -67,11 +69,13 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
         if key is None:
             async with self._slots:
                 await coroutine
+            await self._done(update, [])
             return
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
         lane.users += 1
+        handled: list[int] = []
         try:
             async with lane.lock:
                 if self.albums is not None:
@@ -80,10 +84,18 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
                     await coroutine
         finally:
             if self.albums is not None:
-                self.albums.release(update)
+                handled = self.albums.release(update)
             lane.users -= 1
             if lane.users == 0:
                 del self._lanes[key]
+        # Not reached when cancelled mid-update (shutdown): the inbox replays it next start.
+        await self._done(update, handled)
+
+    async def _done(self, update: object, also: list[int]) -> None:
+        # Handled (errors included: PTB's error handler has answered): never replay it.
+        # Only a crash skips this, and that is what the inbox replays.
+        if self.on_done is not None and isinstance(update, Update):
+            await self.on_done([update.update_id, *also])
 
     async def initialize(self) -> None:
         pass

@@ -20,6 +20,7 @@ from aiohttp import web
 from telegram import Update
 
 from bot.context import ParleyApp
+from bot.durability import DurableBot
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ def make_server(app: ParleyApp, path: str, secret: str) -> web.Application:
             return web.Response(status=400, text="not an update")
         if update is None:
             return web.Response(status=400, text="not an update")
+        # Durable before Telegram hears 200; a redelivered update is acknowledged, not redone.
+        bot = app.bot
+        if isinstance(bot, DurableBot) and bot.inbox is not None:
+            if not await bot.inbox.accept([update]):
+                return web.Response(text="ok")
         await app.update_queue.put(update)
         return web.Response(text="ok")
 

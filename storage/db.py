@@ -479,6 +479,55 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    # -- the inbox of received updates -------------------------------------------------------
+
+    async def inbox_accept(self, updates: Sequence[tuple[int, str]]) -> set[int]:
+        """Persist received updates (id, JSON); returns the ids not seen before."""
+        if not updates:
+            return set()
+        fresh: set[int] = set()
+        now = utcnow()
+        async with self.transaction() as conn:
+            for update_id, payload in updates:
+                cur = await conn.execute(
+                    "INSERT OR IGNORE INTO inbox (update_id, payload, received_at) VALUES (?, ?, ?)",
+                    (update_id, payload, now),
+                )
+                if cur.rowcount:
+                    fresh.add(update_id)
+        return fresh
+
+    async def inbox_done(self, update_ids: Sequence[int]) -> None:
+        async with self.transaction() as conn:
+            await conn.executemany(
+                "UPDATE inbox SET done_at = ? WHERE update_id = ? AND done_at IS NULL",
+                [(utcnow(), u) for u in update_ids],
+            )
+
+    async def inbox_pending(self) -> list[tuple[int, str]]:
+        """Updates received but not handled (a crash), oldest first."""
+        return [
+            (int(u), str(p))
+            for u, p in await self.fetch_all(
+                "SELECT update_id, payload FROM inbox WHERE done_at IS NULL ORDER BY update_id"
+            )
+        ]
+
+    async def inbox_purge(self, before: str) -> None:
+        """Forget handled updates received before `before` (they only served to dedupe)."""
+        async with self.transaction() as conn:
+            await conn.execute(
+                "DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < ?", (before,)
+            )
+
+    async def answered(self, chat_id: int, user_message_id: int) -> bool:
+        """Whether a message already has a logged turn (so a replay must not answer it)."""
+        async with self._conn.execute(
+            "SELECT 1 FROM turns WHERE chat_id = ? AND user_message_id = ? LIMIT 1",
+            (chat_id, user_message_id),
+        ) as cur:
+            return await cur.fetchone() is not None
+
     # -- fine-tuning jobs -------------------------------------------------------------------
 
     async def add_job(self, job: JobRecord) -> None:

@@ -193,4 +193,23 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        6,
+        "durable updates",
+        """
+        -- Every update Telegram delivers is written here before Telegram is told it arrived
+        -- (the next getUpdates, or the webhook's 200), and marked done once handled; what
+        -- is not done when the bot starts is replayed.
+        CREATE TABLE inbox (
+            update_id   INTEGER PRIMARY KEY,
+            payload     TEXT    NOT NULL,   -- the update as JSON
+            received_at TEXT    NOT NULL,
+            done_at     TEXT
+        );
+        CREATE INDEX inbox_pending ON inbox (update_id) WHERE done_at IS NULL;
+
+        -- A replayed message must not be answered twice: look its turn up.
+        CREATE INDEX turns_user_message ON turns (chat_id, user_message_id);
+        """,
+    ),
 )

@@ -21,6 +21,7 @@ class _Album:
     parts: list[Message]
     last: float
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    joined: list[int] = field(default_factory=list)  # update ids of the parts that joined
 
 
 class Albums:
@@ -45,6 +46,7 @@ class Albums:
             self._open[key] = _Album([update.message], now)
             return False
         album.parts.append(update.message)
+        album.joined.append(update.update_id)
         album.last = now
         return True
 
@@ -70,13 +72,18 @@ class Albums:
             return [message]
         return list(album.parts)
 
-    def release(self, update: object) -> None:
-        """Forget the album an update opened (after its handling, taken or not)."""
+    def release(self, update: object) -> list[int]:
+        """Forget the album an update opened (after its handling, taken or not).
+
+        Returns the update ids of the parts that joined it: they were handled with it.
+        """
         if isinstance(update, Update) and update.message is not None:
             key = self._key(update.message)
             album = self._open.get(key) if key else None
-            if album is not None and album.parts[0] is update.message:
-                del self._open[key]  # type: ignore[arg-type]
+            if key is not None and album is not None and album.parts[0] is update.message:
+                del self._open[key]
+                return album.joined
+        return []
 
     def __len__(self) -> int:
         return len(self._open)

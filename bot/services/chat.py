@@ -65,6 +65,13 @@ class ChatService:
         self.model = model
         self.draft_interval = draft_interval
 
+    async def already_answered(self, msg: Incoming) -> bool:
+        """A message replayed after a crash whose answer was already logged: skip it."""
+        if await self.store.answered(msg.key.chat_id, msg.message_id):
+            log.info("message %s in chat %s was already answered", msg.message_id, msg.key)
+            return True
+        return False
+
     async def over_limit(self, user_id: int | None) -> bool:
         """Whether the user has used up today's messages (UTC day; admins are exempt)."""
         if not self.daily_limit or user_id is None or self.exempt(user_id):
@@ -82,6 +89,8 @@ class ChatService:
 
     async def answer(self, bot: Bot, msg: Incoming) -> TurnRecord | None:
         """Stream the model's answer to `msg` into its chat; the logged turn is returned."""
+        if await self.already_answered(msg):
+            return None
         if await self.refuse_over_limit(bot, msg):
             return None
         profile = await self.profiles.for_chat(msg.key)

@@ -104,9 +104,8 @@ class PhotoService:
         """Prepare every image of the message(s) and ask the vision model about them."""
         first = messages[0]
         # Checked before anything is downloaded: a refused photo costs nothing.
-        if await self.chat.refuse_over_limit(
-            bot, Incoming(key, chat_type, user_id, first.message_id, text="", lang=lang)
-        ):
+        probe = Incoming(key, chat_type, user_id, first.message_id, text="", lang=lang)
+        if await self.chat.already_answered(probe) or await self.chat.refuse_over_limit(bot, probe):
             return
         if not (await self.chat.profiles.for_chat(key)).vision:
             await send_text(
