@@ -16,6 +16,7 @@ from bot.services.dataset import DatasetOptions, DatasetReport
 from bot.services.finetune import describe
 from bot.services.trainer import JobInfo, TrainerError
 from bot.texts import t, tr
+from handlers.common import edit_or_send
 from storage.db import JobRecord
 
 log = logging.getLogger(__name__)
@@ -116,21 +117,19 @@ async def train_button(update: Update, context: CustomContext) -> None:
     await query.answer()
     if action == "drop":
         tuner.drop(token)
-        await query.edit_message_text(tr(update, "train.cancelled"))
+        await edit_or_send(query, tr(update, "train.cancelled"))
         return
     try:
         job = await tuner.start(token, update.effective_user.id)
     except KeyError:
-        await query.edit_message_text(tr(update, "train.expired"))
+        await edit_or_send(query, tr(update, "train.expired"))
         return
     except TrainerError as exc:
         log.warning("fine-tuning job not started: %s (%s)", exc.kind, exc.detail)
         key = "train.forbidden" if exc.kind == "permission" else "train.failed_to_start"
-        await query.edit_message_text(tr(update, key, kind=exc.kind))
+        await edit_or_send(query, tr(update, key, kind=exc.kind))
         return
-    await query.edit_message_text(
-        tr(update, "train.started", job_id=job.job_id, model=job.base_model)
-    )
+    await edit_or_send(query, tr(update, "train.started", job_id=job.job_id, model=job.base_model))
 
 
 def _age(created: int | str) -> str:
@@ -283,10 +282,10 @@ async def use_model(update: Update, context: CustomContext) -> None:
     record = await context.services.store.job(query.data.split(":", 2)[2])
     await query.answer()
     if record is None or not record.fine_tuned_model:
-        await query.edit_message_text(tr(update, "job.unknown"))
+        await edit_or_send(query, tr(update, "job.unknown"))
         return
     await context.services.switch_model(record.fine_tuned_model)
-    await query.edit_message_text(tr(update, "model.switched", model=record.fine_tuned_model))
+    await edit_or_send(query, tr(update, "model.switched", model=record.fine_tuned_model))
 
 
 @admin_only

@@ -8,6 +8,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
 from bot.texts import tr
+from handlers.common import edit_or_send
 from storage.db import ChatKey
 
 
@@ -54,10 +55,10 @@ async def choose(update: Update, context: CustomContext) -> None:
     profiles = context.services.chat.profiles
     await query.answer()
     if name not in profiles.all:
-        await query.edit_message_text(tr(update, "assistant.unknown", name=name))
+        await edit_or_send(query, tr(update, "assistant.unknown", name=name))
         return
     await _switch(context, key, name)
-    await query.edit_message_text(tr(update, "assistant.switched", name=profiles.all[name].title))
+    await edit_or_send(query, tr(update, "assistant.switched", name=profiles.all[name].title))
 
 
 def register(app: ParleyApp) -> None:

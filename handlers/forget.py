@@ -7,6 +7,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler
 
 from bot.context import CustomContext, ParleyApp
 from bot.texts import tr
+from handlers.common import edit_or_send
 
 
 async def forget(update: Update, context: CustomContext) -> None:
@@ -38,10 +39,10 @@ async def confirm(update: Update, context: CustomContext) -> None:
         return
     await query.answer()
     if answer != "yes":
-        await query.edit_message_text(tr(update, "forget.kept"))
+        await edit_or_send(query, tr(update, "forget.kept"))
         return
     count = await context.services.store.forget_user(user.id)
-    await query.edit_message_text(tr(update, "forget.done", count=count))
+    await edit_or_send(query, tr(update, "forget.done", count=count))
 
 
 def register(app: ParleyApp) -> None:

@@ -490,7 +490,8 @@ class Store:
         async with self.transaction() as conn:
             for update_id, payload in updates:
                 cur = await conn.execute(
-                    "INSERT OR IGNORE INTO inbox (update_id, payload, received_at) VALUES (?, ?, ?)",
+                    "INSERT OR IGNORE INTO inbox (update_id, payload, received_at)"
+                    " VALUES (?, ?, ?)",
                     (update_id, payload, now),
                 )
                 if cur.rowcount:

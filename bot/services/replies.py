@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
+from typing import Any
 
-from telegram import Bot, ReplyParameters
+from telegram import Bot, Message, ReplyParameters
 from telegram.constants import ChatAction
-from telegram.error import BadRequest, TelegramError
+from telegram.error import BadRequest, NetworkError, TelegramError, TimedOut
 
 from bot.services.formatting import TEXT_LIMIT, Formatted, plain_parts, render_parts, utf16_len
 from storage.db import ChatKey
@@ -152,19 +153,49 @@ async def send_parts(
         )
         thread = key.topic_id or None
         try:
-            message = await bot.send_message(
-                key.chat_id, part.text, entities=list(part.entities) or None,
-                message_thread_id=thread, reply_parameters=reply,
-            )  # fmt: skip
+            message = await _with_retries(
+                bot.send_message,
+                key.chat_id,
+                part.text,
+                entities=list(part.entities) or None,
+                message_thread_id=thread,
+                reply_parameters=reply,
+            )
         except BadRequest as exc:
             if not part.entities:
                 raise
             log.warning("Telegram refused a formatted part (%s); sending it plain", exc.message)
-            message = await bot.send_message(
-                key.chat_id, part.text, message_thread_id=thread, reply_parameters=reply
+            message = await _with_retries(
+                bot.send_message,
+                key.chat_id,
+                part.text,
+                message_thread_id=thread,
+                reply_parameters=reply,
             )
         ids.append(message.message_id)
     return ids
+
+
+SEND_RETRIES = (0.5, 1.0, 2.0)  # seconds before each retry of a transient failure
+
+
+async def _with_retries(
+    send: Callable[..., Awaitable[Message]], *args: Any, **kwargs: Any
+) -> Message:
+    """Retry Telegram's transient failures (502s, dropped connections).
+
+    429s are retried by the rate limiter; a timeout is not retried, as the message may
+    have gone through, and a reply sent twice is worse than one reported late.
+    """
+    for delay in SEND_RETRIES:
+        try:
+            return await send(*args, **kwargs)
+        except (BadRequest, TimedOut):
+            raise
+        except NetworkError as exc:
+            log.warning("Telegram send failed (%s); retrying in %.1f s", exc.message, delay)
+            await asyncio.sleep(delay)
+    return await send(*args, **kwargs)
 
 
 async def send_text(bot: Bot, key: ChatKey, text: str, *, reply_to: int | None) -> list[int]:

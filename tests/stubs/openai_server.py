@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 import uuid
 from collections import deque
@@ -63,6 +64,12 @@ class FakeOpenAI:
         self.api_key = api_key
         self.script: deque[Reply] = deque()
         self.latency = 0.0  # added to every model call
+        # With the script empty, this share of model calls fails at random (seeded): a 429,
+        # a 500, an answer slower than `fault_delay`, or a stream cut halfway.
+        self.fault_rate = 0.0
+        self.fault_delay = 2.0
+        self.rng = random.Random(0)
+        self.faults_injected: list[str] = []
         self.calls: list[ModelCall] = []
         self.requests: list[tuple[str, str, Any]] = []
         self.violations: list[str] = []
@@ -348,8 +355,20 @@ class FakeOpenAI:
 
     # -- the model --------------------------------------------------------------------------
 
+    def _random_fault(self) -> Reply | None:
+        if self.rng.random() >= self.fault_rate:
+            return None
+        kind = self.rng.choice(["429", "500", "timeout", "cut"])
+        self.faults_injected.append(kind)
+        return {
+            "429": Reply(status=429),
+            "500": Reply(status=500),
+            "timeout": Reply(delay=self.fault_delay),
+            "cut": Reply("this answer is cut off before it ends", cut_after=3),
+        }[kind]
+
     def _next_reply(self, call: ModelCall) -> tuple[Reply, str]:
-        reply = self.script.popleft() if self.script else Reply()
+        reply = self.script.popleft() if self.script else (self._random_fault() or Reply())
         text = reply.text
         if callable(text):
             text = text(call)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,6 +66,9 @@ class FakeTelegram:
         self.faults: dict[str, deque[Fault]] = {}
         self.latency: dict[str, float] = {}
         self.allowed_updates: list[str] | None = None
+        # This share of sendMessage calls fails at random (seeded): 429 or 502.
+        self.send_fault_rate = 0.0
+        self.rng = random.Random(0)
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # what the bot sent, as now
         self.uploads: list[tuple[str, str, bytes]] = []  # (method, field, bytes) of file parts
         self._updates: list[dict[str, Any]] = []
@@ -118,10 +122,13 @@ class FakeTelegram:
     def next_message_id(self, chat_id: int) -> int:
         return next(self._message_ids.setdefault(chat_id, itertools.count(1)))
 
-    def push_update(self, update: dict[str, Any]) -> dict[str, Any]:
-        """Queue a raw update (given without update_id); it is checked against the spec."""
+    def push_update(self, update: dict[str, Any], *, validate: bool = True) -> dict[str, Any]:
+        """Queue a raw update (given without update_id); it is checked against the spec.
+
+        `validate=False` lets a test send what the spec doesn't know (future update types).
+        """
         update = {"update_id": next(self._update_ids), **update}
-        if self.spec is not None:
+        if self.spec is not None and validate:
             self.violations += [
                 f"injected Update: {v}" for v in self.spec.validate_object("Update", update)
             ]
@@ -329,6 +336,10 @@ class FakeTelegram:
         if queue:
             fault = queue.popleft()
             return _error(fault.status, fault.description, fault.retry_after)
+        if method == "sendMessage" and self.rng.random() < self.send_fault_rate:
+            if self.rng.random() < 0.5:
+                return _error(429, "Too Many Requests: retry after 1", 1)
+            return _error(502, "Bad Gateway")
         if method == "getUpdates":
             return await self._get_updates(params)
         handler = getattr(self, f"_m_{method}", None)

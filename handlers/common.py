@@ -1,0 +1,27 @@
+"""Small helpers shared by handlers."""
+
+from __future__ import annotations
+
+import logging
+
+from telegram import CallbackQuery, InlineKeyboardMarkup
+from telegram.error import BadRequest
+
+log = logging.getLogger(__name__)
+
+
+async def edit_or_send(
+    query: CallbackQuery, text: str, reply_markup: InlineKeyboardMarkup | None = None
+) -> None:
+    """Show `text` in place of the button's message, or as a new message if that is gone.
+
+    Buttons on old messages keep working: Telegram can't edit a message that was deleted,
+    is too old, or (inaccessible messages) was never shown to the bot again.
+    """
+    try:
+        await query.edit_message_text(text, reply_markup=reply_markup)
+        return
+    except BadRequest as exc:
+        log.info("could not edit a button's message (%s); sending a new one", exc.message)
+    if query.message is not None:
+        await query.get_bot().send_message(query.message.chat.id, text, reply_markup=reply_markup)
