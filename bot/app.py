@@ -186,8 +186,9 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         slot=slot,
         base_url=f"{api}/bot",
         base_file_url=f"{api}/file/bot",
-        # Replies to many chats go out at once; PTB's default pool of 256 would queue them.
-        request=HTTPXRequest(connection_pool_size=1024, pool_timeout=30.0),
+        # Many chats send at once, but every pooled connection costs a scan per request in
+        # httpcore (bench/run.py's profile): 256 is enough to keep loopback-to-API busy.
+        request=HTTPXRequest(connection_pool_size=256, pool_timeout=30.0),
         get_updates_request=HTTPXRequest(connection_pool_size=1),
         rate_limiter=AIORateLimiter(
             overall_max_rate=settings.telegram_max_rate,

@@ -13,12 +13,12 @@ from tests.stubs.telegram_server import FakeTelegram
 async def test_private_message_streams_a_draft_then_sends_the_answer(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:
-    oai.enqueue(Reply("Paris is the capital of France.", delay=0.05))
+    oai.enqueue(Reply("Paris is the capital of France.", delay=0.7))  # slow to start
     tg.push_message(100, "What is the capital of France?")
     assert await tg.wait_sent(100) == ["Paris is the capital of France."]
 
     drafts = [c.params for c in tg.calls_of("sendMessageDraft")]
-    assert drafts[0]["text"] == ""  # the "Thinking..." placeholder comes first
+    assert drafts[0]["text"] == ""  # a slow start shows the "Thinking..." placeholder first
     assert any(d["text"].startswith("Paris") for d in drafts[1:])
     assert all(d["draft_id"] == drafts[0]["draft_id"] for d in drafts)
     final = tg.calls_of("sendMessage")[-1]
@@ -26,6 +26,7 @@ async def test_private_message_streams_a_draft_then_sends_the_answer(
 
     [call] = oai.calls
     assert call.api == "responses" and call.conversation in oai.conversations
+    assert call.body["input"] == "What is the capital of France?"
     assert call.body["stream"] is True and call.body["model"] == "gpt-5.4-mini"
     assert call.instructions and "Parley" in call.instructions
     assert call.last_user_text == "What is the capital of France?"

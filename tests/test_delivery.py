@@ -42,7 +42,7 @@ async def test_markdown_is_sent_as_entities_and_drafts_are_formatted_too(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:
     answer = "Use **bold** and `x < y` here:\n\n```python\nprint('a_b * 2')\n```\n\n- one\n- two"
-    oai.enqueue(Reply(answer, chunk_words=3))
+    oai.enqueue(Reply(answer, chunk_words=3, chunk_delay=0.05))
     tg.push_message(100, "format please")
     [text] = await tg.wait_sent(100, 1)
     assert "**" not in text and "```" not in text and "print('a_b * 2')" in text

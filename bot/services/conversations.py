@@ -27,6 +27,7 @@ from openai.types.responses import (
     ResponseFailedEvent,
     ResponseIncompleteEvent,
     ResponseInputImageParam,
+    ResponseInputItemParam,
     ResponseInputMessageContentListParam,
     ResponseTextDeltaEvent,
 )
@@ -108,14 +109,21 @@ class OpenAIConversations:
         on_delta: OnDelta,
         temperature: float | None = None,
     ) -> ReplyResult:
-        parts: ResponseInputMessageContentListParam = [
-            {"type": "input_text", "text": content.text},
-            *(
-                ResponseInputImageParam(type="input_image", image_url=url, detail="auto")
-                for url in content.image_urls
-            ),
-        ]
-        message: EasyInputMessageParam = {"type": "message", "role": "user", "content": parts}
+        request_input: str | list[ResponseInputItemParam]
+        if content.image_urls:
+            parts: ResponseInputMessageContentListParam = [
+                {"type": "input_text", "text": content.text},
+                *(
+                    ResponseInputImageParam(type="input_image", image_url=url, detail="auto")
+                    for url in content.image_urls
+                ),
+            ]
+            message: EasyInputMessageParam = {"type": "message", "role": "user", "content": parts}
+            request_input = [message]
+        else:
+            # A plain string is the same user message to the API, and the SDK transforms it
+            # ~0.7 ms faster than the item list (bench/run.py's profile).
+            request_input = content.text
         started = time.perf_counter()
         chunks: list[str] = []
         try:
@@ -123,7 +131,7 @@ class OpenAIConversations:
                 model=model,
                 conversation=thread.conversation_id,
                 instructions=instructions,
-                input=[message],
+                input=request_input,
                 stream=True,
                 temperature=temperature if temperature is not None else omit,
             )

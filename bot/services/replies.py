@@ -20,6 +20,7 @@ from storage.db import ChatKey
 log = logging.getLogger(__name__)
 
 TYPING_EVERY = 4.0  # a chat action shows for ~5 s
+PLACEHOLDER_AFTER = 0.5  # seconds without a token before the "Thinking..." draft
 
 
 class ReplyStreamer:
@@ -49,6 +50,7 @@ class ReplyStreamer:
         self._chunks: list[str] = []
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.first_draft_at: float | None = None  # monotonic time of the first text draft
 
     @property
@@ -74,6 +76,7 @@ class ReplyStreamer:
         self._changed.set()
 
     async def _stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -82,11 +85,18 @@ class ReplyStreamer:
 
     async def _draft_loop(self) -> None:
         try:
-            # An empty draft shows Telegram's "Thinking..." placeholder straight away.
-            await self._bot.send_message_draft(
-                self._key.chat_id, self._draft_id, text="", message_thread_id=self._topic
-            )
-            while True:
+            # Telegram's "Thinking..." placeholder (an empty draft), only if the model is slow
+            # to start: a fast answer's first words are a better first sign of life.
+            # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow a cancel that
+            # lands as the event fires, and this loop would then never stop.
+            try:
+                async with asyncio.timeout(PLACEHOLDER_AFTER):
+                    await self._changed.wait()
+            except TimeoutError:
+                await self._bot.send_message_draft(
+                    self._key.chat_id, self._draft_id, text="", message_thread_id=self._topic
+                )
+            while not self._stopping:
                 await self._changed.wait()
                 self._changed.clear()
                 # The draft shows the part being written, formatted as the final one will be.
@@ -108,7 +118,7 @@ class ReplyStreamer:
             log.info("draft streaming stopped for chat %s: %s", self._key, type(exc).__name__)
 
     async def _typing_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._bot.send_chat_action(
                     self._key.chat_id, ChatAction.TYPING, message_thread_id=self._topic

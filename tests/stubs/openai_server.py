@@ -56,6 +56,7 @@ class Reply:
     delay: float = 0.0
     cut_after: int | None = None  # drop the connection after this many deltas
     chunk_words: int = 1
+    chunk_delay: float = 0.0  # seconds between deltas
 
 
 class FakeOpenAI:
@@ -536,7 +537,7 @@ class FakeOpenAI:
             await send(
                 "response.output_text.delta", **ref, content_index=0, delta=delta, logprobs=[]
             )
-            await asyncio.sleep(0)
+            await asyncio.sleep(reply.chunk_delay)
         await send("response.output_text.done", **ref, content_index=0, text=text, logprobs=[])
         await send(
             "response.content_part.done",
@@ -638,7 +639,7 @@ class FakeOpenAI:
                 await send(
                     {"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
                 )
-                await asyncio.sleep(0)
+                await asyncio.sleep(reply.chunk_delay)
             await send({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 await send({"choices": [], "usage": chat_usage})
