@@ -38,6 +38,14 @@ async def _press(tg: FakeTelegram, user_id: int, chat_id: int, data_prefix: str)
     tg.push_callback(user_id, chat_id, mid, data)
 
 
+async def _train_and_start(tg: FakeTelegram) -> None:
+    """The admin runs /train and presses "start" under the summary."""
+    tg.chat(ADMIN)
+    tg.push_message(ADMIN, "/train", user_id=ADMIN)
+    await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+    await _press(tg, ADMIN, ADMIN, "ft:start:")
+
+
 def _uploaded_examples(oai: FakeOpenAI) -> list[dict]:  # type: ignore[type-arg]
     first = next(iter(oai.files.values()))
     return [json.loads(line) for line in first["data"].decode().splitlines()]
@@ -160,10 +168,7 @@ async def test_403_explains_the_wind_down_and_points_to_export(
     async with running(make_settings()) as app:
         await _seed(tg, 11)
         await settled(app)  # every seeded turn is logged before /train
-        tg.chat(ADMIN)
-        tg.push_message(ADMIN, "/train", user_id=ADMIN)
-        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
-        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await _train_and_start(tg)
         await tg.wait_for(lambda: any("403" in t for t in tg.texts(ADMIN)))
     text = next(t for t in tg.texts(ADMIN) if "403" in t)
     assert "2027-01-06" in text and "/export" in text
@@ -197,10 +202,7 @@ async def test_forget_is_honoured_by_the_next_train(
         await _press(tg, USER, USER, "forget:yes:")
         await tg.wait_for(lambda: any(t.startswith("Done: I deleted 10") for t in tg.texts(USER)))
         await _chat(tg, USER, ["secret after forgetting"])  # logged, but never trained on
-        tg.chat(ADMIN)
-        tg.push_message(ADMIN, "/train", user_id=ADMIN)
-        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
-        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await _train_and_start(tg)
         await tg.wait_for(lambda: bool(oai.jobs))
         await settled(app)
         store = app.bot_data.services.store  # type: ignore[union-attr]
@@ -217,10 +219,7 @@ async def test_failed_job_is_reported_with_its_reason_and_polling_resumes_after_
     async with running(settings) as app:
         await _seed(tg, 11)
         await settled(app)  # every seeded turn is logged before /train
-        tg.chat(ADMIN)
-        tg.push_message(ADMIN, "/train", user_id=ADMIN)
-        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
-        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await _train_and_start(tg)
         await tg.wait_for(lambda: any("Started" in t for t in tg.texts(ADMIN)))
     assert not any("failed" in t for t in tg.texts(ADMIN))
     async with running(make_settings(job_poll_interval=0.1)) as app:
@@ -235,10 +234,7 @@ async def test_jobs_job_and_cancel_and_offline_listing(
     async with running(make_settings(job_poll_interval=60)) as app:
         await _seed(tg, 11)
         await settled(app)  # every seeded turn is logged before /train
-        tg.chat(ADMIN)
-        tg.push_message(ADMIN, "/train", user_id=ADMIN)
-        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
-        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await _train_and_start(tg)
         await tg.wait_for(lambda: bool(oai.jobs))
         [job_id] = oai.jobs
         n = len(tg.sent_texts(ADMIN))
@@ -262,10 +258,7 @@ async def test_job_shows_a_loss_chart_once_metrics_exist(
     async with running(make_settings(job_poll_interval=0.1)) as app:
         await _seed(tg, 11)
         await settled(app)  # every seeded turn is logged before /train
-        tg.chat(ADMIN)
-        tg.push_message(ADMIN, "/train", user_id=ADMIN)
-        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
-        await _press(tg, ADMIN, ADMIN, "ft:start:")
+        await _train_and_start(tg)
         await tg.wait_for(lambda: any("succeeded" in t for t in tg.texts(ADMIN)), timeout=10)
         [job_id] = oai.jobs
         tg.push_message(ADMIN, f"/job {job_id}", user_id=ADMIN)
