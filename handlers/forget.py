@@ -6,6 +6,7 @@ from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler
 
 from bot.context import CustomContext, ParleyApp
+from bot.services.conversations import forget_chat
 from bot.texts import tr
 from handlers.common import edit_or_send
 
@@ -41,7 +42,11 @@ async def confirm(update: Update, context: CustomContext) -> None:
     if answer != "yes":
         await edit_or_send(query, tr(update, "forget.kept"))
         return
-    count = await context.services.store.forget_user(user.id)
+    services = context.services
+    count = await services.store.forget_user(user.id)
+    # The private chat's threads also live on OpenAI's side (a private chat's id is the
+    # user's id); in groups they hold other people's messages too, so they stay.
+    await forget_chat(services.openai, services.store, user.id)
     await edit_or_send(query, tr(update, "forget.done", count=count))
 
 

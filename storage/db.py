@@ -629,6 +629,17 @@ class Store:
             )
         return int(row[0]) if row else 0
 
+    async def conversation_ids(self, chat_id: int) -> list[str]:
+        """Server-side conversation ids of every thread a chat ever had (open or closed)."""
+        return [
+            str(row[0])
+            for row in await self.fetch_all(
+                "SELECT conversation_id FROM threads"
+                " WHERE chat_id = ? AND conversation_id IS NOT NULL ORDER BY id",
+                (chat_id,),
+            )
+        ]
+
     async def fetch_all(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         """Run a read query (used by stats and tests); explicit SQL, parameterised."""
         async with self._conn.execute(sql, params) as cur:

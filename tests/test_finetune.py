@@ -333,3 +333,21 @@ async def test_help_shows_admin_commands_only_to_admins(
         [admin_help] = await tg.wait_sent(ADMIN, 1)
     assert "/train" not in user_help and "/forget" in user_help
     assert "/train" in admin_help and "/jobs" in admin_help
+
+
+async def test_forget_also_deletes_the_private_chats_conversations_at_openai(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings()):
+        await _chat(tg, USER, ["my secret plan", "more secrets"])
+        tg.push_message(USER, "/reset", user_id=USER)  # a closed thread is deleted too
+        await tg.wait_sent(USER, 3)
+        await _chat(tg, USER, ["secret in the second thread"])
+        assert len(oai.conversations) == 2
+        tg.push_message(USER, "/forget", user_id=USER)
+        await tg.wait_for(lambda: any(b[2].startswith("forget:yes:") for b in tg.buttons(USER)))
+        await _press(tg, USER, USER, "forget:yes:")
+        await tg.wait_for(lambda: any(t.startswith("Done: I deleted") for t in tg.texts(USER)))
+        assert oai.conversations == {}  # nothing of theirs is left on the server
+        await _chat(tg, USER, ["a fresh start"])
+    assert oai.calls[-1].transcript == [("user", "a fresh start")]

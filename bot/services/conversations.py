@@ -8,6 +8,7 @@ OpenAI-compatible servers (Ollama, vLLM, llama.cpp, LM Studio) that lack Convers
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from openai.types.responses import (
 from bot.errors import ModelError, classify_model_error
 from bot.services.tokens import estimate_tokens
 from storage.db import ChatKey, HistoryMessage, Store, Thread
+
+log = logging.getLogger(__name__)
 
 OnDelta = Callable[[str], Awaitable[None]]
 
@@ -237,6 +240,25 @@ class LocalHistory:
 
     async def reset(self, key: ChatKey) -> None:
         await self._store.close_threads(key)
+
+
+async def forget_chat(client: AsyncOpenAI, store: Store, chat_id: int) -> int:
+    """Delete a chat's conversations on the server and close its threads; how many went.
+
+    The dialogue log is the store's to forget; this removes the copy OpenAI keeps. A
+    failure is logged and the rest carry on: the user's request is not undone by one.
+    """
+    deleted = 0
+    for conversation_id in await store.conversation_ids(chat_id):
+        try:
+            await client.conversations.delete(conversation_id)
+            deleted += 1
+        except openai.NotFoundError:
+            pass  # already gone
+        except openai.OpenAIError as exc:
+            log.warning("could not delete a conversation: %s", classify_model_error(exc).kind)
+    await store.close_threads(ChatKey(chat_id))
+    return deleted
 
 
 def _user_message(text: str, image_urls: Sequence[str]) -> ChatCompletionUserMessageParam:
