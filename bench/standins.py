@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.stubs.openai_server import API_KEY, FakeOpenAI, ModelCall, Reply, _chunks  # noqa: E402
+from tests.stubs.openai_server import API_KEY, FakeOpenAI, ModelCall, Reply  # noqa: E402
 from tests.stubs.telegram_server import Call, FakeTelegram, _error  # noqa: E402
 
 TOKEN = "123456789:AAFakeTokenForParleyBench-abcdefghijkl"
@@ -214,7 +214,7 @@ class BenchOpenAI(FakeOpenAI):
         if self.answer_words:
             words = [FILLER[i % len(FILLER)] for i in range(self.answer_words)]
             text += " " + " ".join(words)
-        return Reply(chunk_words=self.chunk_words), text
+        return Reply(chunk_words=self.chunk_words, chunk_delay=self.chunk_delay), text
 
     async def _model_call(self, call: ModelCall) -> tuple[Reply, str]:
         self._record()
@@ -231,60 +231,13 @@ class BenchOpenAI(FakeOpenAI):
         if r is not None:
             r.model_finished = call.finished
 
-    async def _stream_response(
-        self,
-        request: web.Request,
-        reply: Reply,
-        text: str,
-        final: dict[str, Any],
-        item: dict[str, Any],
-    ) -> web.StreamResponse:
-        """The stub's Responses stream, plus a per-chunk delay and the first delta's time."""
-        token = self.rec.token_of(text)
-        r = self.rec.records.get(token) if token else None
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        seq = itertools.count()
-
-        async def send(kind: str, **data: Any) -> None:
-            payload = {"type": kind, "sequence_number": next(seq), **data}
-            await resp.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
-
-        pending = {**final, "status": "in_progress", "output": [], "usage": None}
-        await send("response.created", response=pending)
-        await send("response.in_progress", response=pending)
-        ref = {"item_id": item["id"], "output_index": 0}
-        await send(
-            "response.output_item.added",
-            output_index=0,
-            item={**item, "status": "in_progress", "content": []},
-        )
-        await send(
-            "response.content_part.added",
-            **ref,
-            content_index=0,
-            part={"type": "output_text", "text": "", "annotations": []},
-        )
-        for n, delta in enumerate(_chunks(text, reply.chunk_words)):
-            if n and self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-            await send(
-                "response.output_text.delta", **ref, content_index=0, delta=delta, logprobs=[]
-            )
-            if n == 0 and r is not None:
+    def _delta_sent(self, text: str, n: int) -> None:
+        """The time of each answer's first delta, for the streaming figure."""
+        if n == 0:
+            token = self.rec.token_of(text)
+            r = self.rec.records.get(token) if token else None
+            if r is not None:
                 r.first_delta = time.monotonic()
-            await asyncio.sleep(0)
-        await send("response.output_text.done", **ref, content_index=0, text=text, logprobs=[])
-        await send(
-            "response.content_part.done",
-            **ref,
-            content_index=0,
-            part={"type": "output_text", "text": text, "annotations": []},
-        )
-        await send("response.output_item.done", output_index=0, item=item)
-        await send("response.completed", response=final)
-        await resp.write_eof()
-        return resp
 
     def reset(self) -> None:
         self.conversations.clear()

@@ -397,6 +397,9 @@ class FakeOpenAI:
         await asyncio.sleep(self.latency + reply.delay)
         return reply, text
 
+    def _delta_sent(self, text: str, n: int) -> None:
+        """Hook: delta `n` of the answer `text` was just written (the benchmark times it)."""
+
     def _done(self, call: ModelCall) -> None:
         call.finished = time.monotonic()
         if call.conversation:
@@ -537,6 +540,7 @@ class FakeOpenAI:
             await send(
                 "response.output_text.delta", **ref, content_index=0, delta=delta, logprobs=[]
             )
+            self._delta_sent(text, n)
             await asyncio.sleep(reply.chunk_delay)
         await send("response.output_text.done", **ref, content_index=0, text=text, logprobs=[])
         await send(
