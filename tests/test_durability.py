@@ -9,27 +9,13 @@ import random
 import signal
 import sqlite3
 import sys
-import time
 from pathlib import Path
 
 from storage.db import ChatKey, Store, TurnRecord, utcnow
 from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import API_KEY, FakeOpenAI
-from tests.stubs.telegram_server import FakeTelegram
+from tests.stubs.telegram_server import FakeTelegram, private_text_update
 from tests.test_cli import _env
-
-
-def _message_update(update_id: int, chat_id: int, message_id: int, text: str) -> dict:  # type: ignore[type-arg]
-    return {
-        "update_id": update_id,
-        "message": {
-            "message_id": message_id,
-            "date": int(time.time()),
-            "text": text,
-            "chat": {"id": chat_id, "type": "private", "first_name": "U"},
-            "from": {"id": chat_id, "is_bot": False, "first_name": "U"},
-        },
-    }
 
 
 async def test_an_update_left_unhandled_by_a_crash_is_replayed(
@@ -37,7 +23,9 @@ async def test_an_update_left_unhandled_by_a_crash_is_replayed(
 ) -> None:
     settings = make_settings()
     store = await Store.open(settings.database_path)  # what the crashed run had written
-    await store.inbox_accept([(500, json.dumps(_message_update(500, 100, 7, "lost in a crash")))])
+    await store.inbox_accept(
+        [(500, json.dumps(private_text_update(500, 100, 7, "lost in a crash")))]
+    )
     await store.close()
     tg.chat(100)
     async with running(settings) as app:
@@ -52,7 +40,9 @@ async def test_a_replayed_message_that_was_answered_is_not_answered_again(
 ) -> None:
     settings = make_settings()
     store = await Store.open(settings.database_path)
-    await store.inbox_accept([(501, json.dumps(_message_update(501, 100, 8, "answered already")))])
+    await store.inbox_accept(
+        [(501, json.dumps(private_text_update(501, 100, 8, "answered already")))]
+    )
     thread = await store.create_thread(ChatKey(100), "openai", "conv_x")
     await store.record_turn(
         TurnRecord(
@@ -84,7 +74,7 @@ async def _none_pending(store: Store) -> bool:
 async def test_an_update_telegram_delivers_twice_is_handled_once(
     tg: FakeTelegram, oai: FakeOpenAI, bot: object
 ) -> None:
-    update = tg.push_update(_message_update(0, 100, 1, "only once")) | {}
+    update = tg.push_update(private_text_update(0, 100, 1, "only once")) | {}
     tg.chat(100)
     await tg.wait_sent(100, 1)
     tg.push_update(update)  # the same update_id again, as after a crash before confirmation

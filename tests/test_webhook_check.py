@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -14,23 +13,10 @@ from bot.app import ALLOWED_UPDATES, build_application
 from bot.webhook import SECRET_HEADER, serving
 from tests.conftest import TOKEN, SettingsFactory
 from tests.stubs.openai_server import API_KEY, FakeOpenAI
-from tests.stubs.telegram_server import FakeTelegram
+from tests.stubs.telegram_server import FakeTelegram, private_text_update
 from tests.test_cli import _env
 
 SECRET = "s3cret-token_for-tests"
-
-
-def _update(update_id: int, chat_id: int, text: str) -> dict:  # type: ignore[type-arg]
-    return {
-        "update_id": update_id,
-        "message": {
-            "message_id": update_id,
-            "date": int(time.time()),
-            "text": text,
-            "chat": {"id": chat_id, "type": "private", "first_name": "U"},
-            "from": {"id": chat_id, "is_bot": False, "first_name": "U"},
-        },
-    }
 
 
 async def test_webhook_checks_the_secret_and_answers_updates(
@@ -49,7 +35,7 @@ async def test_webhook_checks_the_secret_and_answers_updates(
         assert set_webhook.params["secret_token"] == SECRET
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
-            body = _update(1, 100, "via webhook")
+            body = private_text_update(1, 100, 1, "via webhook")
             for headers in ({}, {SECRET_HEADER: "wrong"}, {SECRET_HEADER: SECRET[:-1]}):
                 async with http.post(f"{base}/tg/hook", json=body, headers=headers) as r:
                     assert r.status == 403

@@ -34,6 +34,20 @@ BOT_USER = {
 }
 
 
+def private_text_update(update_id: int, chat_id: int, message_id: int, text: str) -> dict[str, Any]:
+    """A raw update: a text message from a user in their private chat (as Telegram sends it)."""
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": message_id,
+            "date": int(time.time()),
+            "text": text,
+            "chat": {"id": chat_id, "type": "private", "first_name": "U"},
+            "from": {"id": chat_id, "is_bot": False, "first_name": "U"},
+        },
+    }
+
+
 def utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
