@@ -48,7 +48,6 @@ class ChatOrderedUpdateProcessor(BaseUpdateProcessor):
 
     def __init__(self, max_concurrent_updates: int, albums: Albums | None = None) -> None:
         super().__init__(self._UNLIMITED)
-        self.limit = max_concurrent_updates
         self.albums = albums
         # Called with the ids of updates that are fully handled (the durable inbox).
         self.on_done: Callable[[list[int]], Awaitable[None]] | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -51,7 +50,6 @@ class ReplyStreamer:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.first_draft_at: float | None = None  # monotonic time of the first text draft
 
     @property
     def _topic(self) -> int | None:
@@ -110,8 +108,6 @@ class ReplyStreamer:
                     entities=list(parts[-1].entities),
                     message_thread_id=self._topic,
                 )
-                if self.first_draft_at is None:
-                    self.first_draft_at = time.monotonic()
                 await asyncio.sleep(self._interval)
         except TelegramError as exc:
             # Drafts are a nicety: if Telegram refuses them, the final message still comes.
