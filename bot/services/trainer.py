@@ -9,10 +9,10 @@ that copy OpenAI's fine-tuning API.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import openai
 from openai import AsyncOpenAI
@@ -20,6 +20,8 @@ from openai import AsyncOpenAI
 from bot.errors import classify_model_error
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -130,14 +132,14 @@ class OpenAITrainer:
         suffix: str,
         metadata: Mapping[str, str],
     ) -> JobInfo:
-        try:
+        async def upload_and_create() -> Any:
             train_file = await self.client.files.create(file=train, purpose="fine-tune")
             validation_id = None
             if validation is not None:
                 validation_id = (
                     await self.client.files.create(file=validation, purpose="fine-tune")
                 ).id
-            job = await self.client.fine_tuning.jobs.create(
+            return await self.client.fine_tuning.jobs.create(
                 model=base_model,
                 training_file=train_file.id,
                 validation_file=validation_id,
@@ -148,44 +150,36 @@ class OpenAITrainer:
                     "supervised": {"hyperparameters": {"n_epochs": self.epochs}},
                 },
             )
-        except openai.OpenAIError as exc:
-            raise _trainer_error(exc) from exc
-        return _job(job)
+
+        return _job(await _api(upload_and_create()))
 
     async def get(self, job_id: str) -> JobInfo:
-        try:
-            return _job(await self.client.fine_tuning.jobs.retrieve(job_id))
-        except openai.OpenAIError as exc:
-            raise _trainer_error(exc) from exc
+        return _job(await _api(self.client.fine_tuning.jobs.retrieve(job_id)))
 
     async def list_jobs(self, limit: int = 20) -> list[JobInfo]:
-        try:
-            page = await self.client.fine_tuning.jobs.list(limit=limit)
-        except openai.OpenAIError as exc:
-            raise _trainer_error(exc) from exc
+        page = await _api(self.client.fine_tuning.jobs.list(limit=limit))
         return [_job(j) for j in page.data]
 
     async def cancel(self, job_id: str) -> JobInfo:
-        try:
-            return _job(await self.client.fine_tuning.jobs.cancel(job_id))
-        except openai.OpenAIError as exc:
-            raise _trainer_error(exc) from exc
+        return _job(await _api(self.client.fine_tuning.jobs.cancel(job_id)))
 
     async def events(self, job_id: str, limit: int = 10) -> list[JobEvent]:
-        try:
-            page = await self.client.fine_tuning.jobs.list_events(job_id, limit=limit)
-        except openai.OpenAIError as exc:
-            raise _trainer_error(exc) from exc
+        page = await _api(self.client.fine_tuning.jobs.list_events(job_id, limit=limit))
         return [JobEvent(e.created_at, e.level, e.message) for e in page.data]
 
     async def losses(self, job_id: str) -> list[LossPoint]:
-        try:
-            page = await self.client.fine_tuning.jobs.checkpoints.list(job_id, limit=100)
-        except openai.OpenAIError as exc:
-            raise _trainer_error(exc) from exc
+        page = await _api(self.client.fine_tuning.jobs.checkpoints.list(job_id, limit=100))
         points = [
             LossPoint(c.step_number, c.metrics.train_loss)
             for c in page.data
             if c.metrics is not None and c.metrics.train_loss is not None
         ]
         return sorted(points, key=lambda p: p.step)
+
+
+async def _api(call: Awaitable[T]) -> T:
+    """Await an OpenAI call, turning its errors into TrainerError."""
+    try:
+        return await call
+    except openai.OpenAIError as exc:
+        raise _trainer_error(exc) from exc
