@@ -351,3 +351,19 @@ async def test_forget_also_deletes_the_private_chats_conversations_at_openai(
         assert oai.conversations == {}  # nothing of theirs is left on the server
         await _chat(tg, USER, ["a fresh start"])
     assert oai.calls[-1].transcript == [("user", "a fresh start")]
+
+
+async def test_the_cost_estimate_counts_the_configured_epochs(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    from bot.services.dataset import DatasetOptions
+
+    costs = []
+    for epochs in (1, 4):
+        async with running(make_settings(fine_tune_epochs=epochs)) as app:
+            if epochs == 1:
+                await _seed(tg, 11)
+                await settled(app)
+            report = await app.bot_data.services.finetune.build(DatasetOptions())  # type: ignore[union-attr]
+            costs.append(report.estimated_cost_usd)
+    assert costs[0] and costs[1] == pytest.approx(costs[0] * 4)

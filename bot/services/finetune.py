@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,6 +62,8 @@ class FineTuner:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         out_dir = self.datasets_dir / f"{stamp}-{secrets.token_hex(3)}"
         out_dir.mkdir(parents=True, exist_ok=True)
+        # The cost estimate must count the epochs the job will really run.
+        options = replace(options, epochs=self.epochs)
         return await asyncio.to_thread(
             build_dataset, self.db_path, out_dir, options, base_model=self.base_model
         )
