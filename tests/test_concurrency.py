@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from bot.context import ParleyApp
 from tests.conftest import eventually
 from tests.stubs.openai_server import FakeOpenAI, Reply
@@ -11,13 +13,17 @@ from tests.stubs.telegram_server import FakeTelegram
 async def test_a_slow_chat_does_not_delay_another(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:
-    oai.enqueue(Reply("slow answer", delay=3.0))
+    # The slow answer is held until the quick chat has its reply: no clock involved.
+    slow = Reply("slow answer", hold=asyncio.Event())
+    oai.enqueue(slow)
     tg.push_message(100, "slow question")
     await eventually(lambda: len(oai.calls) == 1)
     tg.push_message(200, "quick question")
-    assert await tg.wait_sent(200, 1, timeout=2.0) == ["echo: quick question"]
+    assert await tg.wait_sent(200, 1) == ["echo: quick question"]
     assert tg.sent_texts(100) == []  # the slow one is still being written
-    assert await tg.wait_sent(100, 1, timeout=5.0) == ["slow answer"]
+    assert slow.hold is not None
+    slow.hold.set()
+    assert await tg.wait_sent(100, 1) == ["slow answer"]
 
 
 async def test_messages_in_one_chat_are_answered_in_order_one_at_a_time(
@@ -38,13 +44,16 @@ async def test_messages_in_one_chat_are_answered_in_order_one_at_a_time(
 async def test_many_chats_are_served_at_once(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:
-    oai.latency = 0.5
+    # Every answer is held until all 40 model calls are in flight: handled one by one,
+    # the second call could never start and this would time out.
+    gate = asyncio.Event()
+    oai.enqueue(*(Reply(hold=gate) for _ in range(40)))
     for chat in range(300, 340):
         tg.push_message(chat, f"hello from {chat}")
-    await tg.wait_for(lambda: len(tg.calls_of("sendMessage")) == 40, timeout=10)
-    # All 40 model calls overlapped: each started before the first one finished.
-    first_finish = min(c.finished for c in oai.calls if c.finished)
-    assert all(c.started < first_finish for c in oai.calls)
+    await eventually(lambda: len(oai.calls) == 40)
+    assert tg.calls_of("sendMessage") == []
+    gate.set()
+    await tg.wait_for(lambda: len(tg.calls_of("sendMessage")) == 40)
     for chat in range(300, 340):
         assert tg.sent_texts(chat) == [f"echo: hello from {chat}"]
     processor = bot._update_processor  # type: ignore[attr-defined]

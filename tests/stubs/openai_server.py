@@ -57,6 +57,7 @@ class Reply:
     cut_after: int | None = None  # drop the connection after this many deltas
     chunk_words: int = 1
     chunk_delay: float = 0.0  # seconds between deltas
+    hold: asyncio.Event | None = None  # the answer waits until the test sets this
 
 
 class FakeOpenAI:
@@ -395,6 +396,8 @@ class FakeOpenAI:
             self.max_in_flight_per_conversation = max(self.max_in_flight_per_conversation, n)
         reply, text = self._next_reply(call)
         await asyncio.sleep(self.latency + reply.delay)
+        if reply.hold is not None:
+            await reply.hold.wait()
         return reply, text
 
     def _delta_sent(self, text: str, n: int) -> None:
@@ -409,6 +412,8 @@ class FakeOpenAI:
         self.classify_calls.append(body)
         reply = self.classify_script.popleft() if self.classify_script else Reply()
         await asyncio.sleep(reply.delay)
+        if reply.hold is not None:
+            await reply.hold.wait()
         if reply.status != 200:
             return _status_error(reply.status)
         text = (
