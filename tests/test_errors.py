@@ -45,6 +45,39 @@ async def test_model_failure_gives_a_friendly_reply_and_the_next_message_works(
     assert rows[0][0] == "failed" and rows[0][1] is not None and rows[1] == ("ok", None)
 
 
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (Reply("half an answer", end="incomplete"), "half an answer"),
+        (Reply("", end="incomplete"), "couldn't handle"),
+        (Reply("some words", end="failed", code="rate_limit_exceeded"), "too many requests"),
+        (Reply("some words", end="failed", code="server_error"), "had a problem"),
+        (Reply("some words", end="error", code="server_error"), "had a problem"),
+        (Reply("some words", end="error", code="invalid_prompt"), "couldn't handle"),
+    ],
+    ids=["incomplete", "incomplete-empty", "failed-429", "failed-500", "error-500", "error-400"],
+)
+async def test_how_a_responses_stream_ends_decides_the_reply(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, reply: Reply, expected: str
+) -> None:
+    """The Responses stream is parsed by the bot itself: every documented ending is handled."""
+    async with running(make_settings()) as app:
+        oai.enqueue(reply)
+        tg.push_message(100, "first")
+        [text] = await tg.wait_sent(100, 1)
+        assert expected in text.lower()
+        tg.push_message(100, "second")
+        assert (await tg.wait_sent(100, 2))[1] == "echo: second"
+        await settled(app)
+        store = app.bot_data.services.store  # type: ignore[union-attr]
+        [(status, answer)] = await store.fetch_all(
+            "SELECT status, (SELECT content FROM messages m WHERE m.turn_id = t.id"
+            " AND role = 'assistant') FROM turns t ORDER BY id LIMIT 1"
+        )
+    delivered = reply.end == "incomplete" and reply.text
+    assert (status, answer) == (("ok", reply.text) if delivered else ("failed", None))
+
+
 async def test_model_rate_limit_is_retried_by_the_client_when_configured(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:

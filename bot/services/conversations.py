@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import openai
-from openai import AsyncOpenAI, omit
+from openai import AsyncOpenAI
 from openai.types.chat import (
     ChatCompletionContentPartParam,
     ChatCompletionMessageParam,
@@ -23,14 +23,9 @@ from openai.types.chat import (
 )
 from openai.types.responses import (
     EasyInputMessageParam,
-    ResponseCompletedEvent,
-    ResponseErrorEvent,
-    ResponseFailedEvent,
-    ResponseIncompleteEvent,
     ResponseInputImageParam,
     ResponseInputItemParam,
     ResponseInputMessageContentListParam,
-    ResponseTextDeltaEvent,
 )
 
 from bot.errors import ModelError, classify_model_error
@@ -127,31 +122,35 @@ class OpenAIConversations:
             # A plain string is the same user message to the API, and the SDK transforms it
             # ~0.7 ms faster than the item list (bench/run.py's profile).
             request_input = content.text
+        body: dict[str, Any] = {
+            "model": model,
+            "conversation": thread.conversation_id,
+            "instructions": instructions,
+            "input": request_input,
+            "stream": True,
+        }
+        if temperature is not None:
+            body["temperature"] = temperature
         started = time.perf_counter()
         chunks: list[str] = []
         try:
-            stream = await self._client.responses.create(
-                model=model,
-                conversation=thread.conversation_id,
-                instructions=instructions,
-                input=request_input,
-                stream=True,
-                temperature=temperature if temperature is not None else omit,
-            )
+            stream = await raw_stream(self._client, "/responses", body)
             async with stream:
                 async for event in stream:
-                    if isinstance(event, ResponseTextDeltaEvent):
-                        chunks.append(event.delta)
-                        await on_delta(event.delta)
-                    elif isinstance(event, ResponseCompletedEvent) or (
-                        isinstance(event, ResponseIncompleteEvent) and chunks
-                    ):
+                    kind = event.get("type")
+                    if kind == "response.output_text.delta":
+                        delta = event.get("delta")
+                        if isinstance(delta, str) and delta:
+                            chunks.append(delta)
+                            await on_delta(delta)
+                    elif kind == "response.completed" or (kind == "response.incomplete" and chunks):
                         # An incomplete response (output cap hit) still delivers what it wrote.
-                        return _result(event.response, chunks, model, started)
-                    elif isinstance(event, ResponseFailedEvent | ResponseIncompleteEvent):
-                        raise ModelError(_failed_kind(event.response), event.type)
-                    elif isinstance(event, ResponseErrorEvent):
-                        raise ModelError(_error_event_kind(event.code), f"error event {event.code}")
+                        return _result(_mapping(event.get("response")), chunks, model, started)
+                    elif kind in ("response.failed", "response.incomplete"):
+                        raise ModelError(_failed_kind(_mapping(event.get("response"))), kind)
+                    elif kind == "error":
+                        code = event.get("code")
+                        raise ModelError(_error_event_kind(code), f"error event {code}")
         except ModelError:
             raise
         except Exception as exc:
@@ -202,27 +201,28 @@ class LocalHistory:
         started = time.perf_counter()
         chunks: list[str] = []
         response_id: str | None = None
-        usage = None
+        usage: Mapping[str, Any] = {}
         finish_reason: str | None = None
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if temperature is not None:
+            body["temperature"] = temperature
         try:
-            stream = await self._client.chat.completions.create(
-                model=model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-                temperature=temperature if temperature is not None else omit,
-            )
+            stream = await raw_stream(self._client, "/chat/completions", body)
             async with stream:
                 async for chunk in stream:
-                    response_id = chunk.id or response_id
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                    for choice in chunk.choices:
-                        if choice.delta and choice.delta.content:
-                            chunks.append(choice.delta.content)
-                            await on_delta(choice.delta.content)
-                        if choice.finish_reason:
-                            finish_reason = choice.finish_reason
+                    response_id = _str(chunk.get("id")) or response_id
+                    usage = _mapping(chunk.get("usage")) or usage
+                    for choice in map(_mapping, chunk.get("choices") or ()):
+                        piece = _mapping(choice.get("delta")).get("content")
+                        if isinstance(piece, str) and piece:
+                            chunks.append(piece)
+                            await on_delta(piece)
+                        finish_reason = _str(choice.get("finish_reason")) or finish_reason
         except ModelError:
             raise
         except Exception as exc:
@@ -233,8 +233,8 @@ class LocalHistory:
             text="".join(chunks),
             model=model,
             response_id=response_id,
-            input_tokens=usage.prompt_tokens if usage else None,
-            output_tokens=usage.completion_tokens if usage else None,
+            input_tokens=_int(usage.get("prompt_tokens")),
+            output_tokens=_int(usage.get("completion_tokens")),
             latency_ms=int((time.perf_counter() - started) * 1000),
         )
 
@@ -281,27 +281,87 @@ def data_url(mime_type: str, data: bytes) -> str:
     return f"data:{mime_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _result(response: Any, chunks: list[str], model: str, started: float) -> ReplyResult:
-    usage = response.usage
+async def raw_stream(client: AsyncOpenAI, path: str, body: dict[str, Any]) -> JsonEvents:
+    """POST a streaming request; its server-sent events as plain JSON objects.
+
+    The SDK's typed call (`responses.create(stream=True)`) builds a pydantic model for every
+    event, full `Response` snapshots included: about half of the bot's CPU per message in
+    bench/run.py's profile. `client.post` with `cast_to=object` keeps everything else the
+    SDK does (auth, retries, status errors as exceptions, `error` events raised, connection
+    cleanup) and hands over the decoded JSON as it is. `body` must already be the wire form.
+    """
+    stream = await client.post(
+        path, body=body, cast_to=object, stream=True, stream_cls=openai.AsyncStream[object]
+    )
+    return JsonEvents(stream)
+
+
+class JsonEvents:
+    """An `AsyncStream[object]` seen as a stream of JSON objects (anything else is skipped)."""
+
+    def __init__(self, stream: openai.AsyncStream[object]) -> None:
+        self._stream = stream
+
+    async def __aenter__(self) -> JsonEvents:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stream.close()
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[dict[str, Any]]:
+        async for item in self._stream:
+            if isinstance(item, dict):
+                yield item
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _result(
+    response: Mapping[str, Any], chunks: list[str], model: str, started: float
+) -> ReplyResult:
+    usage = _mapping(response.get("usage"))
     return ReplyResult(
-        text="".join(chunks) or response.output_text,
-        model=response.model or model,
-        response_id=response.id,
-        input_tokens=usage.input_tokens if usage else None,
-        output_tokens=usage.output_tokens if usage else None,
+        text="".join(chunks) or _output_text(response),
+        model=_str(response.get("model")) or model,
+        response_id=_str(response.get("id")),
+        input_tokens=_int(usage.get("input_tokens")),
+        output_tokens=_int(usage.get("output_tokens")),
         latency_ms=int((time.perf_counter() - started) * 1000),
     )
 
 
-def _failed_kind(response: Any) -> str:
-    error = getattr(response, "error", None)
-    code = getattr(error, "code", None) if error else None
-    if code is None and getattr(response, "status", None) == "incomplete":
+def _output_text(response: Mapping[str, Any]) -> str:
+    """The response's text, as the SDK's `Response.output_text` joins it."""
+    return "".join(
+        part.get("text", "")
+        for item in response.get("output") or ()
+        if _mapping(item).get("type") == "message"
+        for part in map(_mapping, item.get("content") or ())
+        if part.get("type") == "output_text" and isinstance(part.get("text"), str)
+    )
+
+
+def _failed_kind(response: Mapping[str, Any]) -> str:
+    code = _mapping(response.get("error")).get("code")
+    if code is None and response.get("status") == "incomplete":
         return "bad_request"
     return _error_event_kind(code)
 
 
-def _error_event_kind(code: str | None) -> str:
+def _error_event_kind(code: object) -> str:
     if code in ("rate_limit_exceeded",):
         return "rate_limited"
     if code in ("server_error", "vector_store_timeout"):

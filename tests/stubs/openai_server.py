@@ -58,6 +58,10 @@ class Reply:
     chunk_words: int = 1
     chunk_delay: float = 0.0  # seconds between deltas
     hold: asyncio.Event | None = None  # the answer waits until the test sets this
+    # How a Responses stream ends after its deltas: "completed", "incomplete" (output cap
+    # hit), "failed" (response.failed with `code`) or "error" (an `error` event with `code`).
+    end: str = "completed"
+    code: str = "server_error"
 
 
 class FakeOpenAI:
@@ -499,7 +503,7 @@ class FakeOpenAI:
             }
             usage = _usage(call, text)
             final = _response_obj(response_id, body, conv_id, "completed", [output_item], usage)
-            if conv is not None and reply.cut_after is None:
+            if conv is not None and reply.cut_after is None and reply.end == "completed":
                 conv["items"] += new_items + [output_item]
             if not body.get("stream"):
                 return web.json_response(final)
@@ -547,6 +551,19 @@ class FakeOpenAI:
             )
             self._delta_sent(text, n)
             await asyncio.sleep(reply.chunk_delay)
+        if reply.end == "error":
+            await send("error", code=reply.code, message="The model failed.", param=None)
+            await resp.write_eof()
+            return resp
+        if reply.end in ("failed", "incomplete"):
+            ended = {**final, "status": reply.end, "output": [{**item, "status": "incomplete"}]}
+            if reply.end == "failed":
+                ended["error"] = {"code": reply.code, "message": "The model failed."}
+            else:
+                ended["incomplete_details"] = {"reason": "max_output_tokens"}
+            await send(f"response.{reply.end}", response=ended)
+            await resp.write_eof()
+            return resp
         await send("response.output_text.done", **ref, content_index=0, text=text, logprobs=[])
         await send(
             "response.content_part.done",
