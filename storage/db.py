@@ -1,23 +1,31 @@
-"""The SQLite store: one aiosqlite connection (WAL, foreign keys on) and explicit SQL."""
+"""The SQLite store: explicit SQL, reads over aiosqlite, writes through one writer thread.
+
+WAL mode, foreign keys on. Reads run on an aiosqlite connection; every write is a plain
+function of a `sqlite3.Connection` run by `storage.writer.Writer` (see there for why).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import aiosqlite
 
 from storage.migrations import MIGRATIONS, Migration
+from storage.writer import Writer
 
 log = logging.getLogger(__name__)
 
 CostFn = Callable[[str], int]
+T = TypeVar("T")
+
+
 # A message's sentiment as stored: (label, score, source).
 SentimentRow = tuple[str, float, str]
 
@@ -134,46 +142,45 @@ class TurnRecord:
 
 
 class Store:
-    """Async repository over the SQLite dialogue log. Writes are serialised by one lock."""
+    """Async repository over the SQLite dialogue log."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, writer: Writer) -> None:
         self._conn = conn
-        # One connection is shared by every chat: a multi-statement write must not interleave
-        # with another coroutine's, or a COMMIT would publish half of someone else's turn.
-        self._write_lock = asyncio.Lock()
+        self._writer = writer
+        self._instruction_ids: dict[str, int] = {}  # sha256 -> id, committed rows only
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
         """Open (creating if needed) the database at `path` and apply pending migrations."""
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if str(path) == ":memory:" or str(path).startswith("file:"):
+            raise ValueError("the store needs a database file: its reader and writer share it")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(str(path), isolation_level=None)
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA foreign_keys=ON")
             await conn.execute("PRAGMA synchronous=NORMAL")
             await conn.execute("PRAGMA busy_timeout=5000")
-            store = cls(conn)
-            await store.migrate()
+            store = cls(conn, Writer(path))
         except BaseException:
             await conn.close()
+            raise
+        try:
+            await store.migrate()
+        except BaseException:
+            await store.close()
             raise
         return store
 
     async def close(self) -> None:
+        """Carry out the writes asked for, then close both connections."""
+        await self._writer.close()
         await self._conn.close()
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, exclusive among our writers."""
-        async with self._write_lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` (plain sqlite3 calls) as one transaction of the writer's; its result."""
+        return await self._writer.write(work)
 
     # -- migrations -------------------------------------------------------------------------
 
@@ -213,117 +220,124 @@ class Store:
     # -- threads ----------------------------------------------------------------------------
 
     async def open_thread(self, key: ChatKey, backend: str) -> Thread | None:
-        async with self._conn.execute(
+        rows = await self._conn.execute_fetchall(
             "SELECT id, conversation_id FROM threads"
             " WHERE chat_id = ? AND topic_id = ? AND backend = ? AND closed_at IS NULL",
             (key.chat_id, key.topic_id, backend),
-        ) as cur:
-            row = await cur.fetchone()
+        )
+        row = next(iter(rows), None)
         return Thread(row[0], key, backend, row[1]) if row else None
 
     async def create_thread(
         self, key: ChatKey, backend: str, conversation_id: str | None = None
     ) -> Thread:
-        async with self.transaction() as conn:
-            cur = await conn.execute(
+        def insert(conn: sqlite3.Connection) -> int | None:
+            return conn.execute(
                 "INSERT INTO threads (chat_id, topic_id, backend, conversation_id, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (key.chat_id, key.topic_id, backend, conversation_id, utcnow()),
-            )
-            thread_id = cur.lastrowid
+            ).lastrowid
+
+        thread_id = await self.write(insert)
         assert thread_id is not None
         return Thread(thread_id, key, backend, conversation_id)
 
     async def close_threads(self, key: ChatKey) -> int:
         """Close every open thread of a chat key (all backends); returns how many."""
-        async with self.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE threads SET closed_at = ?"
-                " WHERE chat_id = ? AND topic_id = ? AND closed_at IS NULL",
-                (utcnow(), key.chat_id, key.topic_id),
+        now = utcnow()
+        return await self.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE threads SET closed_at = ?"
+                    " WHERE chat_id = ? AND topic_id = ? AND closed_at IS NULL",
+                    (now, key.chat_id, key.topic_id),
+                ).rowcount
             )
-            return cur.rowcount
+        )
 
     # -- the dialogue log -------------------------------------------------------------------
 
-    async def _instructions_id(self, conn: aiosqlite.Connection, text: str) -> int:
+    def _instructions_id(self, conn: sqlite3.Connection, text: str) -> tuple[str, int]:
+        """The id of an instructions text (added if new), and its digest."""
         digest = hashlib.sha256(text.encode()).hexdigest()
-        await conn.execute(
+        if (known := self._instruction_ids.get(digest)) is not None:
+            return digest, known
+        conn.execute(
             "INSERT INTO instructions (sha256, text) VALUES (?, ?) ON CONFLICT (sha256) DO NOTHING",
             (digest, text),
         )
-        async with conn.execute("SELECT id FROM instructions WHERE sha256 = ?", (digest,)) as cur:
-            row = await cur.fetchone()
+        row = conn.execute("SELECT id FROM instructions WHERE sha256 = ?", (digest,)).fetchone()
         assert row is not None
-        return int(row[0])
+        return digest, int(row[0])
 
     async def record_turn(self, turn: TurnRecord) -> int:
-        """Write a turn, its messages and its reply message ids in one transaction."""
-        async with self.transaction() as conn:
-            instructions_id = await self._instructions_id(conn, turn.instructions)
-            cur = await conn.execute(
-                "INSERT INTO turns (thread_id, chat_id, topic_id, chat_type, user_id,"
-                " user_message_id, status, error_kind, model, instructions_id, response_id,"
-                " input_tokens, output_tokens, latency_ms, started_at, finished_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    turn.thread_id,
-                    turn.key.chat_id,
-                    turn.key.topic_id,
-                    turn.chat_type,
-                    turn.user_id,
-                    turn.user_message_id,
-                    turn.status,
-                    turn.error_kind,
-                    turn.model,
-                    instructions_id,
-                    turn.response_id,
-                    turn.input_tokens,
-                    turn.output_tokens,
-                    turn.latency_ms,
-                    turn.started_at,
-                    turn.finished_at,
-                ),
-            )
-            turn_id = cur.lastrowid
-            assert turn_id is not None
-            rows = [(turn_id, "user", turn.user_text, turn.started_at, *_tag(turn.user_sentiment))]
-            if turn.assistant_text is not None:
-                rows.append(
-                    (
-                        turn_id,
-                        "assistant",
-                        turn.assistant_text,
-                        turn.finished_at,
-                        *_tag(turn.reply_sentiment),
-                    )
-                )
-            await conn.executemany(
-                "INSERT INTO messages (turn_id, role, content, created_at, sentiment_label,"
-                " sentiment_score, sentiment_source) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            await conn.executemany(
-                "INSERT INTO images (sha256, mime_type, width, height, bytes, data, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                [
-                    (i.sha256, i.mime_type, i.width, i.height, len(i.data), i.data, turn.started_at)
-                    for i in turn.images
-                ],
-            )
-            await conn.executemany(
-                "INSERT INTO turn_images (turn_id, position, sha256) VALUES (?, ?, ?)",
-                [(turn_id, n, i.sha256) for n, i in enumerate(turn.images)],
-            )
-            await conn.executemany(
-                "INSERT INTO reply_messages (chat_id, message_id, turn_id, part)"
-                " VALUES (?, ?, ?, ?)",
-                [
-                    (turn.key.chat_id, mid, turn_id, i)
-                    for i, mid in enumerate(turn.reply_message_ids)
-                ],
-            )
+        """Write a turn, its messages, images and reply message ids in one transaction."""
+        digest, instructions_id, turn_id = await self.write(
+            lambda conn: self._insert_turn(conn, turn)
+        )
+        self._instruction_ids[digest] = instructions_id  # committed: safe to remember
         return turn_id
+
+    def _insert_turn(self, conn: sqlite3.Connection, turn: TurnRecord) -> tuple[str, int, int]:
+        digest, instructions_id = self._instructions_id(conn, turn.instructions)
+        turn_id = conn.execute(
+            "INSERT INTO turns (thread_id, chat_id, topic_id, chat_type, user_id,"
+            " user_message_id, status, error_kind, model, instructions_id, response_id,"
+            " input_tokens, output_tokens, latency_ms, started_at, finished_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                turn.thread_id,
+                turn.key.chat_id,
+                turn.key.topic_id,
+                turn.chat_type,
+                turn.user_id,
+                turn.user_message_id,
+                turn.status,
+                turn.error_kind,
+                turn.model,
+                instructions_id,
+                turn.response_id,
+                turn.input_tokens,
+                turn.output_tokens,
+                turn.latency_ms,
+                turn.started_at,
+                turn.finished_at,
+            ),
+        ).lastrowid
+        assert turn_id is not None
+        rows = [(turn_id, "user", turn.user_text, turn.started_at, *_tag(turn.user_sentiment))]
+        if turn.assistant_text is not None:
+            rows.append(
+                (
+                    turn_id,
+                    "assistant",
+                    turn.assistant_text,
+                    turn.finished_at,
+                    *_tag(turn.reply_sentiment),
+                )
+            )
+        conn.executemany(
+            "INSERT INTO messages (turn_id, role, content, created_at, sentiment_label,"
+            " sentiment_score, sentiment_source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        conn.executemany(
+            "INSERT INTO images (sha256, mime_type, width, height, bytes, data, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+            [
+                (i.sha256, i.mime_type, i.width, i.height, len(i.data), i.data, turn.started_at)
+                for i in turn.images
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO turn_images (turn_id, position, sha256) VALUES (?, ?, ?)",
+            [(turn_id, n, i.sha256) for n, i in enumerate(turn.images)],
+        )
+        conn.executemany(
+            "INSERT INTO reply_messages (chat_id, message_id, turn_id, part) VALUES (?, ?, ?, ?)",
+            [(turn.key.chat_id, mid, turn_id, i) for i, mid in enumerate(turn.reply_message_ids)],
+        )
+        return digest, instructions_id, turn_id
 
     async def history(self, thread_id: int, budget: int, cost: CostFn) -> list[HistoryMessage]:
         """The newest successful exchanges of a thread that fit `budget`, oldest first.
@@ -385,25 +399,27 @@ class Store:
         self, chat_id: int, message_id: int, user_id: int, reactions: Sequence[tuple[str, int]]
     ) -> bool:
         """Replace a user's reactions on a bot reply; False if the message is not a reply."""
-        async with self.transaction() as conn:
-            async with conn.execute(
+        now = utcnow()
+
+        def replace(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
                 "SELECT turn_id FROM reply_messages WHERE chat_id = ? AND message_id = ?",
                 (chat_id, message_id),
-            ) as cur:
-                row = await cur.fetchone()
+            ).fetchone()
             if row is None:
                 return False
-            await conn.execute(
+            conn.execute(
                 "DELETE FROM reactions WHERE chat_id = ? AND message_id = ? AND user_id = ?",
                 (chat_id, message_id, user_id),
             )
-            now = utcnow()
-            await conn.executemany(
+            conn.executemany(
                 "INSERT OR IGNORE INTO reactions (chat_id, message_id, user_id, emoji, polarity,"
                 " turn_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(chat_id, message_id, user_id, e, p, row[0], now) for e, p in reactions],
             )
-        return True
+            return True
+
+        return await self.write(replace)
 
     async def sentiment_counts(self, since: str | None = None) -> dict[str, dict[str, int]]:
         """Counts of sentiment labels per role ('user', 'assistant'), optionally since a time."""
@@ -461,13 +477,15 @@ class Store:
         return str(row[0]) if row else None
 
     async def set_chat_profile(self, key: ChatKey, profile: str) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(
+        now = utcnow()
+        await self.write(
+            lambda conn: conn.execute(
                 "INSERT INTO chat_profiles (chat_id, topic_id, profile, updated_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (chat_id, topic_id) DO UPDATE"
                 " SET profile = excluded.profile, updated_at = excluded.updated_at",
-                (key.chat_id, key.topic_id, profile, utcnow()),
+                (key.chat_id, key.topic_id, profile, now),
             )
+        )
 
     async def total_tokens(self, since: str | None) -> int:
         """Tokens used by every turn (input + output), optionally since a time."""
@@ -485,25 +503,30 @@ class Store:
         """Persist received updates (id, JSON); returns the ids not seen before."""
         if not updates:
             return set()
-        fresh: set[int] = set()
         now = utcnow()
-        async with self.transaction() as conn:
+
+        def accept(conn: sqlite3.Connection) -> set[int]:
+            fresh = set()
             for update_id, payload in updates:
-                cur = await conn.execute(
+                cur = conn.execute(
                     "INSERT OR IGNORE INTO inbox (update_id, payload, received_at)"
                     " VALUES (?, ?, ?)",
                     (update_id, payload, now),
                 )
                 if cur.rowcount:
                     fresh.add(update_id)
-        return fresh
+            return fresh
+
+        return await self.write(accept)
 
     async def inbox_done(self, update_ids: Sequence[int]) -> None:
-        async with self.transaction() as conn:
-            await conn.executemany(
+        now = utcnow()
+        await self.write(
+            lambda conn: conn.executemany(
                 "UPDATE inbox SET done_at = ? WHERE update_id = ? AND done_at IS NULL",
-                [(utcnow(), u) for u in update_ids],
+                [(now, u) for u in update_ids],
             )
+        )
 
     async def inbox_pending(self) -> list[tuple[int, str]]:
         """Updates received but not handled (a crash), oldest first."""
@@ -516,24 +539,25 @@ class Store:
 
     async def inbox_purge(self, before: str) -> None:
         """Forget handled updates received before `before` (they only served to dedupe)."""
-        async with self.transaction() as conn:
-            await conn.execute(
+        await self.write(
+            lambda conn: conn.execute(
                 "DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < ?", (before,)
             )
+        )
 
     async def answered(self, chat_id: int, user_message_id: int) -> bool:
         """Whether a message already has a logged turn (so a replay must not answer it)."""
-        async with self._conn.execute(
+        rows = await self._conn.execute_fetchall(
             "SELECT 1 FROM turns WHERE chat_id = ? AND user_message_id = ? LIMIT 1",
             (chat_id, user_message_id),
-        ) as cur:
-            return await cur.fetchone() is not None
+        )
+        return bool(rows)
 
     # -- fine-tuning jobs -------------------------------------------------------------------
 
     async def add_job(self, job: JobRecord) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(
+        await self.write(
+            lambda conn: conn.execute(
                 "INSERT INTO fine_tune_jobs (job_id, trainer, base_model, training_file,"
                 " validation_file, train_examples, validation_examples, tokens, started_by,"
                 " description, status, created_at, updated_at)"
@@ -554,22 +578,26 @@ class Store:
                     job.updated_at,
                 ),
             )
+        )
 
     async def update_job(
         self, job_id: str, status: str, fine_tuned_model: str | None, error: str | None
     ) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(
+        now = utcnow()
+        await self.write(
+            lambda conn: conn.execute(
                 "UPDATE fine_tune_jobs SET status = ?, fine_tuned_model = ?, error = ?,"
                 " updated_at = ? WHERE job_id = ?",
-                (status, fine_tuned_model, error, utcnow(), job_id),
+                (status, fine_tuned_model, error, now, job_id),
             )
+        )
 
     async def mark_notified(self, job_id: str, status: str) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(
+        await self.write(
+            lambda conn: conn.execute(
                 "UPDATE fine_tune_jobs SET notified_status = ? WHERE job_id = ?", (status, job_id)
             )
+        )
 
     async def jobs(self, *, unfinished: bool = False, limit: int = 50) -> list[JobRecord]:
         where = " WHERE status NOT IN ('succeeded', 'failed', 'cancelled')" if unfinished else ""
@@ -597,37 +625,40 @@ class Store:
         return str(row[0]) if row else None
 
     async def set_setting(self, key: str, value: str) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(
+        now = utcnow()
+        await self.write(
+            lambda conn: conn.execute(
                 "INSERT INTO bot_settings (key, value, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
                 " updated_at = excluded.updated_at",
-                (key, value, utcnow()),
+                (key, value, now),
             )
+        )
 
     async def forget_user(self, user_id: int) -> int:
         """Delete a user's logged turns (and what hangs off them) and opt them out of datasets.
 
         Returns how many messages were deleted. Images no other turn uses go too.
         """
-        async with self.transaction() as conn:
-            async with conn.execute(
+        now = utcnow()
+
+        def forget(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
                 "SELECT COUNT(*) FROM messages WHERE turn_id IN"
                 " (SELECT id FROM turns WHERE user_id = ?)",
                 (user_id,),
-            ) as cur:
-                row = await cur.fetchone()
-            await conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
-            await conn.execute("DELETE FROM turns WHERE user_id = ?", (user_id,))
-            await conn.execute(
-                "DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM turn_images)"
-            )
-            await conn.execute(
+            ).fetchone()
+            conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
+            conn.execute("DELETE FROM turns WHERE user_id = ?", (user_id,))
+            conn.execute("DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM turn_images)")
+            conn.execute(
                 "INSERT INTO opted_out_users (user_id, created_at) VALUES (?, ?)"
                 " ON CONFLICT (user_id) DO NOTHING",
-                (user_id, utcnow()),
+                (user_id, now),
             )
-        return int(row[0]) if row else 0
+            return int(row[0]) if row else 0
+
+        return await self.write(forget)
 
     async def conversation_ids(self, chat_id: int) -> list[str]:
         """Server-side conversation ids of every thread a chat ever had (open or closed)."""

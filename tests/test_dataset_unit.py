@@ -86,11 +86,12 @@ class Log:
         return turn_id, self.reply_id
 
     async def opt_out(self, user_id: int) -> None:
-        async with self.store.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO opted_out_users (user_id, created_at) VALUES (?, ?)",
-                (user_id, utcnow()),
+        now = utcnow()
+        await self.store.write(
+            lambda conn: conn.execute(
+                "INSERT INTO opted_out_users (user_id, created_at) VALUES (?, ?)", (user_id, now)
             )
+        )
 
     def build(
         self, out: Path, options: DatasetOptions = ONE, model: str = "gpt-4.1-mini-2025-04-14"

@@ -9,6 +9,7 @@ import random
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 from storage.db import ChatKey, Store, TurnRecord, utcnow
@@ -104,6 +105,14 @@ async def test_sigterm_finishes_the_reply_in_flight(
     assert tg.sent_texts(100) == ["a slow but complete answer"]
 
 
+# A reply Telegram accepted but the bot had not yet recorded when it was killed is the one
+# thing a restart sends again: the Bot API has no idempotency key, so that window can be
+# made short (the turn goes to the writer thread in the loop step the reply is confirmed)
+# but not closed. A second copy is accepted only for a first copy sent this soon before a
+# kill; any other one (a replay of an answered message, say) fails the test.
+IN_FLIGHT_AT_KILL = 0.25  # seconds
+
+
 async def test_sigkill_at_random_moments_loses_nothing_and_answers_once(
     tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
 ) -> None:
@@ -122,34 +131,45 @@ async def test_sigkill_at_random_moments_loses_nothing_and_answers_once(
             await asyncio.sleep(0.15)
 
     writer = asyncio.create_task(users())
+    killed_at: list[float] = []
     for _ in range(kills):
         proc = await _start_bot(tg, oai, tmp_path)
         await asyncio.sleep(rng.uniform(0.8, 2.0))
+        killed_at.append(time.monotonic())
         proc.kill()  # SIGKILL: no cleanup at all
         await proc.wait()
     await writer
     proc = await _start_bot(tg, oai, tmp_path)
     try:
         total = chats * per_chat
-        await eventually(lambda: sum(len(tg.sent_texts(c)) for c in expected) >= total, 60)
+        await eventually(
+            lambda: len({(c, t) for c in expected for t in tg.sent_texts(c)}) >= total, 60
+        )
         await asyncio.sleep(0.5)  # anything still to come would be a duplicate
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
-    lost, twice = [], []
+    lost, unexplained = [], []
     for chat, texts in expected.items():
-        sent = tg.sent_texts(chat)
+        sends = [
+            (c.at, c.params["text"].removeprefix("echo: "))
+            for c in tg.calls_of("sendMessage")
+            if c.status == 200 and int(c.params["chat_id"]) == chat
+        ]
+        answered = [text for _, text in sends]
         for text in texts:
-            n = sent.count(f"echo: {text}")
-            if n == 0:
+            copies = [at for at, t in sends if t == text]
+            if not copies:
                 lost.append(text)
-            elif n > 1:
-                twice.append(text)
-        answered = [s.removeprefix("echo: ") for s in sent]
-        assert answered == sorted(set(answered), key=answered.index)  # in order, per chat
-        assert [t for t in answered if t in texts] == [t for t in texts if t in answered]
+            elif len(copies) > 1:
+                first = copies[0]
+                near_kill = any(0 <= k - first <= IN_FLIGHT_AT_KILL for k in killed_at)
+                if not near_kill or len(copies) > 2:
+                    unexplained.append(text)
+        firsts = sorted(set(answered), key=answered.index)
+        assert firsts == [t for t in texts if t in firsts]  # in order, per chat
     assert lost == [], f"lost: {lost}"
-    assert twice == [], f"answered twice: {twice}"
+    assert unexplained == [], f"answered twice, not in flight at a kill: {unexplained}"
     db = sqlite3.connect(tmp_path / "data" / "parley.sqlite3")
     try:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

@@ -1,8 +1,12 @@
-"""The store: migrations on a blank database and over an older schema; atomic turns."""
+"""The store: migrations on a blank database and over an older schema; atomic turns; the writer."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,67 @@ async def test_a_turn_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
         assert await store.fetch_all("SELECT COUNT(*) FROM instructions") == [(1,)]  # stored once
     finally:
         await store.close()
+
+
+async def test_concurrent_writes_land_in_order_and_a_failing_one_is_undone_alone(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        await store.write(lambda c: c.execute("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+        await store.write(lambda c: c.execute("CREATE TABLE log (n INTEGER)"))
+
+        def insert(n: int) -> Callable[[sqlite3.Connection], int]:
+            def work(conn: sqlite3.Connection) -> int:
+                conn.execute("INSERT INTO log VALUES (?)", (n,))  # always succeeds
+                return conn.execute("INSERT INTO t VALUES (?)", (n,)).rowcount
+
+            return work
+
+        numbers = [*range(100), 50, *range(100, 200)]  # the second 50 must fail, alone
+        results = await asyncio.gather(
+            *(store.write(insert(n)) for n in numbers), return_exceptions=True
+        )
+        failed = [n for n, r in zip(numbers, results, strict=True) if isinstance(r, Exception)]
+        assert failed == [50] and isinstance(results[100], sqlite3.IntegrityError)
+        assert [r for r in results if not isinstance(r, Exception)] == [1] * 200
+        rows = await store.fetch_all("SELECT n FROM t ORDER BY rowid")
+        assert [r[0] for r in rows] == list(range(200))  # in the order asked for
+        # The failing work's first statement went with it; everyone else's stayed.
+        assert await store.fetch_all("SELECT COUNT(*), SUM(n = 50) FROM log") == [(200, 1)]
+        # A cursor never leaves the writer's thread.
+        assert await store.write(lambda c: c.execute("SELECT 1")) is None
+    finally:
+        await store.close()
+
+
+async def test_a_write_whose_caller_is_cancelled_still_lands_and_close_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = await Store.open(path)
+    gate = threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> bool:
+        gate.wait(10)
+        time.sleep(0.2)  # only a close that does not wait would notice
+        return True
+
+    busy = asyncio.create_task(store.write(hold))
+    setting = asyncio.create_task(store.set_setting("model", "ft:kept"))
+    await asyncio.sleep(0)  # both tasks take their first step: the writes are queued
+    setting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await setting
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)
+    gate.set()
+    await closing
+    assert busy.done() and busy.result() is True
+    with sqlite3.connect(path) as db:  # right after close: everything asked for is there
+        assert db.execute("SELECT value FROM bot_settings").fetchall() == [("ft:kept",)]
+
+
+async def test_an_in_memory_database_is_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="database file"):
+        await Store.open(":memory:")
