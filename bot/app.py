@@ -16,6 +16,7 @@ from telegram.request import HTTPXRequest
 from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
 from bot.durability import DurableBot, Inbox, InboxSlot
+from bot.openai_http import openai_http_client
 from bot.services.albums import Albums
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
@@ -26,6 +27,7 @@ from bot.services.profiles import Profiles, load_profiles
 from bot.services.sentiment import build_analyzer
 from bot.services.trainer import JobInfo, OpenAITrainer
 from bot.settings import Settings
+from bot.telegram_http import BoundedHTTPXRequest
 from bot.texts import DEFAULT_LANGUAGE, LANGUAGES, command_descriptions
 from handlers import (
     access,
@@ -55,6 +57,7 @@ def make_openai_client(settings: Settings) -> AsyncOpenAI:
         base_url=settings.openai_base_url,
         timeout=settings.openai_timeout,
         max_retries=settings.openai_max_retries,
+        http_client=openai_http_client(),
     )
 
 
@@ -186,9 +189,9 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         slot=slot,
         base_url=f"{api}/bot",
         base_file_url=f"{api}/file/bot",
-        # Many chats send at once, but every pooled connection costs a scan per request in
-        # httpcore (bench/run.py's profile): 256 is enough to keep loopback-to-API busy.
-        request=HTTPXRequest(connection_pool_size=256, pool_timeout=30.0),
+        # Many chats send at once, but 16 connections keep even a loopback Bot API server
+        # busy (Telegram allows ~30 messages a second); more cost CPU: bot/telegram_http.py.
+        request=BoundedHTTPXRequest(connection_pool_size=16, pool_timeout=30.0),
         get_updates_request=HTTPXRequest(connection_pool_size=1),
         rate_limiter=AIORateLimiter(
             overall_max_rate=settings.telegram_max_rate,

@@ -1,0 +1,117 @@
+"""The HTTP layers under PTB and the OpenAI SDK: a bounded Bot API pool, sharded model pools."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx2
+import pytest
+from aiohttp import web
+from telegram.error import TimedOut
+
+from bot.openai_http import ShardedTransport, openai_http_client
+from bot.telegram_http import BoundedHTTPXRequest
+from tests.conftest import eventually
+
+
+class HeldServer:
+    """A local HTTP server whose answers wait for `release`; it counts requests in flight."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.served = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        self.served += 1
+        return web.json_response({"ok": True, "result": True})
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[HeldServer, str]]:
+    server = HeldServer()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield server, f"http://127.0.0.1:{port}/botTOKEN/sendMessage"
+    server.release.set()
+    await runner.cleanup()
+
+
+async def test_bot_api_requests_beyond_the_pool_wait_their_turn_and_all_arrive(
+    held: tuple[HeldServer, str],
+) -> None:
+    server, url = held
+    request = BoundedHTTPXRequest(connection_pool_size=2, pool_timeout=30.0)
+    await request.initialize()
+    try:
+        calls = [asyncio.create_task(request.do_request(url, "POST")) for _ in range(7)]
+        await eventually(lambda: server.in_flight == 2)  # the first two reach the server...
+        assert server.served == 0 and not any(c.done() for c in calls)
+        server.release.set()  # ...and the rest follow as slots free up
+        async with asyncio.timeout(10):  # a slot never given back would hang here
+            results = await asyncio.gather(*calls)
+    finally:
+        await request.shutdown()
+    assert [code for code, _ in results] == [200] * 7 and server.served == 7
+    assert server.max_in_flight == 2
+
+
+async def test_a_bot_api_request_that_waits_past_the_pool_timeout_is_a_timeout(
+    held: tuple[HeldServer, str],
+) -> None:
+    server, url = held
+    request = BoundedHTTPXRequest(connection_pool_size=1, pool_timeout=0.2)
+    await request.initialize()
+    try:
+        first = asyncio.create_task(request.do_request(url, "POST"))
+        await eventually(lambda: server.in_flight == 1)
+        with pytest.raises(TimedOut, match="Pool timeout"):
+            await request.do_request(url, "POST")
+        server.release.set()
+        assert (await first)[0] == 200
+    finally:
+        await request.shutdown()
+
+
+class RecordingTransport(httpx2.AsyncBaseTransport):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.paths: list[str] = []
+        self.closed = False
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.paths.append(request.url.path)
+        return httpx2.Response(200, json={"pool": self.name})
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_model_requests_are_spread_over_the_pools_in_turn_and_all_are_closed() -> None:
+    pools = [RecordingTransport(name) for name in "abc"]
+    async with httpx2.AsyncClient(transport=ShardedTransport(pools)) as client:
+        answers = [(await client.get(f"http://127.0.0.1/{n}")).json()["pool"] for n in range(7)]
+    assert answers == ["a", "b", "c", "a", "b", "c", "a"]
+    assert [p.paths for p in pools] == [["/0", "/3", "/6"], ["/1", "/4"], ["/2", "/5"]]
+    assert all(p.closed for p in pools)
+
+
+async def test_with_a_proxy_configured_the_sdk_default_client_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert isinstance(openai_http_client(), httpx2.AsyncClient)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert openai_http_client() is None  # httpx then reads the proxy variables itself
