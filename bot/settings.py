@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     telegram_max_retries: int = Field(default=3, ge=0, le=10)
     # How many updates may be processed at once across all chats (one per chat at a time).
     max_concurrent_updates: int = Field(default=4096, ge=1)
+    # "auto": uvloop where it is installed (Linux, macOS), else asyncio's own loop.
+    event_loop: Literal["auto", "asyncio"] = "auto"
 
     @field_validator("admin_user_ids", "allowed_user_ids", "allowed_chat_ids", mode="before")
     @classmethod

@@ -107,8 +107,13 @@ async def serving(
             await app.post_shutdown(app)
 
 
-def run(app: ParleyApp, settings: Settings, allowed_updates: list[str]) -> None:
-    """Serve until SIGINT or SIGTERM."""
+def run(
+    app: ParleyApp,
+    settings: Settings,
+    allowed_updates: list[str],
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM, on `loop` (a new asyncio loop if None)."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -119,4 +124,5 @@ def run(app: ParleyApp, settings: Settings, allowed_updates: list[str]) -> None:
         async with serving(app, settings, allowed_updates):
             await stop.wait()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=(lambda: loop) if loop is not None else None) as runner:
+        runner.run(main())

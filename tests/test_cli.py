@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from bot.settings import ConfigError, load_settings
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, eventually
 from tests.stubs.openai_server import API_KEY, FakeOpenAI
-from tests.stubs.telegram_server import FakeTelegram
+from tests.stubs.telegram_server import FakeTelegram, private_text_update
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPECTED_LOOP = "asyncio" if sys.platform == "win32" else "uvloop"  # uvloop: not on Windows
 
 
 def _env(**values: str) -> dict[str, str]:
@@ -57,6 +60,7 @@ def test_missing_token_exits_with_one_line_naming_it(tmp_path: Path) -> None:
             {"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "DATABASE_URL": "postgres://db"},
             "DATABASE_URL",
         ),
+        ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "EVENT_LOOP": "trio"}, "EVENT_LOOP"),
     ],
 )
 def test_bad_configuration_is_one_line_naming_the_variable(
@@ -141,5 +145,58 @@ async def test_python_m_bot_answers_and_stops_cleanly_on_sigterm(
     assert proc.returncode == 0
     log = stderr.decode()
     assert "Parley started" in log and "Traceback" not in log
+    assert f"event loop: {EXPECTED_LOOP}" in log
     assert TOKEN not in log and API_KEY not in log
     assert (tmp_path / "data" / "parley.sqlite3").exists()  # default DATABASE_URL, relative
+
+
+async def test_python_m_bot_in_webhook_mode_answers_and_stops_cleanly_on_sigterm(
+    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a free port for the bot to listen on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = "webhook-secret-for-the-test"
+    tg.chat(100)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        cwd=tmp_path,
+        env=_env(
+            TELEGRAM_BOT_TOKEN=TOKEN,
+            TELEGRAM_API_URL=tg.url,
+            OPENAI_API_KEY=API_KEY,
+            OPENAI_BASE_URL=oai.url,
+            SENTIMENT_BACKEND="off",
+            WEBHOOK_URL="https://bot.example.org/hook",
+            WEBHOOK_LISTEN="127.0.0.1",
+            WEBHOOK_PORT=str(port),
+            WEBHOOK_SECRET=secret,
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await eventually(lambda: tg.calls_of("setWebhook"), timeout=30)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{port}/hook",
+                json=private_text_update(1, 100, 1, "through the webhook"),
+                headers={"X-Telegram-Bot-Api-Secret-Token": secret},
+            ) as response,
+        ):
+            assert response.status == 200
+        assert await tg.wait_sent(100, 1, timeout=30) == ["echo: through the webhook"]
+        await asyncio.sleep(0.3)  # the turn is logged after the reply; let it land
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    log = stderr.decode()
+    assert "webhook mode: listening" in log and "Traceback" not in log
+    assert f"event loop: {EXPECTED_LOOP}" in log
