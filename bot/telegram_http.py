@@ -13,20 +13,27 @@ if TYPE_CHECKING:
 
 
 class BoundedHTTPXRequest(HTTPXRequest):
-    """HTTPXRequest that lets at most `connection_pool_size` requests into httpx at once.
+    """PTB's HTTPXRequest with two guards for httpcore 1.x, the pool under PTB's httpx.
 
-    httpcore 1.x (under PTB's httpx) redoes its pool bookkeeping on every request and
-    response, in time that grows with the square of the open connections and with the
-    queued requests: with a pool of 256 and a burst of 300 chats that was a third of the
-    bot's CPU (py-spy, bench/run.py's burst). A small pool behind an asyncio semaphore,
-    whose waiters cost nothing to keep, does the same work for a fraction. The pool timeout
-    still applies, to the wait for a slot.
+    - At most `connection_pool_size` requests enter httpx at once; the rest wait on an
+      asyncio semaphore, whose waiters cost nothing. httpcore redoes its pool bookkeeping
+      on every request and response, in time that grows with the square of the open
+      connections and with the queued requests: with a pool of 256 and a burst of 300
+      chats that was a third of the bot's CPU (py-spy, bench/run.py's burst). The pool
+      timeout applies to the wait for a slot.
+    - A request that entered httpx is never cancelled: its caller may stop waiting (a
+      draft overtaken by the final reply, a shutdown), but the request runs to its end in
+      the background. A request cancelled while httpcore 1.0.9 sets up its connection
+      leaves that connection in the pool forever (encode/httpcore#1093, open; httpx gets
+      no more releases), and once every slot is lost that way, every Bot API call fails
+      with a pool timeout. bench/run.py's long replies hit it within a minute.
     """
 
     def __init__(self, connection_pool_size: int, pool_timeout: float | None) -> None:
         super().__init__(connection_pool_size=connection_pool_size, pool_timeout=pool_timeout)
         self._slots = asyncio.Semaphore(connection_pool_size)
         self._slot_timeout = pool_timeout
+        self._orphans: set[asyncio.Task[tuple[int, bytes]]] = set()
 
     async def do_request(
         self,
@@ -49,14 +56,35 @@ class BoundedHTTPXRequest(HTTPXRequest):
         except TimeoutError as exc:
             raise TimedOut("Pool timeout: all connections in the pool are occupied") from exc
         try:
-            return await super().do_request(
-                url,
-                method,
-                request_data,
-                read_timeout,
-                write_timeout,
-                connect_timeout,
-                pool_timeout,
+            request = asyncio.ensure_future(
+                super().do_request(
+                    url,
+                    method,
+                    request_data,
+                    read_timeout,
+                    write_timeout,
+                    connect_timeout,
+                    pool_timeout,
+                )
             )
-        finally:
+        except BaseException:
             self._slots.release()
+            raise
+        request.add_done_callback(lambda _: self._slots.release())
+        try:
+            return await asyncio.shield(request)
+        except asyncio.CancelledError:
+            if not request.done():  # the caller gave up; the request finishes on its own
+                self._orphans.add(request)
+                request.add_done_callback(self._forget)
+            raise
+
+    async def shutdown(self) -> None:
+        if self._orphans:  # let requests already sent finish (each has its own timeouts)
+            await asyncio.wait(set(self._orphans))
+        await super().shutdown()
+
+    def _forget(self, request: asyncio.Task[tuple[int, bytes]]) -> None:
+        self._orphans.discard(request)
+        if not request.cancelled():
+            request.exception()  # retrieved: nobody waits for it any more

@@ -33,6 +33,20 @@ async def test_private_message_streams_a_draft_then_sends_the_answer(
     assert tg.allowed_updates == ["message", "message_reaction", "callback_query"]
 
 
+async def test_a_draft_still_on_its_way_lands_before_the_reply(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    """Telegram slow to take a draft: the reply waits for it rather than being overtaken."""
+    tg.latency["sendMessageDraft"] = 0.5
+    oai.enqueue(Reply("A quick answer in a handful of words.", chunk_words=2))
+    tg.push_message(100, "hi")
+    assert await tg.wait_sent(100) == ["A quick answer in a handful of words."]
+    final = tg.calls_of("sendMessage")[-1]
+    drafts = tg.calls_of("sendMessageDraft")
+    assert drafts, "the answer streamed, so a draft was started"
+    assert all(d.answered_at is not None and d.answered_at <= final.at for d in drafts)
+
+
 async def test_turn_is_logged_with_ids_usage_and_timestamps(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 from collections.abc import AsyncIterator
 
 import httpx2
@@ -84,6 +86,39 @@ async def test_a_bot_api_request_that_waits_past_the_pool_timeout_is_a_timeout(
         assert (await first)[0] == 200
     finally:
         await request.shutdown()
+
+
+async def test_bot_api_calls_cancelled_at_any_moment_never_use_up_the_pool() -> None:
+    """httpcore 1.0.9 loses a connection for good when a request is cancelled while it
+    connects (encode/httpcore#1093); cancelled callers must not cost the pool anything."""
+    rng = random.Random(1)
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(rng.choice([0, 0, 0.001, 0.003]))
+        return web.json_response({"ok": True, "result": True})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/botTOKEN/x"  # type: ignore[union-attr]
+    request = BoundedHTTPXRequest(connection_pool_size=4, pool_timeout=1.0)
+    await request.initialize()
+    try:
+        for _ in range(400):  # a draft overtaken by its reply, a shutdown...
+            call = asyncio.create_task(request.do_request(url, "POST"))
+            for _ in range(rng.randint(0, 12)):  # ...at every stage of a request
+                await asyncio.sleep(0)
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+        assert (await request.do_request(url, "POST"))[0] == 200
+    finally:
+        await request.shutdown()
+        await runner.cleanup()
 
 
 class RecordingTransport(httpx2.AsyncBaseTransport):

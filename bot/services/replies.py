@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -50,6 +50,7 @@ class ReplyStreamer:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._call: asyncio.Future[object] | None = None  # the Telegram call under way
 
     @property
     def _topic(self) -> int | None:
@@ -80,6 +81,19 @@ class ReplyStreamer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        call, self._call = self._call, None
+        if call is not None:
+            # A draft or chat action already on its way arrives before the reply, never
+            # after it (where it would linger on screen); its outcome no longer matters.
+            await asyncio.wait([call])
+            if not call.cancelled():
+                call.exception()
+
+    async def _telegram(self, call: Coroutine[Any, Any, object]) -> None:
+        """Make a progress call that stopping the streamer waits for instead of cutting off."""
+        self._call = asyncio.ensure_future(call)
+        await asyncio.shield(self._call)
+        self._call = None
 
     async def _draft_loop(self) -> None:
         try:
@@ -91,8 +105,10 @@ class ReplyStreamer:
                 async with asyncio.timeout(PLACEHOLDER_AFTER):
                     await self._changed.wait()
             except TimeoutError:
-                await self._bot.send_message_draft(
-                    self._key.chat_id, self._draft_id, text="", message_thread_id=self._topic
+                await self._telegram(
+                    self._bot.send_message_draft(
+                        self._key.chat_id, self._draft_id, text="", message_thread_id=self._topic
+                    )
                 )
             while not self._stopping:
                 await self._changed.wait()
@@ -101,12 +117,14 @@ class ReplyStreamer:
                 parts = render_parts("".join(self._chunks))
                 if not parts:
                     continue
-                await self._bot.send_message_draft(
-                    self._key.chat_id,
-                    self._draft_id,
-                    text=parts[-1].text,
-                    entities=list(parts[-1].entities),
-                    message_thread_id=self._topic,
+                await self._telegram(
+                    self._bot.send_message_draft(
+                        self._key.chat_id,
+                        self._draft_id,
+                        text=parts[-1].text,
+                        entities=list(parts[-1].entities),
+                        message_thread_id=self._topic,
+                    )
                 )
                 await asyncio.sleep(self._interval)
         except TelegramError as exc:
@@ -116,8 +134,10 @@ class ReplyStreamer:
     async def _typing_loop(self) -> None:
         while not self._stopping:
             try:
-                await self._bot.send_chat_action(
-                    self._key.chat_id, ChatAction.TYPING, message_thread_id=self._topic
+                await self._telegram(
+                    self._bot.send_chat_action(
+                        self._key.chat_id, ChatAction.TYPING, message_thread_id=self._topic
+                    )
                 )
             except TelegramError as exc:
                 log.debug("typing action failed for chat %s: %s", self._key, type(exc).__name__)

@@ -58,6 +58,7 @@ class Call:
     params: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
     status: int | None = None  # the HTTP status the stand-in answered with
+    answered_at: float | None = None  # when that answer was ready (after any latency)
 
 
 @dataclass
@@ -325,7 +326,7 @@ class FakeTelegram:
         call = Call(method, params)
         self.calls.append(call)
         response = await self._answer(call, form_encoded)
-        call.status = response.status
+        call.status, call.answered_at = response.status, time.monotonic()
         await self._notify()
         return response
 
