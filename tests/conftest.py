@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from bot.app import ALLOWED_UPDATES, build_application
 from bot.context import ParleyApp
@@ -145,3 +146,15 @@ async def settled(app: ParleyApp) -> None:
     await eventually(
         lambda: app.update_queue.empty() and app._update_processor.active_lanes == 0  # type: ignore[attr-defined]
     )
+
+
+@asynccontextmanager
+async def local_http(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp app on 127.0.0.1, on any free port; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -27,6 +29,50 @@ def _env(**values: str) -> dict[str, str]:
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
     env.update(values)
     return env
+
+
+async def sigterm(proc: asyncio.subprocess.Process) -> str:
+    """Stop a spawned bot as a service manager would; its stderr once it has exited cleanly."""
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    return stderr.decode()
+
+
+@asynccontextmanager
+async def bot_process(
+    tg: FakeTelegram, oai: FakeOpenAI, cwd: Path, **env: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A spawned bot, killed on the way out if the test did not stop it."""
+    proc = await spawn_bot(tg, oai, cwd, **env)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def spawn_bot(
+    tg: FakeTelegram, oai: FakeOpenAI, cwd: Path, *, quiet: bool = False, **env: str
+) -> asyncio.subprocess.Process:
+    """`python -m bot` against the stand-ins; its output piped, or dropped if `quiet`."""
+    output = asyncio.subprocess.DEVNULL if quiet else asyncio.subprocess.PIPE
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        cwd=cwd,
+        env=_env(
+            TELEGRAM_BOT_TOKEN=TOKEN,
+            TELEGRAM_API_URL=tg.url,
+            OPENAI_API_KEY=API_KEY,
+            OPENAI_BASE_URL=oai.url,
+            **env,
+        ),
+        stdout=output,
+        stderr=output,
+    )
 
 
 def test_missing_token_exits_with_one_line_naming_it(tmp_path: Path) -> None:
@@ -111,23 +157,7 @@ def test_settings_parse_ids_paths_and_env_file(
 async def test_python_m_bot_answers_and_stops_cleanly_on_sigterm(
     tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        cwd=tmp_path,
-        env=_env(
-            TELEGRAM_BOT_TOKEN=TOKEN,
-            TELEGRAM_API_URL=tg.url,
-            OPENAI_API_KEY=API_KEY,
-            OPENAI_BASE_URL=oai.url,
-            LOG_LEVEL="DEBUG",
-            DRAFT_INTERVAL="0.05",
-        ),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with bot_process(tg, oai, tmp_path, LOG_LEVEL="DEBUG", DRAFT_INTERVAL="0.05") as proc:
         tg.push_message(100, "hello from a real process")
         # Default settings: replies carry a sentiment tag from the model analyzer.
         assert await tg.wait_sent(100, 1, timeout=30) == [
@@ -136,14 +166,7 @@ async def test_python_m_bot_answers_and_stops_cleanly_on_sigterm(
         assert len(oai.classify_calls) == 2  # the user's message and the reply
         # The turn is logged before the update counts as done; let it finish, then stop.
         await asyncio.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0
-    log = stderr.decode()
+        log = await sigterm(proc)
     assert "Parley started" in log and "Traceback" not in log
     assert f"event loop: {EXPECTED_LOOP}" in log
     assert TOKEN not in log and API_KEY not in log
@@ -158,26 +181,16 @@ async def test_python_m_bot_in_webhook_mode_answers_and_stops_cleanly_on_sigterm
         port = probe.getsockname()[1]
     secret = "webhook-secret-for-the-test"
     tg.chat(100)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        cwd=tmp_path,
-        env=_env(
-            TELEGRAM_BOT_TOKEN=TOKEN,
-            TELEGRAM_API_URL=tg.url,
-            OPENAI_API_KEY=API_KEY,
-            OPENAI_BASE_URL=oai.url,
-            SENTIMENT_BACKEND="off",
-            WEBHOOK_URL="https://bot.example.org/hook",
-            WEBHOOK_LISTEN="127.0.0.1",
-            WEBHOOK_PORT=str(port),
-            WEBHOOK_SECRET=secret,
-        ),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with bot_process(
+        tg,
+        oai,
+        tmp_path,
+        SENTIMENT_BACKEND="off",
+        WEBHOOK_URL="https://bot.example.org/hook",
+        WEBHOOK_LISTEN="127.0.0.1",
+        WEBHOOK_PORT=str(port),
+        WEBHOOK_SECRET=secret,
+    ) as proc:
         await eventually(lambda: tg.calls_of("setWebhook"), timeout=30)
         async with (
             aiohttp.ClientSession() as http,
@@ -190,13 +203,6 @@ async def test_python_m_bot_in_webhook_mode_answers_and_stops_cleanly_on_sigterm
             assert response.status == 200
         assert await tg.wait_sent(100, 1, timeout=30) == ["echo: through the webhook"]
         await asyncio.sleep(0.3)  # the turn is logged after the reply; let it land
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0
-    log = stderr.decode()
+        log = await sigterm(proc)
     assert "webhook mode: listening" in log and "Traceback" not in log
     assert f"event loop: {EXPECTED_LOOP}" in log

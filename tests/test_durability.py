@@ -8,15 +8,14 @@ import os
 import random
 import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
 from storage.db import ChatKey, Store, TurnRecord, utcnow
-from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
-from tests.stubs.openai_server import API_KEY, FakeOpenAI
+from tests.conftest import SettingsFactory, eventually, running, settled
+from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram, private_text_update
-from tests.test_cli import _env
+from tests.test_cli import spawn_bot
 
 
 async def test_an_update_left_unhandled_by_a_crash_is_replayed(
@@ -186,23 +185,14 @@ async def test_sigkill_at_random_moments_loses_nothing_and_answers_once(
 
 
 async def _start_bot(tg: FakeTelegram, oai: FakeOpenAI, cwd: Path) -> asyncio.subprocess.Process:
-    env = _env(
-        TELEGRAM_BOT_TOKEN=TOKEN,
-        TELEGRAM_API_URL=tg.url,
-        OPENAI_API_KEY=API_KEY,
-        OPENAI_BASE_URL=oai.url,
+    return await spawn_bot(
+        tg,
+        oai,
+        cwd,
+        quiet=True,
         SENTIMENT_BACKEND="off",
         TELEGRAM_MAX_RATE="0",
         TELEGRAM_GROUP_RATE="0",
         DRAFT_INTERVAL="0.05",
         LOG_LEVEL="WARNING",
-    )
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
     )

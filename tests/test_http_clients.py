@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx2
 import pytest
@@ -14,7 +15,7 @@ from telegram.error import TimedOut
 
 from bot.openai_http import ShardedTransport, openai_http_client
 from bot.telegram_http import BoundedHTTPXRequest
-from tests.conftest import eventually
+from tests.conftest import eventually, local_http
 
 
 class HeldServer:
@@ -42,31 +43,32 @@ async def held() -> AsyncIterator[tuple[HeldServer, str]]:
     server = HeldServer()
     app = web.Application()
     app.router.add_post("/{tail:.*}", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield server, f"http://127.0.0.1:{port}/botTOKEN/sendMessage"
-    server.release.set()
-    await runner.cleanup()
+    async with local_http(app) as url:
+        yield server, f"{url}/botTOKEN/sendMessage"
+        server.release.set()
+
+
+@asynccontextmanager
+async def bounded(pool: int, timeout: float) -> AsyncIterator[BoundedHTTPXRequest]:
+    request = BoundedHTTPXRequest(connection_pool_size=pool, pool_timeout=timeout)
+    await request.initialize()
+    try:
+        yield request
+    finally:
+        await request.shutdown()
 
 
 async def test_bot_api_requests_beyond_the_pool_wait_their_turn_and_all_arrive(
     held: tuple[HeldServer, str],
 ) -> None:
     server, url = held
-    request = BoundedHTTPXRequest(connection_pool_size=2, pool_timeout=30.0)
-    await request.initialize()
-    try:
+    async with bounded(2, 30.0) as request:
         calls = [asyncio.create_task(request.do_request(url, "POST")) for _ in range(7)]
         await eventually(lambda: server.in_flight == 2)  # the first two reach the server...
         assert server.served == 0 and not any(c.done() for c in calls)
         server.release.set()  # ...and the rest follow as slots free up
         async with asyncio.timeout(10):  # a slot never given back would hang here
             results = await asyncio.gather(*calls)
-    finally:
-        await request.shutdown()
     assert [code for code, _ in results] == [200] * 7 and server.served == 7
     assert server.max_in_flight == 2
 
@@ -75,17 +77,13 @@ async def test_a_bot_api_request_that_waits_past_the_pool_timeout_is_a_timeout(
     held: tuple[HeldServer, str],
 ) -> None:
     server, url = held
-    request = BoundedHTTPXRequest(connection_pool_size=1, pool_timeout=0.2)
-    await request.initialize()
-    try:
+    async with bounded(1, 0.2) as request:
         first = asyncio.create_task(request.do_request(url, "POST"))
         await eventually(lambda: server.in_flight == 1)
         with pytest.raises(TimedOut, match="Pool timeout"):
             await request.do_request(url, "POST")
         server.release.set()
         assert (await first)[0] == 200
-    finally:
-        await request.shutdown()
 
 
 async def test_bot_api_calls_cancelled_at_any_moment_never_use_up_the_pool() -> None:
@@ -100,14 +98,8 @@ async def test_bot_api_calls_cancelled_at_any_moment_never_use_up_the_pool() -> 
 
     app = web.Application()
     app.router.add_post("/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/botTOKEN/x"  # type: ignore[union-attr]
-    request = BoundedHTTPXRequest(connection_pool_size=4, pool_timeout=1.0)
-    await request.initialize()
-    try:
+    async with local_http(app) as base, bounded(4, 1.0) as request:
+        url = f"{base}/botTOKEN/x"
         for _ in range(400):  # a draft overtaken by its reply, a shutdown...
             call = asyncio.create_task(request.do_request(url, "POST"))
             for _ in range(rng.randint(0, 12)):  # ...at every stage of a request
@@ -116,9 +108,6 @@ async def test_bot_api_calls_cancelled_at_any_moment_never_use_up_the_pool() -> 
             with contextlib.suppress(asyncio.CancelledError):
                 await call
         assert (await request.do_request(url, "POST"))[0] == 200
-    finally:
-        await request.shutdown()
-        await runner.cleanup()
 
 
 class RecordingTransport(httpx2.AsyncBaseTransport):

@@ -24,6 +24,7 @@ from bot.services.sentiment import (
     build_analyzer,
     format_tag,
 )
+from tests.conftest import local_http
 
 # --- lexicon ---------------------------------------------------------------------------
 
@@ -244,19 +245,12 @@ async def fake_openai() -> AsyncIterator[tuple[FakeOpenAI, openai.AsyncOpenAI]]:
     fake = FakeOpenAI()
     app = web.Application()
     app.router.add_post("/v1/responses", fake.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    client = openai.AsyncOpenAI(
-        api_key="test", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0
-    )
-    try:
-        yield fake, client
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with local_http(app) as url:
+        client = openai.AsyncOpenAI(api_key="test", base_url=f"{url}/v1", max_retries=0)
+        try:
+            yield fake, client
+        finally:
+            await client.close()
 
 
 async def test_model_analyzer_parses_response(
