@@ -15,6 +15,7 @@ crash can make the bot send twice, so that window must be as short as it can be.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -43,6 +44,7 @@ class Writer:
         self._path = path
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._closed = False
+        self._dead: Exception | None = None  # why the thread stopped early, if it did
         self._thread = threading.Thread(target=self._run, name="parley-db-writer", daemon=True)
         self._thread.start()
 
@@ -57,9 +59,13 @@ class Writer:
         """
         if self._closed:
             raise WriterClosed("the database is closed")
+        if self._dead is not None:
+            raise WriterClosed("the database writer stopped") from self._dead
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         self._queue.put((work, future, loop))
+        if self._dead is not None:  # died while this was being queued: don't wait forever
+            self._fail_all(self._dead)
         return cast(T, await future)
 
     async def close(self) -> None:
@@ -73,7 +79,11 @@ class Writer:
     # -- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None)
+        except Exception as exc:
+            self._fail_all(exc)
+            return
         try:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -96,8 +106,24 @@ class Writer:
                 self._commit(conn, batch)
                 if stop:
                     return
+        except Exception as exc:
+            self._fail_all(exc)
         finally:
             conn.close()
+
+    def _fail_all(self, exc: Exception) -> None:
+        """The thread cannot go on: every write asked for, and every later one, gets `exc`."""
+        log.error("the database writer stopped: %s", type(exc).__name__)
+        self._dead = exc
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _, future, loop = item
+                with contextlib.suppress(RuntimeError):  # that loop is gone
+                    loop.call_soon_threadsafe(_settle, future, False, exc)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
         outcomes: list[tuple[bool, object]] = []
@@ -115,7 +141,8 @@ class Writer:
         except Exception as exc:  # BEGIN or COMMIT failed (disk full, locked...): none written
             log.error("a batch of %d write(s) failed: %s", len(batch), type(exc).__name__)
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(batch)
         for (_, future, loop), (ok, value) in zip(batch, outcomes, strict=True):
             try:

@@ -13,6 +13,7 @@ import pytest
 
 from storage.db import ChatKey, Store, TurnRecord, utcnow
 from storage.migrations import MIGRATIONS, Migration
+from storage.writer import Writer, WriterClosed
 
 
 async def test_blank_database_gets_every_migration(tmp_path: Path) -> None:
@@ -154,3 +155,17 @@ async def test_a_write_whose_caller_is_cancelled_still_lands_and_close_waits_for
 async def test_an_in_memory_database_is_refused_with_a_reason() -> None:
     with pytest.raises(ValueError, match="database file"):
         await Store.open(":memory:")
+
+
+async def test_a_writer_that_cannot_open_its_database_fails_writes_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    writer = Writer(tmp_path)  # a directory: the thread cannot open it
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises((WriterClosed, sqlite3.OperationalError)):
+                await writer.write(lambda c: c.execute("SELECT 1"))
+            with pytest.raises(WriterClosed):  # and every later write, at once
+                await writer.write(lambda c: c.execute("SELECT 1"))
+    finally:
+        await writer.close()
