@@ -151,7 +151,8 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
             await app.update_queue.put(update)
 
         async def notify(record: JobRecord, info: JobInfo) -> None:
-            text, keyboard = admin.job_notice(record, info)
+            lang = await services.store.get_setting(admin.notice_language_key(record.started_by))
+            text, keyboard = admin.job_notice(record, info, lang)
             await app.bot.send_message(record.started_by, text, reply_markup=keyboard)
 
         await set_command_menus(app.bot, settings.admin_user_ids)

@@ -129,6 +129,9 @@ async def train_button(update: Update, context: CustomContext) -> None:
         key = "train.forbidden" if exc.kind == "permission" else "train.failed_to_start"
         await edit_or_send(query, tr(update, key, kind=exc.kind))
         return
+    if lang := update.effective_user.language_code:
+        # The poller tells this admin how the job ends, outside any update: in this language.
+        await context.services.store.set_setting(notice_language_key(job.started_by), lang)
     await edit_or_send(query, tr(update, "train.started", job_id=job.job_id, model=job.base_model))
 
 
@@ -311,20 +314,27 @@ async def export(update: Update, context: CustomContext) -> None:
         await message.reply_document(report.validation_path, filename="validation.jsonl")
 
 
-def job_notice(record: JobRecord, info: JobInfo) -> tuple[str, InlineKeyboardMarkup | None]:
-    """What the admin who started a job is told when its status changes.
+def notice_language_key(admin_id: int) -> str:
+    """The bot setting that holds the language an admin's job notices are written in."""
+    return f"notice_language:{admin_id}"
 
-    Sent from the poller, outside any update, so in the catalog's default language.
-    """
+
+def job_notice(
+    record: JobRecord, info: JobInfo, lang: str | None = None
+) -> tuple[str, InlineKeyboardMarkup | None]:
+    """What the admin who started a job is told when its status changes, in `lang`."""
     if info.status == "succeeded" and info.fine_tuned_model:
-        button = InlineKeyboardButton(t("job.use_button"), callback_data=f"ft:use:{info.id}")
+        button = InlineKeyboardButton(
+            t("job.use_button", lang=lang), callback_data=f"ft:use:{info.id}"
+        )
         return (
-            t("job.succeeded", job_id=info.id, model=info.fine_tuned_model),
+            t("job.succeeded", lang=lang, job_id=info.id, model=info.fine_tuned_model),
             InlineKeyboardMarkup([[button]]),
         )
     if info.status == "failed":
-        return t("job.failed", job_id=info.id, error=info.error or "no reason given"), None
-    return t("job.status", job_id=info.id, status=info.status), None
+        error = info.error or t("job.no_reason", lang=lang)
+        return t("job.failed", lang=lang, job_id=info.id, error=error), None
+    return t("job.status", lang=lang, job_id=info.id, status=info.status), None
 
 
 def register(app: ParleyApp) -> None:

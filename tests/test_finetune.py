@@ -100,6 +100,21 @@ async def test_train_to_success_notice_to_model_switch(
     assert oai.calls[-1].model == model
 
 
+async def test_job_notices_are_in_the_language_of_the_admin_who_started_the_job(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings(job_poll_interval=0.1)) as app:
+        await _seed(tg, 11)
+        await settled(app)
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        mid, _, data = next(b for b in tg.buttons(ADMIN) if b[2].startswith("ft:start:"))
+        tg.push_callback(ADMIN, ADMIN, mid, data, language_code="ru")  # a Russian-speaking admin
+        await tg.wait_for(lambda: any("выполнено" in t for t in tg.texts(ADMIN)), timeout=10)
+        assert any(b[1] == "Использовать эту модель" for b in tg.buttons(ADMIN))
+
+
 @pytest.mark.parametrize(
     "command",
     [

@@ -441,16 +441,17 @@ class FakeTelegram:
         return _ok(self._new_message(params, **content))
 
     def push_callback(
-        self, user_id: int, chat_id: int, message_id: int, data: str
+        self, user_id: int, chat_id: int, message_id: int, data: str, language_code: str = "en"
     ) -> dict[str, Any]:
         """Queue a press on an inline button of one of the bot's messages."""
+        user = {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"}
         return self.push_update(
             {
                 "callback_query": {
                     "id": f"cb{len(self.calls)}",
                     "chat_instance": f"ci{chat_id}",
                     "data": data,
-                    "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
+                    "from": user | {"language_code": language_code},
                     "message": self.messages[(chat_id, message_id)],
                 }
             }
