@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     def _sqlite_only(cls, value: str) -> str:
         if not value.startswith("sqlite:///"):
             raise ValueError("must look like sqlite:///relative/path or sqlite:////absolute/path")
+        if value.removeprefix("sqlite:///") in ("", ":memory:"):
+            raise ValueError("must name a database file (the log must survive restarts)")
         return value
 
     @property

@@ -107,6 +107,14 @@ def test_missing_token_exits_with_one_line_naming_it(tmp_path: Path) -> None:
             "DATABASE_URL",
         ),
         ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "EVENT_LOOP": "trio"}, "EVENT_LOOP"),
+        (
+            {
+                "TELEGRAM_BOT_TOKEN": "x",
+                "OPENAI_API_KEY": "k",
+                "DATABASE_URL": "sqlite:///:memory:",
+            },
+            "DATABASE_URL",
+        ),
     ],
 )
 def test_bad_configuration_is_one_line_naming_the_variable(
