@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, cast
 
-from telegram.error import TimedOut
+from telegram.error import NetworkError
 from telegram.request import BaseRequest, HTTPXRequest, RequestData
 
 if TYPE_CHECKING:
     from telegram._utils.types import ODVInput  # PTB's own annotation for these arguments
+
+
+class SlotTimeout(NetworkError):
+    """No slot came free within the pool timeout: the request was not sent (safe to retry)."""
+
+
+class Dispatch:
+    """Learns whether a Bot API call made under `watch()` got as far as being sent."""
+
+    def __init__(self) -> None:
+        self.request: asyncio.Future[tuple[int, bytes]] | None = None  # set once it is sent
+
+
+_dispatch: ContextVar[Dispatch | None] = ContextVar("parley_dispatch", default=None)
+
+
+def watch() -> Dispatch:
+    """Watch the calls made from now on in this context (use in a task's own context)."""
+    dispatch = Dispatch()
+    _dispatch.set(dispatch)
+    return dispatch
 
 
 class BoundedHTTPXRequest(HTTPXRequest):
@@ -20,7 +42,8 @@ class BoundedHTTPXRequest(HTTPXRequest):
       on every request and response, in time that grows with the square of the open
       connections and with the queued requests: with a pool of 256 and a burst of 300
       chats that was a third of the bot's CPU (py-spy, bench/run.py's burst). The pool
-      timeout applies to the wait for a slot.
+      timeout applies to the wait for a slot; running out of it raises `SlotTimeout`, a
+      `NetworkError` that says nothing was sent, so senders may retry it.
     - A request that entered httpx is never cancelled: its caller may stop waiting (a
       draft overtaken by the final reply, a shutdown), but the request runs to its end in
       the background. A request cancelled while httpcore 1.0.9 sets up its connection
@@ -54,7 +77,7 @@ class BoundedHTTPXRequest(HTTPXRequest):
             async with asyncio.timeout(wait):
                 await self._slots.acquire()
         except TimeoutError as exc:
-            raise TimedOut("Pool timeout: all connections in the pool are occupied") from exc
+            raise SlotTimeout("no free connection in time; the request was not sent") from exc
         try:
             request = asyncio.ensure_future(
                 super().do_request(
@@ -71,6 +94,8 @@ class BoundedHTTPXRequest(HTTPXRequest):
             self._slots.release()
             raise
         request.add_done_callback(lambda _: self._slots.release())
+        if (dispatch := _dispatch.get()) is not None:
+            dispatch.request = request
         try:
             return await asyncio.shield(request)
         except asyncio.CancelledError:

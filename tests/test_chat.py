@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from telegram.ext import ExtBot
 
 from bot.context import ParleyApp
-from tests.conftest import SettingsFactory, running, settled
+from bot.services.replies import ReplyStreamer
+from bot.telegram_http import BoundedHTTPXRequest
+from storage.db import ChatKey
+from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
 
@@ -45,6 +51,27 @@ async def test_a_draft_still_on_its_way_lands_before_the_reply(
     drafts = tg.calls_of("sendMessageDraft")
     assert drafts, "the answer streamed, so a draft was started"
     assert all(d.answered_at is not None and d.answered_at <= final.at for d in drafts)
+
+
+async def test_a_draft_still_waiting_for_a_connection_is_dropped_not_sent_after_the_reply(
+    tg: FakeTelegram,
+) -> None:
+    tg.chat(100)
+    tg.latency["sendChatAction"] = 1.0
+    request = BoundedHTTPXRequest(connection_pool_size=1, pool_timeout=30.0)
+    async with ExtBot(TOKEN, base_url=f"{tg.url}/bot", request=request) as bot:
+        busy = asyncio.create_task(bot.send_chat_action(100, "typing"))  # the only connection
+        await eventually(lambda: bool(tg.calls_of("sendChatAction")))  # arrived, held
+        streamer = ReplyStreamer(
+            bot, ChatKey(100), private=True, draft_id=1, reply_to=None, interval=0.05
+        )
+        async with streamer:
+            await streamer.on_delta("The first words")
+            await eventually(lambda: streamer._call is not None)  # a draft waits for a slot
+            await streamer.send("The first words, and the rest.")
+        await busy
+    assert tg.calls_of("sendMessageDraft") == []  # never sent, so it can't land after the reply
+    assert tg.sent_texts(100) == ["The first words, and the rest."]
 
 
 async def test_turn_is_logged_with_ids_usage_and_timestamps(

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import httpx2
 import pytest
 from aiohttp import web
+from telegram import Message
 from telegram.error import TimedOut
 
 from bot.openai_http import ShardedTransport, openai_http_client
-from bot.telegram_http import BoundedHTTPXRequest
+from bot.services.replies import _with_retries
+from bot.telegram_http import BoundedHTTPXRequest, SlotTimeout
 from tests.conftest import eventually, local_http
 
 
@@ -80,8 +84,9 @@ async def test_a_bot_api_request_that_waits_past_the_pool_timeout_is_a_timeout(
     async with bounded(1, 0.2) as request:
         first = asyncio.create_task(request.do_request(url, "POST"))
         await eventually(lambda: server.in_flight == 1)
-        with pytest.raises(TimedOut, match="Pool timeout"):
+        with pytest.raises(SlotTimeout) as raised:  # nothing was sent: a NetworkError that
             await request.do_request(url, "POST")
+        assert not isinstance(raised.value, TimedOut)  # senders may retry, unlike TimedOut
         server.release.set()
         assert (await first)[0] == 200
 
@@ -110,6 +115,16 @@ async def test_bot_api_calls_cancelled_at_any_moment_never_use_up_the_pool() -> 
         assert (await request.do_request(url, "POST"))[0] == 200
 
 
+class Body(httpx2.AsyncByteStream):
+    """A response body read from the network as a real transport's is (not preloaded)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data
+
+
 class RecordingTransport(httpx2.AsyncBaseTransport):
     def __init__(self, name: str) -> None:
         self.name = name
@@ -118,18 +133,27 @@ class RecordingTransport(httpx2.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         self.paths.append(request.url.path)
-        return httpx2.Response(200, json={"pool": self.name})
+        return httpx2.Response(200, stream=Body(json.dumps({"pool": self.name}).encode()))
 
     async def aclose(self) -> None:
         self.closed = True
 
 
-async def test_model_requests_are_spread_over_the_pools_in_turn_and_all_are_closed() -> None:
+async def test_model_requests_fill_one_pool_before_the_next_and_all_pools_are_closed() -> None:
     pools = [RecordingTransport(name) for name in "abc"]
-    async with httpx2.AsyncClient(transport=ShardedTransport(pools)) as client:
-        answers = [(await client.get(f"http://127.0.0.1/{n}")).json()["pool"] for n in range(7)]
-    assert answers == ["a", "b", "c", "a", "b", "c", "a"]
-    assert [p.paths for p in pools] == [["/0", "/3", "/6"], ["/1", "/4"], ["/2", "/5"]]
+    async with httpx2.AsyncClient(transport=ShardedTransport(pools, per_pool=2)) as client:
+        # One at a time: always the first pool, whose connection stays warm.
+        quiet = [(await client.get(f"http://127.0.0.1/q{n}")).json()["pool"] for n in range(4)]
+        async with contextlib.AsyncExitStack() as streams:  # five answers still streaming
+            busy = [
+                await streams.enter_async_context(client.stream("GET", f"http://127.0.0.1/s{n}"))
+                for n in range(5)
+            ]
+            burst = [(await r.aread()).decode() for r in busy]
+        after = (await client.get("http://127.0.0.1/after")).json()["pool"]
+    assert quiet == ["a"] * 4
+    assert [json.loads(b)["pool"] for b in burst] == ["a", "a", "b", "b", "c"]
+    assert after == "a"  # closed streams gave their places back
     assert all(p.closed for p in pools)
 
 
@@ -139,3 +163,19 @@ async def test_with_a_proxy_configured_the_sdk_default_client_is_kept(
     assert isinstance(openai_http_client(), httpx2.AsyncClient)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert openai_http_client() is None  # httpx then reads the proxy variables itself
+
+
+async def test_a_reply_is_retried_after_a_slot_timeout_but_not_after_a_read_timeout() -> None:
+    sent: list[str] = []
+
+    async def send(text: str, fail: list[Exception]) -> Message:
+        if fail:
+            raise fail.pop(0)
+        sent.append(text)
+        return cast(Message, object())
+
+    await _with_retries(send, "hello", [SlotTimeout("no slot")])
+    assert sent == ["hello"]
+    with pytest.raises(TimedOut):  # it may have gone through: never sent twice
+        await _with_retries(send, "again", [TimedOut()])
+    assert sent == ["hello"]

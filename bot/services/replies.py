@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
@@ -14,6 +15,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, NetworkError, TelegramError, TimedOut
 
 from bot.services.formatting import TEXT_LIMIT, Formatted, plain_parts, render_parts, utf16_len
+from bot.telegram_http import Dispatch, watch
 from storage.db import ChatKey
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ class ReplyStreamer:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._call: asyncio.Future[object] | None = None  # the Telegram call under way
+        self._call: asyncio.Task[object] | None = None  # the progress call under way
+        self._dispatch: Dispatch | None = None  # whether it was sent
 
     @property
     def _topic(self) -> int | None:
@@ -83,15 +86,22 @@ class ReplyStreamer:
             self._task = None
         call, self._call = self._call, None
         if call is not None:
-            # A draft or chat action already on its way arrives before the reply, never
-            # after it (where it would linger on screen); its outcome no longer matters.
+            # A progress call still queued (rate limiter, pool) is dropped: it was never
+            # sent. One that went out is let arrive before the reply, never after it (where
+            # a draft or "typing..." would linger on screen); its outcome no longer matters.
+            call.cancel()
             await asyncio.wait([call])
             if not call.cancelled():
                 call.exception()
+            sent = self._dispatch.request if self._dispatch is not None else None
+            if sent is not None:
+                await asyncio.wait([sent])
 
     async def _telegram(self, call: Coroutine[Any, Any, object]) -> None:
-        """Make a progress call that stopping the streamer waits for instead of cutting off."""
-        self._call = asyncio.ensure_future(call)
+        """Make a progress call; stopping the streamer drops it if unsent, else waits for it."""
+        context = contextvars.copy_context()
+        self._dispatch = context.run(watch)
+        self._call = asyncio.create_task(call, context=context)
         await asyncio.shield(self._call)
         self._call = None
 
@@ -117,12 +127,13 @@ class ReplyStreamer:
                 parts = render_parts("".join(self._chunks))
                 if not parts:
                     continue
+                text, entities = parts[-1].text, list(parts[-1].entities)
                 await self._telegram(
                     self._bot.send_message_draft(
                         self._key.chat_id,
                         self._draft_id,
-                        text=parts[-1].text,
-                        entities=list(parts[-1].entities),
+                        text=text,
+                        entities=entities,
                         message_thread_id=self._topic,
                     )
                 )
@@ -208,7 +219,7 @@ SEND_RETRIES = (0.5, 1.0, 2.0)  # seconds before each retry of a transient failu
 async def _with_retries(
     send: Callable[..., Awaitable[Message]], *args: Any, **kwargs: Any
 ) -> Message:
-    """Retry Telegram's transient failures (502s, dropped connections).
+    """Retry Telegram's transient failures (502s, dropped connections, no free connection).
 
     429s are retried by the rate limiter; a timeout is not retried, as the message may
     have gone through, and a reply sent twice is worse than one reported late.
