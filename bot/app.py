@@ -190,9 +190,9 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         slot=slot,
         base_url=f"{api}/bot",
         base_file_url=f"{api}/file/bot",
-        # At Telegram's ~30 requests a second, 64 connections carry answers that take up to
-        # 2 s each; more would cost CPU in httpcore for nothing (bot/telegram_http.py).
-        request=BoundedHTTPXRequest(connection_pool_size=64, pool_timeout=30.0),
+        # At Telegram's ~30 requests a second, 32 connections carry answers that take up to
+        # 1 s each; each one more costs CPU in httpcore on every call (bot/telegram_http.py).
+        request=BoundedHTTPXRequest(connection_pool_size=32, pool_timeout=30.0),
         get_updates_request=HTTPXRequest(connection_pool_size=1),
         rate_limiter=AIORateLimiter(
             overall_max_rate=settings.telegram_max_rate,
