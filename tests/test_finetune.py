@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
+from bot.services.finetune import FineTuner
+from bot.services.trainer import JobInfo
+from storage.db import JobRecord, Store, utcnow
 from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram
@@ -382,3 +387,48 @@ async def test_the_cost_estimate_counts_the_configured_epochs(
             report = await app.bot_data.services.finetune.build(DatasetOptions())  # type: ignore[union-attr]
             costs.append(report.estimated_cost_usd)
     assert costs[0] and costs[1] == pytest.approx(costs[0] * 4)
+
+
+async def test_a_job_notice_under_way_when_the_poller_stops_is_recorded_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        now = utcnow()
+        await store.add_job(
+            JobRecord(
+                "ftjob-1", "openai", "m", None, None, 10, 0, 100, ADMIN, "d", "running", now, now
+            )
+        )
+
+        class Trainer:  # only what the poller asks of one
+            async def get(self, job_id: str) -> JobInfo:
+                return JobInfo(job_id, "succeeded", "m", 0, fine_tuned_model="ft:m")
+
+        tuner = FineTuner(
+            store,
+            Trainer(),  # type: ignore[arg-type]
+            db_path=tmp_path / "db.sqlite3",
+            datasets_dir=tmp_path,
+            base_model="m",
+            suffix="s",
+            epochs=1,
+        )
+        started, release, sent = asyncio.Event(), asyncio.Event(), []
+
+        async def notify(job: JobRecord, info: JobInfo) -> None:
+            started.set()
+            await release.wait()  # the Bot API call is on its way
+            sent.append(info.status)
+
+        poller = asyncio.create_task(tuner.poll_once(notify))
+        await started.wait()
+        poller.cancel()  # shutdown, mid-notice
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await poller
+        assert sent == ["succeeded"]
+        [job] = await store.jobs()
+        assert job.notified_status == "succeeded"  # so the restart won't tell it again
+    finally:
+        await store.close()

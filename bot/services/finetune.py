@@ -157,12 +157,23 @@ class FineTuner:
                     job.job_id, info.status, info.fine_tuned_model, info.error
                 )
             if info.status != job.notified_status:
+                # A notice on its way when the poller is stopped is finished and recorded:
+                # Bot API calls are never cut off once sent, so an unrecorded one would be
+                # sent again after the restart.
+                telling = asyncio.ensure_future(self._tell(notify, job, info))
                 try:
-                    await notify(job, info)
-                except Exception:
-                    log.exception("could not notify about job %s", job.job_id)
-                    continue
-                await self.store.mark_notified(job.job_id, info.status)
+                    await asyncio.shield(telling)
+                except asyncio.CancelledError:
+                    await asyncio.wait([telling])
+                    raise
+
+    async def _tell(self, notify: Notify, job: JobRecord, info: JobInfo) -> None:
+        try:
+            await notify(job, info)
+        except Exception:
+            log.exception("could not notify about job %s", job.job_id)
+            return
+        await self.store.mark_notified(job.job_id, info.status)
 
     async def run(self, notify: Notify, interval: float) -> None:
         """Poll until cancelled; a failing round is logged and the next one comes anyway."""
