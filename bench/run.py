@@ -61,20 +61,6 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of the full line
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name of a process (threads of one name summed)."""
-    out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            stat = (task / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
-
-
 def proc_mem(pid: int) -> dict[str, float]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -387,10 +373,10 @@ def concurrency(control: Control, bot: Bot, chats: int, latency: float) -> dict[
         {"latency": latency, "answer_words": 0, "chunk_words": 1, "chunk_delay": 0},
     )
     before = control.call("/_control/results", timeout=60)["replies"]
-    cpu0, threads0 = proc_cpu(bot.pid), thread_cpu(bot.pid)
+    cpu0 = proc_cpu(bot.pid)
     res = control.call("/_control/push", {"messages": rotation(new_chats(chats), chats)})
     w = control.call(f"/_control/wait?replies={before + chats}&timeout=60", timeout=70)
-    cpu1, threads1 = proc_cpu(bot.pid), thread_cpu(bot.pid)
+    cpu1 = proc_cpu(bot.pid)
     recs = records(control, res["tokens"])
     sent = [r["sent"] for r in recs if r["sent"] is not None]
     injected = min(r["injected"] for r in recs)
@@ -407,13 +393,7 @@ def concurrency(control: Control, bot: Bot, chats: int, latency: float) -> dict[
         "last_model_start_s": max(model_start) if model_start else float("nan"),
         "reply_p50_ms": pct(lat, 0.5),
         "bot_cpu_s": cpu1 - cpu0,
-        "bot_cpu_by_thread_s": {
-            name: round(t - threads0.get(name, 0.0), 2)
-            for name, t in threads1.items()
-            if t - threads0.get(name, 0.0) >= 0.01
-        },
     }
-    log(f"concurrency: bot CPU by thread {out['bot_cpu_by_thread_s']}")
     log(
         f"concurrency {chats} chats: all replies in {out['wall_s']:.2f} s "
         f"({len(sent)}/{chats}), last model call started at +{out['last_model_start_s']:.2f} s"
