@@ -186,16 +186,24 @@ async def jobs(update: Update, context: CustomContext) -> None:
     await message.reply_text("\n".join(lines))
 
 
+async def _job_argument(update: Update, context: CustomContext, usage: str) -> str | None:
+    """The job id a command was given; without one, the command's usage is the answer."""
+    message = update.effective_message
+    if message is None:
+        return None
+    if not context.args:
+        await message.reply_text(tr(update, usage))
+        return None
+    return context.args[0]
+
+
 @admin_only
 async def job(update: Update, context: CustomContext) -> None:
     """Details of one job, its recent events, and a training-loss chart when there is one."""
     message = update.effective_message
-    if message is None:
+    job_id = await _job_argument(update, context, "job.usage")
+    if message is None or job_id is None:
         return
-    if not context.args:
-        await message.reply_text(tr(update, "job.usage"))
-        return
-    job_id = context.args[0]
     tuner = context.services.finetune
     record = await context.services.store.job(job_id)
     try:
@@ -227,14 +235,12 @@ async def job(update: Update, context: CustomContext) -> None:
 async def cancel(update: Update, context: CustomContext) -> None:
     """Cancel a fine-tuning job."""
     message = update.effective_message
-    if message is None:
-        return
-    if not context.args:
-        await message.reply_text(tr(update, "cancel.usage"))
+    job_id = await _job_argument(update, context, "cancel.usage")
+    if message is None or job_id is None:
         return
     tuner = context.services.finetune
     try:
-        info = await tuner.trainer.cancel(context.args[0])
+        info = await tuner.trainer.cancel(job_id)
     except TrainerError as exc:
         key = "job.unknown" if exc.kind == "not_found" else "job.unreachable"
         await message.reply_text(tr(update, key, kind=exc.kind))

@@ -38,17 +38,19 @@ async def _seed(tg: FakeTelegram, threads: int, first_chat: int = 1000, tag: str
         await _chat(tg, chat, [f"{tag} {chat}: hello", f"{tag} {chat}: tell me more"])
 
 
-async def _press(tg: FakeTelegram, user_id: int, chat_id: int, data_prefix: str) -> None:
+async def _press(
+    tg: FakeTelegram, user_id: int, chat_id: int, data_prefix: str, language_code: str = "en"
+) -> None:
     mid, _, data = next(b for b in tg.buttons(chat_id) if b[2].startswith(data_prefix))
-    tg.push_callback(user_id, chat_id, mid, data)
+    tg.push_callback(user_id, chat_id, mid, data, language_code)
 
 
-async def _train_and_start(tg: FakeTelegram) -> None:
+async def _train_and_start(tg: FakeTelegram, language_code: str = "en") -> None:
     """The admin runs /train and presses "start" under the summary."""
     tg.chat(ADMIN)
     tg.push_message(ADMIN, "/train", user_id=ADMIN)
     await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
-    await _press(tg, ADMIN, ADMIN, "ft:start:")
+    await _press(tg, ADMIN, ADMIN, "ft:start:", language_code)
 
 
 def _uploaded_examples(oai: FakeOpenAI) -> list[dict]:  # type: ignore[type-arg]
@@ -111,11 +113,7 @@ async def test_job_notices_are_in_the_language_of_the_admin_who_started_the_job(
     async with running(make_settings(job_poll_interval=0.1)) as app:
         await _seed(tg, 11)
         await settled(app)
-        tg.chat(ADMIN)
-        tg.push_message(ADMIN, "/train", user_id=ADMIN)
-        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
-        mid, _, data = next(b for b in tg.buttons(ADMIN) if b[2].startswith("ft:start:"))
-        tg.push_callback(ADMIN, ADMIN, mid, data, language_code="ru")  # a Russian-speaking admin
+        await _train_and_start(tg, language_code="ru")  # a Russian-speaking admin
         await tg.wait_for(lambda: any("выполнено" in t for t in tg.texts(ADMIN)), timeout=10)
         assert any(b[1] == "Использовать эту модель" for b in tg.buttons(ADMIN))
 
