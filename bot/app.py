@@ -6,17 +6,15 @@ import asyncio
 import logging
 import os
 
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAioHttpClient
 from telegram import Bot, BotCommand, BotCommandScopeChat, BotCommandScopeDefault, Update
 from telegram.error import TelegramError
 from telegram.ext import AIORateLimiter, ApplicationBuilder
 from telegram.ext import ContextTypes as PTBContextTypes
-from telegram.request import HTTPXRequest
 
 from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
 from bot.durability import DurableBot, Inbox, InboxSlot
-from bot.openai_http import openai_http_client
 from bot.services.albums import Albums
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
@@ -27,7 +25,7 @@ from bot.services.profiles import Profiles, load_profiles
 from bot.services.sentiment import build_analyzer
 from bot.services.trainer import JobInfo, OpenAITrainer
 from bot.settings import Settings
-from bot.telegram_http import BoundedHTTPXRequest
+from bot.telegram_http import AiohttpRequest
 from bot.texts import DEFAULT_LANGUAGE, LANGUAGES, command_descriptions
 from handlers import (
     access,
@@ -57,7 +55,9 @@ def make_openai_client(settings: Settings) -> AsyncOpenAI:
         base_url=settings.openai_base_url,
         timeout=settings.openai_timeout,
         max_retries=settings.openai_max_retries,
-        http_client=openai_http_client(),
+        # The SDK's aiohttp transport (openai[aiohttp]): a streamed answer costs half the
+        # CPU it does through httpx2 and httpcore (bench/http_clients.py).
+        http_client=DefaultAioHttpClient(),
     )
 
 
@@ -191,9 +191,11 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         base_url=f"{api}/bot",
         base_file_url=f"{api}/file/bot",
         # At Telegram's ~30 requests a second, 32 connections carry answers that take up to
-        # 1 s each; each one more costs CPU in httpcore on every call (bot/telegram_http.py).
-        request=BoundedHTTPXRequest(connection_pool_size=32, pool_timeout=30.0),
-        get_updates_request=HTTPXRequest(connection_pool_size=1),
+        # 1 s each (bot/telegram_http.py).
+        request=AiohttpRequest(connection_pool_size=32, pool_timeout=30.0),
+        get_updates_request=AiohttpRequest(
+            connection_pool_size=1, pool_timeout=1.0, finish_sent=False
+        ),
         rate_limiter=AIORateLimiter(
             overall_max_rate=settings.telegram_max_rate,
             group_max_rate=settings.telegram_group_rate,

@@ -1,13 +1,16 @@
-"""The HTTP client for Bot API calls: PTB's HTTPXRequest, with requests let in a few at a time."""
+"""The HTTP client for Bot API calls: aiohttp under PTB, with requests let in a few at a time."""
 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from telegram.error import NetworkError
-from telegram.request import BaseRequest, HTTPXRequest, RequestData
+import aiohttp
+from telegram.error import NetworkError, TimedOut
+from telegram.request import BaseRequest, RequestData
+from yarl import URL
 
 if TYPE_CHECKING:
     from telegram._utils.types import ODVInput  # PTB's own annotation for these arguments
@@ -34,29 +37,65 @@ def watch() -> Dispatch:
     return dispatch
 
 
-class BoundedHTTPXRequest(HTTPXRequest):
-    """PTB's HTTPXRequest with two guards for httpcore 1.x, the pool under PTB's httpx.
+class AiohttpRequest(BaseRequest):
+    """PTB's request backend over aiohttp, with a bounded pool and calls that finish once sent.
 
-    - At most `connection_pool_size` requests enter httpx at once; the rest wait on an
-      asyncio semaphore, whose waiters cost nothing. httpcore redoes its pool bookkeeping
-      on every request and response, in time that grows with the square of the open
-      connections and with the queued requests: with a pool of 256 and a burst of 300
-      chats that was a third of the bot's CPU (py-spy, bench/run.py's burst). The pool
-      timeout applies to the wait for a slot; running out of it raises `SlotTimeout`, a
-      `NetworkError` that says nothing was sent, so senders may retry it.
-    - A request that entered httpx is never cancelled: its caller may stop waiting (a
-      draft overtaken by the final reply, a shutdown), but the request runs to its end in
-      the background. A request cancelled while httpcore 1.0.9 sets up its connection
-      leaves that connection in the pool forever (encode/httpcore#1093, open; httpx gets
-      no more releases), and once every slot is lost that way, every Bot API call fails
-      with a pool timeout. bench/run.py's long replies hit it within a minute.
+    - aiohttp instead of PTB's HTTPXRequest: a Bot API call costs about 0.2 ms of CPU
+      against 1.7 ms through httpx and httpcore (bench/http_clients.py). A reply is three
+      or more calls, and CPU is what bounds a burst of chats.
+    - At most `connection_pool_size` requests are under way at once; the rest wait on an
+      asyncio semaphore. Running out of the pool timeout while waiting raises
+      `SlotTimeout`, a `NetworkError` that says nothing was sent, so senders may retry it
+      (PTB's `TimedOut` means "may have gone through" and is never retried).
+    - With `finish_sent` (the default), a request that got its slot is never cut off: its
+      caller may stop waiting (a draft overtaken by the final reply, a shutdown), but the
+      request runs to its end in the background and `shutdown()` waits for it. A call
+      cut off halfway may still reach Telegram, later than what the caller sends next;
+      `watch()` lets a caller learn that a call was sent and wait for it instead. Long
+      polls (`getUpdates`) are built with `finish_sent=False`: they may be cut off at once.
     """
 
-    def __init__(self, connection_pool_size: int, pool_timeout: float | None) -> None:
-        super().__init__(connection_pool_size=connection_pool_size, pool_timeout=pool_timeout)
+    def __init__(
+        self,
+        connection_pool_size: int,
+        pool_timeout: float | None,
+        *,
+        connect_timeout: float | None = 5.0,
+        read_timeout: float | None = 5.0,
+        write_timeout: float | None = 5.0,
+        media_write_timeout: float | None = 20.0,
+        finish_sent: bool = True,
+    ) -> None:
+        self._size = connection_pool_size
         self._slots = asyncio.Semaphore(connection_pool_size)
-        self._slot_timeout = pool_timeout
-        self._orphans: set[asyncio.Task[tuple[int, bytes]]] = set()
+        self._pool_timeout = pool_timeout
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._write_timeout = write_timeout
+        self._media_write_timeout = media_write_timeout
+        self._finish_sent = finish_sent
+        self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str], str | None] = {}
+        self._orphans: set[asyncio.Future[tuple[int, bytes]]] = set()
+
+    @property
+    def read_timeout(self) -> float | None:
+        return self._read_timeout
+
+    async def initialize(self) -> None:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._size),
+                # No trust_env: with it aiohttp looks for ~/.netrc in a worker thread on every
+                # request (a seventh of the bot's CPU in a burst, py-spy). Proxies: _proxy().
+                headers={"User-Agent": self.USER_AGENT},
+            )
+
+    async def shutdown(self) -> None:
+        if self._orphans:  # let requests already sent finish (each has its own timeouts)
+            await asyncio.wait(set(self._orphans))
+        if self._session is not None:
+            await self._session.close()
 
     async def do_request(
         self,
@@ -68,32 +107,31 @@ class BoundedHTTPXRequest(HTTPXRequest):
         connect_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
         pool_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
     ) -> tuple[int, bytes]:
-        wait = (
-            self._slot_timeout
-            if pool_timeout is BaseRequest.DEFAULT_NONE
-            else cast("float | None", pool_timeout)
+        session = self._session
+        if session is None or session.closed:
+            raise RuntimeError("this AiohttpRequest is not initialized")
+        target = URL(url)
+        files = request_data is not None and request_data.contains_files
+        timeouts = (
+            _given(connect_timeout, self._connect_timeout),
+            _given(write_timeout, self._media_write_timeout if files else self._write_timeout),
+            _given(read_timeout, self._read_timeout),
         )
         try:
-            async with asyncio.timeout(wait):
+            async with asyncio.timeout(_given(pool_timeout, self._pool_timeout)):
                 await self._slots.acquire()
         except TimeoutError as exc:
             raise SlotTimeout("no free connection in time; the request was not sent") from exc
         try:
             request = asyncio.ensure_future(
-                super().do_request(
-                    url,
-                    method,
-                    request_data,
-                    read_timeout,
-                    write_timeout,
-                    connect_timeout,
-                    pool_timeout,
-                )
+                _send(session, method, target, self._proxy(target), _body(request_data), *timeouts)
             )
         except BaseException:
             self._slots.release()
             raise
         request.add_done_callback(lambda _: self._slots.release())
+        if not self._finish_sent:
+            return await request  # cancelling this cancels the request
         if (dispatch := _dispatch.get()) is not None:
             dispatch.request = request
         try:
@@ -104,12 +142,60 @@ class BoundedHTTPXRequest(HTTPXRequest):
                 request.add_done_callback(self._forget)
             raise
 
-    async def shutdown(self) -> None:
-        if self._orphans:  # let requests already sent finish (each has its own timeouts)
-            await asyncio.wait(set(self._orphans))
-        await super().shutdown()
+    def _proxy(self, url: URL) -> str | None:
+        """The proxy for `url` from HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as httpx reads them,
+        looked up once per host (the bot talks to one)."""
+        key = (url.scheme, url.host or "")
+        if key not in self._proxies:
+            proxies = urllib.request.getproxies()
+            bypass = bool(key[1]) and urllib.request.proxy_bypass(key[1])
+            self._proxies[key] = None if bypass else proxies.get(key[0])
+        return self._proxies[key]
 
-    def _forget(self, request: asyncio.Task[tuple[int, bytes]]) -> None:
+    def _forget(self, request: asyncio.Future[tuple[int, bytes]]) -> None:
         self._orphans.discard(request)
         if not request.cancelled():
             request.exception()  # retrieved: nobody waits for it any more
+
+
+def _given(value: ODVInput[float], default: float | None) -> float | None:
+    return default if value is BaseRequest.DEFAULT_NONE else cast("float | None", value)
+
+
+def _body(request_data: RequestData | None) -> aiohttp.FormData | dict[str, str] | None:
+    """The form PTB's HTTPXRequest sends: urlencoded fields, or multipart with the files."""
+    if request_data is None:
+        return None
+    fields = request_data.json_parameters
+    if not request_data.contains_files:
+        return fields or None
+    form = aiohttp.FormData(fields)
+    for name, (filename, content, mimetype) in request_data.multipart_data.items():
+        form.add_field(name, content, filename=filename, content_type=mimetype)
+    return form
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    proxy: str | None,
+    body: Any,
+    connect: float | None,
+    write: float | None,
+    read: float | None,
+) -> tuple[int, bytes]:
+    """One request. aiohttp has no write timeout: the whole call gets connect + write + read."""
+    total = None
+    if connect is not None and write is not None and read is not None:
+        total = connect + write + read
+    timeout = aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
+    try:
+        async with session.request(
+            method, url, data=body, timeout=timeout, proxy=proxy
+        ) as response:
+            return response.status, await response.read()
+    except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
+        raise TimedOut(f"aiohttp: {type(exc).__name__}") from exc
+    except aiohttp.ClientError as exc:
+        raise NetworkError(f"aiohttp.{type(exc).__name__}: {exc}") from exc

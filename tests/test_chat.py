@@ -9,7 +9,7 @@ from telegram.ext import ExtBot
 
 from bot.context import ParleyApp
 from bot.services.replies import ReplyStreamer
-from bot.telegram_http import BoundedHTTPXRequest
+from bot.telegram_http import AiohttpRequest
 from storage.db import ChatKey
 from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
@@ -58,7 +58,7 @@ async def test_a_draft_still_waiting_for_a_connection_is_dropped_not_sent_after_
 ) -> None:
     tg.chat(100)
     tg.latency["sendChatAction"] = 1.0
-    request = BoundedHTTPXRequest(connection_pool_size=1, pool_timeout=30.0)
+    request = AiohttpRequest(connection_pool_size=1, pool_timeout=30.0)
     async with ExtBot(TOKEN, base_url=f"{tg.url}/bot", request=request) as bot:
         busy = asyncio.create_task(bot.send_chat_action(100, "typing"))  # the only connection
         await eventually(lambda: bool(tg.calls_of("sendChatAction")))  # arrived, held

@@ -1,4 +1,4 @@
-"""The HTTP layers under PTB and the OpenAI SDK: a bounded Bot API pool, sharded model pools."""
+"""The HTTP layers under PTB and the OpenAI SDK: aiohttp under both, a bounded Bot API pool."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
 
-import httpx2
 import pytest
 from aiohttp import web
 from telegram import Message
-from telegram.error import TimedOut
+from telegram.error import NetworkError, TimedOut
 
-from bot.openai_http import ShardedTransport, openai_http_client
+from bot.app import make_openai_client
 from bot.services.replies import _with_retries
-from bot.telegram_http import BoundedHTTPXRequest, SlotTimeout
+from bot.settings import Settings
+from bot.telegram_http import AiohttpRequest, SlotTimeout
 from tests.conftest import eventually, local_http
 
 
@@ -53,8 +53,8 @@ async def held() -> AsyncIterator[tuple[HeldServer, str]]:
 
 
 @asynccontextmanager
-async def bounded(pool: int, timeout: float) -> AsyncIterator[BoundedHTTPXRequest]:
-    request = BoundedHTTPXRequest(connection_pool_size=pool, pool_timeout=timeout)
+async def bounded(pool: int, timeout: float) -> AsyncIterator[AiohttpRequest]:
+    request = AiohttpRequest(connection_pool_size=pool, pool_timeout=timeout)
     await request.initialize()
     try:
         yield request
@@ -92,8 +92,9 @@ async def test_a_bot_api_request_that_waits_past_the_pool_timeout_is_a_timeout(
 
 
 async def test_bot_api_calls_cancelled_at_any_moment_never_use_up_the_pool() -> None:
-    """httpcore 1.0.9 loses a connection for good when a request is cancelled while it
-    connects (encode/httpcore#1093); cancelled callers must not cost the pool anything."""
+    """A caller that stops waiting (a draft overtaken by its reply) never costs the pool a
+    slot, whatever stage its request was at (httpcore 1.0.9 lost one for good when cancelled
+    while connecting, encode/httpcore#1093: the reason the bot no longer uses it)."""
     rng = random.Random(1)
 
     async def answer(request: web.Request) -> web.Response:
@@ -115,54 +116,82 @@ async def test_bot_api_calls_cancelled_at_any_moment_never_use_up_the_pool() -> 
         assert (await request.do_request(url, "POST"))[0] == 200
 
 
-class Body(httpx2.AsyncByteStream):
-    """A response body read from the network as a real transport's is (not preloaded)."""
+class Proxy:
+    """A plain HTTP proxy stand-in: answers every request itself and records its target."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, answer: bytes, content_type: str) -> None:
+        self.answer, self.content_type = answer, content_type
+        self.targets: list[str] = []
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self.data
-
-
-class RecordingTransport(httpx2.AsyncBaseTransport):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.paths: list[str] = []
-        self.closed = False
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        self.paths.append(request.url.path)
-        return httpx2.Response(200, stream=Body(json.dumps({"pool": self.name}).encode()))
-
-    async def aclose(self) -> None:
-        self.closed = True
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.targets.append(str(request.url))  # absolute-form: the origin's URL, not ours
+        return web.Response(body=self.answer, content_type=self.content_type)
 
 
-async def test_model_requests_fill_one_pool_before_the_next_and_all_pools_are_closed() -> None:
-    pools = [RecordingTransport(name) for name in "abc"]
-    async with httpx2.AsyncClient(transport=ShardedTransport(pools, per_pool=2)) as client:
-        # One at a time: always the first pool, whose connection stays warm.
-        quiet = [(await client.get(f"http://127.0.0.1/q{n}")).json()["pool"] for n in range(4)]
-        async with contextlib.AsyncExitStack() as streams:  # five answers still streaming
-            busy = [
-                await streams.enter_async_context(client.stream("GET", f"http://127.0.0.1/s{n}"))
-                for n in range(5)
-            ]
-            burst = [(await r.aread()).decode() for r in busy]
-        after = (await client.get("http://127.0.0.1/after")).json()["pool"]
-    assert quiet == ["a"] * 4
-    assert [json.loads(b)["pool"] for b in burst] == ["a", "a", "b", "b", "c"]
-    assert after == "a"  # closed streams gave their places back
-    assert all(p.closed for p in pools)
+async def test_bot_api_calls_honour_the_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = Proxy(json.dumps({"ok": True, "result": True}).encode(), "application/json")
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    async with local_http(app) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        async with bounded(2, 1.0) as request:
+            code, _ = await request.do_request("http://telegram.invalid/botTOKEN/getMe", "POST")
+        monkeypatch.setenv("NO_PROXY", "telegram.invalid")
+        async with bounded(2, 1.0) as request:  # straight to a host that doesn't exist
+            with pytest.raises(NetworkError):
+                await request.do_request("http://telegram.invalid/botTOKEN/getMe", "POST")
+    assert code == 200
+    assert proxy.targets == ["http://telegram.invalid/botTOKEN/getMe"]
 
 
-async def test_with_a_proxy_configured_the_sdk_default_client_is_kept(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_model_calls_honour_the_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    models = {
+        "object": "list",
+        "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}],
+    }
+    proxy = Proxy(json.dumps(models).encode(), "application/json")
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    async with local_http(app) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        client = make_openai_client(
+            Settings(
+                _env_file=None,
+                telegram_bot_token="1:x",
+                openai_api_key="sk-test",
+                openai_base_url="http://openai.invalid/v1",
+            )
+        )
+        async with client:
+            page = await client.models.list()
+    assert [m.id for m in page.data] == ["m"]
+    assert proxy.targets == ["http://openai.invalid/v1/models"]
+
+
+async def test_a_bot_api_call_with_no_answer_in_time_is_a_timeout_and_frees_its_slot(
+    held: tuple[HeldServer, str],
 ) -> None:
-    assert isinstance(openai_http_client(), httpx2.AsyncClient)
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    assert openai_http_client() is None  # httpx then reads the proxy variables itself
+    server, url = held
+    async with bounded(1, 5.0) as request:
+        with pytest.raises(TimedOut):  # it may have gone through: callers don't retry it
+            await request.do_request(url, "POST", read_timeout=0.2)
+        server.release.set()
+        assert (await request.do_request(url, "POST"))[0] == 200
+
+
+async def test_a_bot_api_call_that_cannot_connect_is_a_network_error_without_the_token() -> None:
+    async with local_http(web.Application()) as base:
+        pass  # the port is free again: nothing listens there now
+    async with bounded(1, 1.0) as request:
+        with pytest.raises(NetworkError) as raised:
+            await request.do_request(f"{base}/bot123:SECRET/getMe", "POST")
+    assert not isinstance(raised.value, TimedOut)
+    assert "SECRET" not in str(raised.value)
 
 
 async def test_a_reply_is_retried_after_a_slot_timeout_but_not_after_a_read_timeout() -> None:
