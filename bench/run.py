@@ -373,10 +373,10 @@ def concurrency(control: Control, bot: Bot, chats: int, latency: float) -> dict[
         {"latency": latency, "answer_words": 0, "chunk_words": 1, "chunk_delay": 0},
     )
     before = control.call("/_control/results", timeout=60)["replies"]
-    cpu0 = proc_cpu(bot.pid)
+    cpu0, standins0 = proc_cpu(bot.pid), control.call("/_control/cpu")["cpu"]
     res = control.call("/_control/push", {"messages": rotation(new_chats(chats), chats)})
     w = control.call(f"/_control/wait?replies={before + chats}&timeout=60", timeout=70)
-    cpu1 = proc_cpu(bot.pid)
+    cpu1, standins1 = proc_cpu(bot.pid), control.call("/_control/cpu")["cpu"]
     recs = records(control, res["tokens"])
     sent = [r["sent"] for r in recs if r["sent"] is not None]
     injected = min(r["injected"] for r in recs)
@@ -393,6 +393,7 @@ def concurrency(control: Control, bot: Bot, chats: int, latency: float) -> dict[
         "last_model_start_s": max(model_start) if model_start else float("nan"),
         "reply_p50_ms": pct(lat, 0.5),
         "bot_cpu_s": cpu1 - cpu0,
+        "standins_cpu_s": standins1 - standins0,  # same cores: it bounds what sharding could gain
     }
     log(
         f"concurrency {chats} chats: all replies in {out['wall_s']:.2f} s "
@@ -592,8 +593,8 @@ def report(m: dict[str, Any], r: dict[str, Any], quick: bool) -> str:
             f"| {verdict(c['wall_s'], 3) if not c['timed_out'] else '**TIMED OUT**'} |"
         )
         lines.append(
-            f"| ↳ last model call started after push / bot CPU during the burst | "
-            f"+{c['last_model_start_s']:.2f} s / {c['bot_cpu_s']:.2f} s | | |"
+            f"| ↳ last model call started after push / CPU during the burst: bot, stand-ins | "
+            f"+{c['last_model_start_s']:.2f} s / {c['bot_cpu_s']:.2f} s, {c['standins_cpu_s']:.2f} s | | |"
         )
     o2 = r.get("order")
     if o2:
