@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import httpx2
 import openai
 
@@ -34,7 +35,7 @@ def classify_model_error(exc: BaseException, *, streaming: bool = False) -> Mode
         kind = "rate_limited"
     elif isinstance(
         exc, openai.APITimeoutError | httpx2.TimeoutException | asyncio.TimeoutError | TimeoutError
-    ):
+    ) and not _connection_failure(exc):
         kind = "timeout"
     elif isinstance(exc, openai.APIConnectionError | httpx2.TransportError) and streaming:
         kind = "interrupted"
@@ -56,3 +57,18 @@ def classify_model_error(exc: BaseException, *, streaming: bool = False) -> Mode
     # The detail is for logs only: class name and status, never the response body.
     status = getattr(exc, "status_code", None)
     return ModelError(kind, f"{type(exc).__name__}{f' {status}' if status else ''}")
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    """Whether a "timeout" was really a failed or dropped connection.
+
+    The SDK's aiohttp adapter (openai[aiohttp]) reports every aiohttp connection error,
+    a refused connection or a server hanging up included, as a connect timeout; the
+    aiohttp exception underneath tells which it was.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientError):
+            return not isinstance(cause, TimeoutError)
+        cause = cause.__cause__
+    return False

@@ -6,7 +6,7 @@ import asyncio
 import urllib.request
 from contextvars import ContextVar
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import aiohttp
 from telegram.error import NetworkError, TimedOut
@@ -93,7 +93,7 @@ class AiohttpRequest(BaseRequest):
             )
 
     async def shutdown(self) -> None:
-        if self._orphans:  # let requests already sent finish (each has its own timeouts)
+        while self._orphans:  # let requests already sent finish (each has its own timeouts)
             await asyncio.wait(set(self._orphans))
         if self._session is not None:
             await self._session.close()
@@ -150,7 +150,7 @@ class AiohttpRequest(BaseRequest):
         if key not in self._proxies:
             proxies = urllib.request.getproxies()
             bypass = bool(key[1]) and urllib.request.proxy_bypass(key[1])
-            self._proxies[key] = None if bypass else proxies.get(key[0])
+            self._proxies[key] = None if bypass else proxies.get(key[0], proxies.get("all"))
         return self._proxies[key]
 
     def _forget(self, request: asyncio.Future[tuple[int, bytes]]) -> None:
@@ -178,14 +178,20 @@ def _body(request_data: RequestData | None) -> aiohttp.FormData | dict[str, str]
 
 @lru_cache(maxsize=64)
 def _timeout(
-    connect: float | None, write: float | None, read: float | None
+    connect: float | None, write: float | None, read: float | None, upload: bool
 ) -> aiohttp.ClientTimeout:
-    """aiohttp has no write timeout: the whole call gets connect + write + read. Cached:
-    building a ClientTimeout (a frozen attrs class) was 3% of the bot's CPU in a burst."""
+    """PTB's timeouts in aiohttp's terms (cached: building a ClientTimeout, a frozen attrs
+    class, was 3% of the bot's CPU in a burst).
+
+    `connect` bounds getting a connection, DNS included; `read` bounds each wait for
+    response bytes, as httpx's read timeout does, so a slow but steady download finishes.
+    aiohttp has no write timeout, and no read runs while a body is sent: an upload gets
+    connect + write + read for the whole call, so a stalled one cannot hang.
+    """
     total = None
-    if connect is not None and write is not None and read is not None:
+    if upload and connect is not None and write is not None and read is not None:
         total = connect + write + read
-    return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
+    return aiohttp.ClientTimeout(total=total, connect=connect, sock_connect=connect, sock_read=read)
 
 
 async def _send(
@@ -193,13 +199,14 @@ async def _send(
     method: str,
     url: URL,
     proxy: str | None,
-    body: Any,
+    body: aiohttp.FormData | dict[str, str] | None,
     timeouts: tuple[float | None, float | None, float | None],
 ) -> tuple[int, bytes]:
-    timeout = _timeout(*timeouts)
+    timeout = _timeout(*timeouts, upload=isinstance(body, aiohttp.FormData))
     try:
+        # No redirects, as with PTB's httpx: a redirected POST would arrive as a bare GET.
         async with session.request(
-            method, url, data=body, timeout=timeout, proxy=proxy
+            method, url, data=body, timeout=timeout, proxy=proxy, allow_redirects=False
         ) as response:
             return response.status, await response.read()
     except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too

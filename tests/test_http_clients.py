@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
 
+import openai
 import pytest
 from aiohttp import web
 from telegram import Message
 from telegram.error import NetworkError, TimedOut
 
 from bot.app import make_openai_client
+from bot.errors import classify_model_error
 from bot.services.replies import _with_retries
 from bot.settings import Settings
 from bot.telegram_http import AiohttpRequest, SlotTimeout
@@ -208,3 +210,98 @@ async def test_a_reply_is_retried_after_a_slot_timeout_but_not_after_a_read_time
     with pytest.raises(TimedOut):  # it may have gone through: never sent twice
         await _with_retries(send, "again", [TimedOut()])
     assert sent == ["hello"]
+
+
+async def test_a_slow_but_steady_file_download_is_not_cut_off() -> None:
+    """The read timeout bounds each wait for bytes, as with httpx, not the whole download."""
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 10 * 100
+        await response.prepare(request)
+        for _ in range(10):  # 1.8 s in all, each piece well within the 0.5 s read timeout
+            await response.write(b"x" * 100)
+            await asyncio.sleep(0.2)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", trickle)
+    async with local_http(app) as base:
+        request = AiohttpRequest(2, 1.0, connect_timeout=0.5, read_timeout=0.5, write_timeout=0.5)
+        await request.initialize()
+        try:
+            data = await request.retrieve(f"{base}/file/botTOKEN/photos/a.jpg")
+        finally:
+            await request.shutdown()
+    assert data == b"x" * 1000
+
+
+async def test_a_redirect_is_not_followed() -> None:
+    """A redirected POST would be re-sent as a bare GET, its fields lost (PTB's httpx
+    doesn't follow redirects either); Telegram never redirects a Bot API call."""
+    seen: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        raise web.HTTPFound(str(request.url))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", moved)
+    async with local_http(app) as base, bounded(2, 1.0) as request:
+        code, _ = await request.do_request(f"{base}/botTOKEN/sendMessage", "POST")
+    assert (code, seen) == (302, ["POST"])
+
+
+async def test_a_long_poll_cut_off_by_its_caller_does_not_hold_up_shutdown(
+    held: tuple[HeldServer, str],
+) -> None:
+    server, url = held
+    request = AiohttpRequest(connection_pool_size=1, pool_timeout=1.0, finish_sent=False)
+    await request.initialize()
+    poll = asyncio.create_task(request.do_request(url, "POST", read_timeout=30.0))
+    await eventually(lambda: server.in_flight == 1)
+    poll.cancel()
+    await asyncio.wait([poll])  # as PTB's updater waits for its polling task
+    async with asyncio.timeout(5):  # with finish_sent=True this would wait for the answer
+        await request.shutdown()
+    assert poll.cancelled() and server.served == 0
+
+
+@pytest.mark.parametrize("fault", ["refused", "hang-up", "silence"])
+async def test_model_connection_failures_and_timeouts_are_told_apart(fault: str) -> None:
+    """The SDK's aiohttp adapter calls every connection error a connect timeout."""
+
+    async def hang_up(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    async def silence(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)  # past the client's 0.5 s
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hang_up if fault == "hang-up" else silence)
+    async with local_http(app) as base:
+        if fault == "refused":
+            async with local_http(web.Application()) as closed:
+                pass  # nothing listens there any more
+            base = closed
+        client = make_openai_client(
+            Settings(
+                _env_file=None,
+                telegram_bot_token="1:x",
+                openai_api_key="sk-test",
+                openai_base_url=f"{base}/v1",
+                openai_timeout=0.5,
+                openai_max_retries=0,
+            )
+        )
+        async with client:
+            with pytest.raises(openai.APIConnectionError) as raised:
+                await client.models.list()
+    expected = "timeout" if fault == "silence" else "unreachable"
+    assert classify_model_error(raised.value).kind == expected
+    assert classify_model_error(raised.value, streaming=True).kind == (
+        "timeout" if fault == "silence" else "interrupted"
+    )
