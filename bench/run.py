@@ -372,11 +372,13 @@ def concurrency(control: Control, bot: Bot, chats: int, latency: float) -> dict[
         "/_control/config",
         {"latency": latency, "answer_words": 0, "chunk_words": 1, "chunk_delay": 0},
     )
-    before = control.call("/_control/results", timeout=60)["replies"]
+    start = control.call("/_control/results", timeout=60)
+    before, drafts0 = start["replies"], start["methods"].get("sendMessageDraft", 0)
     cpu0, standins0 = proc_cpu(bot.pid), control.call("/_control/cpu")["cpu"]
     res = control.call("/_control/push", {"messages": rotation(new_chats(chats), chats)})
     w = control.call(f"/_control/wait?replies={before + chats}&timeout=60", timeout=70)
     cpu1, standins1 = proc_cpu(bot.pid), control.call("/_control/cpu")["cpu"]
+    drafts = control.call("/_control/results", timeout=60)["methods"].get("sendMessageDraft", 0)
     recs = records(control, res["tokens"])
     sent = [r["sent"] for r in recs if r["sent"] is not None]
     injected = min(r["injected"] for r in recs)
@@ -394,6 +396,7 @@ def concurrency(control: Control, bot: Bot, chats: int, latency: float) -> dict[
         "reply_p50_ms": pct(lat, 0.5),
         "bot_cpu_s": cpu1 - cpu0,
         "standins_cpu_s": standins1 - standins0,  # same cores: it bounds what sharding could gain
+        "drafts": drafts - drafts0,  # "Thinking..." placeholders the gate let through
     }
     log(
         f"concurrency {chats} chats: all replies in {out['wall_s']:.2f} s "
@@ -595,6 +598,10 @@ def report(m: dict[str, Any], r: dict[str, Any], quick: bool) -> str:
         lines.append(
             f"| ↳ last model call started after push / CPU during the burst: bot, stand-ins | "
             f"+{c['last_model_start_s']:.2f} s / {c['bot_cpu_s']:.2f} s, {c['standins_cpu_s']:.2f} s | | |"
+        )
+        lines.append(
+            f"| ↳ drafts sent during the burst (the rest shed under load, PROGRESS_SHED_LAG) | "
+            f"{c['drafts']:,} for {c['chats']:,} replies | | |"
         )
     o2 = r.get("order")
     if o2:

@@ -22,6 +22,7 @@ from bot.services.finetune import FineTuner
 from bot.services.images import ImageLimits
 from bot.services.photos import PhotoService
 from bot.services.profiles import Profiles, load_profiles
+from bot.services.replies import ProgressGate
 from bot.services.sentiment import build_analyzer
 from bot.services.trainer import JobInfo, OpenAITrainer
 from bot.settings import Settings
@@ -89,6 +90,7 @@ async def start_services(
         sentiment=sentiment,
         daily_limit=settings.daily_message_limit,
         exempt=settings.is_admin,
+        gate=ProgressGate(settings.progress_max_in_flight, settings.progress_shed_lag),
     )
     # A model chosen with /model outlives restarts.
     chat.model = await store.get_setting("model") or settings.openai_model
@@ -160,6 +162,8 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         services.background.append(
             asyncio.create_task(services.finetune.run(notify, settings.job_poll_interval))
         )
+        if settings.progress_shed_lag > 0:
+            services.background.append(asyncio.create_task(services.chat.gate.watch_lag()))
         log.info(
             "Parley started: backend=%s model=%s database=%s",
             settings.conversation_backend,

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
 
     # Streaming: minimum seconds between two draft updates of one reply (Telegram throttles edits).
     draft_interval: float = Field(default=0.8, ge=0.05)
+    # Drafts and "typing..." are skipped while this many are already under way, or while the
+    # event loop runs more than PROGRESS_SHED_LAG seconds late (0: never for lag): replies first.
+    progress_max_in_flight: int = Field(default=16, ge=0)
+    progress_shed_lag: float = Field(default=0.1, ge=0)
     # Outgoing Telegram rate limits (PTB's AIORateLimiter); 429s are retried regardless.
     # 0 turns a limit off, e.g. for a self-hosted Bot API server or a benchmark.
     telegram_max_rate: float = Field(default=30.0, ge=0)  # requests per second, whole bot

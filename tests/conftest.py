@@ -79,6 +79,9 @@ def make_settings(tmp_path: Path, tg: FakeTelegram, oai: FakeOpenAI) -> Settings
             "openai_timeout": 5.0,
             "database_url": f"sqlite:///{tmp_path / 'parley.sqlite3'}",
             "draft_interval": 0.05,
+            # Tests share one event loop with the stand-ins; a busy moment must not drop the
+            # drafts they check. The gate has tests of its own (test_replies_gate.py).
+            "progress_shed_lag": 0,
             "telegram_max_rate": 0,
             "telegram_group_rate": 0,
             "admin_user_ids": "42",

@@ -14,7 +14,7 @@ from telegram.error import TelegramError
 from bot.errors import ModelError
 from bot.services.conversations import ConversationBackend, ReplyResult, UserContent, data_url
 from bot.services.profiles import Profiles
-from bot.services.replies import ReplyStreamer, send_text
+from bot.services.replies import ProgressGate, ReplyStreamer, send_text
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.texts import t
 from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
@@ -54,7 +54,9 @@ class ChatService:
         sentiment: SentimentAnalyzer,
         daily_limit: int = 0,
         exempt: Callable[[int | None], bool] = lambda _user: False,
+        gate: ProgressGate | None = None,
     ) -> None:
+        self.gate = gate or ProgressGate()
         self.daily_limit = daily_limit
         self.exempt = exempt
         self.profiles = profiles
@@ -114,6 +116,7 @@ class ChatService:
             draft_id=msg.message_id,
             reply_to=None if msg.private else msg.message_id,
             interval=self.draft_interval,
+            gate=self.gate,
         )
         # The user's own sentiment is judged while the model writes: it adds no delay.
         user_sentiment = asyncio.create_task(self._analyze(msg.text))

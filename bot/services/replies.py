@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +23,49 @@ log = logging.getLogger(__name__)
 
 TYPING_EVERY = 4.0  # a chat action shows for ~5 s
 PLACEHOLDER_AFTER = 0.5  # seconds without a token before the "Thinking..." draft
+
+
+class ProgressGate:
+    """Sheds progress calls (drafts, "typing...") when the bot or Telegram's pipe is full.
+
+    Progress is a nicety; the reply is what the user waits for. A progress call is skipped
+    when `max_in_flight` of them are already under way (queued in the rate limiter or for
+    a connection, or on the wire), or when the event loop runs more than `max_lag` seconds
+    behind (`watch_lag` measures it). Replies then get the Bot API budget and the CPU: with
+    Telegram's 30 calls a second, 1,000 chats answered at once would otherwise each wait
+    behind a "Thinking..." draft. A skipped draft costs nothing: the next one carries the
+    newer text.
+    """
+
+    def __init__(self, max_in_flight: int = 16, max_lag: float = 0.1, tick: float = 0.05) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_lag = max_lag
+        self.tick = tick
+        self.in_flight = 0
+        self.lag = 0.0
+        self.shed = 0  # progress calls skipped so far
+
+    def admit(self) -> bool:
+        lagging = self.max_lag > 0 and self.lag > self.max_lag
+        if self.in_flight < self.max_in_flight and not lagging:
+            return True
+        self.shed += 1
+        return False
+
+    def track(self, call: asyncio.Task[object]) -> None:
+        self.in_flight += 1
+        call.add_done_callback(self._done)
+
+    def _done(self, _call: asyncio.Task[object]) -> None:
+        self.in_flight -= 1
+
+    async def watch_lag(self) -> None:
+        """Measure how late the event loop wakes a sleeper, every `tick` (a background task)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.tick)
+            self.lag = max(0.0, loop.time() - start - self.tick)
 
 
 class ReplyStreamer:
@@ -41,8 +85,10 @@ class ReplyStreamer:
         draft_id: int,
         reply_to: int | None,
         interval: float,
+        gate: ProgressGate | None = None,
     ) -> None:
         self._bot = bot
+        self._gate = gate
         self._key = key
         self._private = private
         self._draft_id = draft_id or 1  # must be non-zero
@@ -97,11 +143,17 @@ class ReplyStreamer:
             if sent is not None:
                 await asyncio.wait([sent])
 
-    async def _telegram(self, call: Coroutine[Any, Any, object]) -> None:
+    def _admit(self) -> bool:
+        """Whether a progress call may go out now (see ProgressGate)."""
+        return self._gate is None or self._gate.admit()
+
+    async def _telegram(self, call: Callable[[], Coroutine[Any, Any, object]]) -> None:
         """Make a progress call; stopping the streamer drops it if unsent, else waits for it."""
         context = contextvars.copy_context()
         self._dispatch = context.run(watch)
-        self._call = asyncio.create_task(call, context=context)
+        self._call = asyncio.create_task(call(), context=context)
+        if self._gate is not None:
+            self._gate.track(self._call)
         await asyncio.shield(self._call)
         self._call = None
 
@@ -115,13 +167,21 @@ class ReplyStreamer:
                 async with asyncio.timeout(PLACEHOLDER_AFTER):
                     await self._changed.wait()
             except TimeoutError:
-                await self._telegram(
-                    self._bot.send_message_draft(
-                        self._key.chat_id, self._draft_id, text="", message_thread_id=self._topic
+                if self._admit():
+                    await self._telegram(
+                        partial(
+                            self._bot.send_message_draft,
+                            self._key.chat_id,
+                            self._draft_id,
+                            text="",
+                            message_thread_id=self._topic,
+                        )
                     )
-                )
             while not self._stopping:
                 await self._changed.wait()
+                if not self._admit():  # shed: try again later, with whatever is new by then
+                    await asyncio.sleep(self._interval)
+                    continue
                 self._changed.clear()
                 # The draft shows the part being written, formatted as the final one will be.
                 parts = render_parts("".join(self._chunks))
@@ -129,7 +189,8 @@ class ReplyStreamer:
                     continue
                 text, entities = parts[-1].text, list(parts[-1].entities)
                 await self._telegram(
-                    self._bot.send_message_draft(
+                    partial(
+                        self._bot.send_message_draft,
                         self._key.chat_id,
                         self._draft_id,
                         text=text,
@@ -145,11 +206,15 @@ class ReplyStreamer:
     async def _typing_loop(self) -> None:
         while not self._stopping:
             try:
-                await self._telegram(
-                    self._bot.send_chat_action(
-                        self._key.chat_id, ChatAction.TYPING, message_thread_id=self._topic
+                if self._admit():
+                    await self._telegram(
+                        partial(
+                            self._bot.send_chat_action,
+                            self._key.chat_id,
+                            ChatAction.TYPING,
+                            message_thread_id=self._topic,
+                        )
                     )
-                )
             except TelegramError as exc:
                 log.debug("typing action failed for chat %s: %s", self._key, type(exc).__name__)
             await asyncio.sleep(TYPING_EVERY)

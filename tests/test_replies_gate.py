@@ -1,0 +1,63 @@
+"""Under load, progress (drafts, "typing...") gives way to replies: ProgressGate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bot.services.replies import ProgressGate
+from tests.conftest import SettingsFactory, eventually, running
+from tests.stubs.openai_server import FakeOpenAI, Reply
+from tests.stubs.telegram_server import Call, FakeTelegram
+
+
+def most_at_once(calls: list[Call]) -> int:
+    """The most calls the stand-in was holding at one moment."""
+    edges = sorted(
+        [(c.at, 1) for c in calls] + [(c.answered_at or c.at, -1) for c in calls],
+        key=lambda e: (e[0], e[1]),  # an answer at the same instant ends before a new call
+    )
+    now = peak = 0
+    for _, step in edges:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+async def test_progress_calls_beyond_the_limit_are_skipped_and_every_reply_comes(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    tg.latency["sendMessageDraft"] = 0.6  # Telegram slow to take drafts
+    chats = range(100, 106)
+    for _ in chats:
+        oai.enqueue(Reply("A slow answer, long enough to stream.", delay=0.7, chunk_words=1))
+    async with running(make_settings(progress_max_in_flight=2)) as app:
+        for chat in chats:
+            tg.push_message(chat, "hello")
+        for chat in chats:
+            assert await tg.wait_sent(chat) == ["A slow answer, long enough to stream."]
+        gate = app.bot_data.services.chat.gate  # type: ignore[union-attr]
+    drafts = tg.calls_of("sendMessageDraft")
+    assert drafts and most_at_once(drafts) <= 2  # six chats, never more than two at once
+    assert gate.shed > 0 and gate.in_flight == 0
+
+
+async def test_a_lagging_event_loop_sheds_progress_until_it_catches_up() -> None:
+    gate = ProgressGate(max_in_flight=16, max_lag=0.05, tick=0.01)
+    watcher = asyncio.create_task(gate.watch_lag())
+    try:
+        await asyncio.sleep(0.05)
+        assert gate.admit()
+        time.sleep(0.2)  # noqa: ASYNC251 - on purpose: a handler hogging the loop
+        await eventually(lambda: gate.lag > 0.05)
+        assert not gate.admit() and gate.shed == 1
+        await eventually(lambda: gate.lag <= 0.05)  # the next tick is on time again
+        assert gate.admit()
+    finally:
+        watcher.cancel()
+
+
+async def test_a_lag_limit_of_zero_never_sheds() -> None:
+    gate = ProgressGate(max_in_flight=1, max_lag=0)
+    gate.lag = 10.0
+    assert gate.admit()
