@@ -8,7 +8,7 @@ import json
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import cast
+from typing import Any, cast
 
 import openai
 import pytest
@@ -131,14 +131,34 @@ class Proxy:
         return web.Response(body=self.answer, content_type=self.content_type)
 
 
-async def test_bot_api_calls_honour_the_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    proxy = Proxy(json.dumps({"ok": True, "result": True}).encode(), "application/json")
+@asynccontextmanager
+async def proxied(monkeypatch: pytest.MonkeyPatch, answer: object) -> AsyncIterator[Proxy]:
+    """A proxy stand-in answering `answer` (JSON), set as HTTP_PROXY with no NO_PROXY."""
+    proxy = Proxy(json.dumps(answer).encode(), "application/json")
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     async with local_http(app) as proxy_url:
         monkeypatch.setenv("HTTP_PROXY", proxy_url)
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
+        yield proxy
+
+
+def model_client(base_url: str, **settings: Any) -> openai.AsyncOpenAI:
+    """The bot's own OpenAI client (bot.app.make_openai_client) for `base_url`."""
+    return make_openai_client(
+        Settings(
+            _env_file=None,
+            telegram_bot_token="1:x",
+            openai_api_key="sk-test",
+            openai_base_url=base_url,
+            **settings,
+        )
+    )
+
+
+async def test_bot_api_calls_honour_the_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with proxied(monkeypatch, {"ok": True, "result": True}) as proxy:
         async with bounded(2, 1.0) as request:
             code, _ = await request.do_request("http://telegram.invalid/botTOKEN/getMe", "POST")
         monkeypatch.setenv("NO_PROXY", "telegram.invalid")
@@ -154,22 +174,8 @@ async def test_model_calls_honour_the_proxy_variables(monkeypatch: pytest.Monkey
         "object": "list",
         "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}],
     }
-    proxy = Proxy(json.dumps(models).encode(), "application/json")
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
-    async with local_http(app) as proxy_url:
-        monkeypatch.setenv("HTTP_PROXY", proxy_url)
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        monkeypatch.delenv("no_proxy", raising=False)
-        client = make_openai_client(
-            Settings(
-                _env_file=None,
-                telegram_bot_token="1:x",
-                openai_api_key="sk-test",
-                openai_base_url="http://openai.invalid/v1",
-            )
-        )
-        async with client:
+    async with proxied(monkeypatch, models) as proxy:
+        async with model_client("http://openai.invalid/v1") as client:
             page = await client.models.list()
     assert [m.id for m in page.data] == ["m"]
     assert proxy.targets == ["http://openai.invalid/v1/models"]
@@ -287,17 +293,7 @@ async def test_model_connection_failures_and_timeouts_are_told_apart(fault: str)
             async with local_http(web.Application()) as closed:
                 pass  # nothing listens there any more
             base = closed
-        client = make_openai_client(
-            Settings(
-                _env_file=None,
-                telegram_bot_token="1:x",
-                openai_api_key="sk-test",
-                openai_base_url=f"{base}/v1",
-                openai_timeout=0.5,
-                openai_max_retries=0,
-            )
-        )
-        async with client:
+        async with model_client(f"{base}/v1", openai_timeout=0.5, openai_max_retries=0) as client:
             with pytest.raises(openai.APIConnectionError) as raised:
                 await client.models.list()
     expected = "timeout" if fault == "silence" else "unreachable"

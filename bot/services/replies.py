@@ -11,7 +11,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any
 
-from telegram import Bot, Message, ReplyParameters
+from telegram import Bot, Message, MessageEntity, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, NetworkError, TelegramError, TimedOut
 
@@ -157,6 +157,18 @@ class ReplyStreamer:
         await asyncio.shield(self._call)
         self._call = None
 
+    def _draft(
+        self, text: str, entities: list[MessageEntity] | None = None
+    ) -> Callable[[], Coroutine[Any, Any, object]]:
+        return partial(
+            self._bot.send_message_draft,
+            self._key.chat_id,
+            self._draft_id,
+            text=text,
+            entities=entities,
+            message_thread_id=self._topic,
+        )
+
     async def _draft_loop(self) -> None:
         try:
             # Telegram's "Thinking..." placeholder (an empty draft), only if the model is slow
@@ -168,15 +180,7 @@ class ReplyStreamer:
                     await self._changed.wait()
             except TimeoutError:
                 if self._admit():
-                    await self._telegram(
-                        partial(
-                            self._bot.send_message_draft,
-                            self._key.chat_id,
-                            self._draft_id,
-                            text="",
-                            message_thread_id=self._topic,
-                        )
-                    )
+                    await self._telegram(self._draft(""))
             while not self._stopping:
                 await self._changed.wait()
                 if not self._admit():  # shed: try again later, with whatever is new by then
@@ -187,17 +191,7 @@ class ReplyStreamer:
                 parts = render_parts("".join(self._chunks))
                 if not parts:
                     continue
-                text, entities = parts[-1].text, list(parts[-1].entities)
-                await self._telegram(
-                    partial(
-                        self._bot.send_message_draft,
-                        self._key.chat_id,
-                        self._draft_id,
-                        text=text,
-                        entities=entities,
-                        message_thread_id=self._topic,
-                    )
-                )
+                await self._telegram(self._draft(parts[-1].text, list(parts[-1].entities)))
                 await asyncio.sleep(self._interval)
         except TelegramError as exc:
             # Drafts are a nicety: if Telegram refuses them, the final message still comes.
