@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bot.services.replies import ProgressGate
-from tests.conftest import SettingsFactory, eventually, running
+from telegram.ext import ExtBot
+
+from bot.services.replies import ProgressGate, ReplyStreamer
+from bot.telegram_http import AiohttpRequest
+from storage.db import ChatKey
+from tests.conftest import TOKEN, SettingsFactory, eventually, running
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import Call, FakeTelegram
 
@@ -61,3 +65,27 @@ async def test_a_lag_limit_of_zero_never_sheds() -> None:
     gate = ProgressGate(max_in_flight=1, max_lag=0)
     gate.lag = 10.0
     assert gate.admit()
+
+
+async def test_a_draft_its_reply_left_on_the_wire_counts_until_telegram_answers_it(
+    tg: FakeTelegram,
+) -> None:
+    """The streamer stops waiting for a draft once the reply is ready, but the request
+    goes on: until Telegram answers it, it still takes one of the gate's places."""
+    tg.chat(100)
+    tg.latency["sendMessageDraft"] = 1.0
+    gate = ProgressGate(max_in_flight=1, max_lag=0)
+    request = AiohttpRequest(connection_pool_size=4, pool_timeout=30.0)
+    async with ExtBot(TOKEN, base_url=f"{tg.url}/bot", request=request) as bot:
+        streamer = ReplyStreamer(
+            bot, ChatKey(100), private=True, draft_id=1, reply_to=None, interval=0.05, gate=gate
+        )
+        async with streamer:
+            await streamer.on_delta("The first words")
+            await eventually(lambda: bool(tg.calls_of("sendMessageDraft")))  # held 1 s
+            reply = asyncio.create_task(streamer.send("The first words, and the rest."))
+            await eventually(lambda: gate.in_flight == 0, timeout=5)
+            [draft] = tg.calls_of("sendMessageDraft")
+            assert draft.answered_at is not None  # the place was given back only after that
+            await reply
+    assert tg.sent_texts(100) == ["The first words, and the rest."]

@@ -52,11 +52,21 @@ class ProgressGate:
         self.shed += 1
         return False
 
-    def track(self, call: asyncio.Task[object]) -> None:
+    def track(self, call: asyncio.Task[object], dispatch: Dispatch) -> None:
+        """Count `call` as under way until it is over, and so is its request if it was sent
+        (a call cancelled by its streamer leaves a sent request to finish on its own)."""
         self.in_flight += 1
-        call.add_done_callback(self._done)
 
-    def _done(self, _call: asyncio.Task[object]) -> None:
+        def done(_call: asyncio.Task[object]) -> None:
+            sent = dispatch.request
+            if sent is not None and not sent.done():
+                sent.add_done_callback(self._release)
+            else:
+                self._release()
+
+        call.add_done_callback(done)
+
+    def _release(self, _: object = None) -> None:
         self.in_flight -= 1
 
     async def watch_lag(self) -> None:
@@ -153,7 +163,7 @@ class ReplyStreamer:
         self._dispatch = context.run(watch)
         self._call = asyncio.create_task(call(), context=context)
         if self._gate is not None:
-            self._gate.track(self._call)
+            self._gate.track(self._call, self._dispatch)
         await asyncio.shield(self._call)
         self._call = None
 
