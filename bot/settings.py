@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     draft_interval: float = Field(default=0.8, ge=0.05)
     # Drafts and "typing..." are skipped while this many are already under way, or while the
     # event loop runs more than PROGRESS_SHED_LAG seconds late (0: never for lag): replies first.
+    # PROGRESS_MAX_IN_FLIGHT=0 turns progress off altogether.
     progress_max_in_flight: int = Field(default=16, ge=0)
     progress_shed_lag: float = Field(default=0.1, ge=0)
     # Outgoing Telegram rate limits (PTB's AIORateLimiter); 429s are retried regardless.

@@ -43,7 +43,7 @@ async def test_progress_calls_beyond_the_limit_are_skipped_and_every_reply_comes
         gate = app.bot_data.services.chat.gate  # type: ignore[union-attr]
     drafts = tg.calls_of("sendMessageDraft")
     assert drafts and most_at_once(drafts) <= 2  # six chats, never more than two at once
-    assert gate.shed > 0 and gate.in_flight == 0
+    assert gate.refusals > 0 and gate.in_flight == 0
 
 
 async def test_a_lagging_event_loop_sheds_progress_until_it_catches_up() -> None:
@@ -54,7 +54,7 @@ async def test_a_lagging_event_loop_sheds_progress_until_it_catches_up() -> None
         assert gate.admit()
         time.sleep(0.2)  # noqa: ASYNC251 - on purpose: a handler hogging the loop
         await eventually(lambda: gate.lag > 0.05)
-        assert not gate.admit() and gate.shed == 1
+        assert not gate.admit() and gate.refusals == 1
         await eventually(lambda: gate.lag <= 0.05)  # the next tick is on time again
         assert gate.admit()
     finally:
@@ -89,3 +89,18 @@ async def test_a_draft_its_reply_left_on_the_wire_counts_until_telegram_answers_
             assert draft.answered_at is not None  # the place was given back only after that
             await reply
     assert tg.sent_texts(100) == ["The first words, and the rest."]
+
+
+async def test_typing_in_a_group_is_gated_too(tg: FakeTelegram) -> None:
+    tg.chat(-100, "group")
+    gate = ProgressGate(max_in_flight=0, max_lag=0)  # 0: no progress at all
+    request = AiohttpRequest(connection_pool_size=4, pool_timeout=30.0)
+    async with ExtBot(TOKEN, base_url=f"{tg.url}/bot", request=request) as bot:
+        streamer = ReplyStreamer(
+            bot, ChatKey(-100), private=False, draft_id=1, reply_to=None, interval=0.05, gate=gate
+        )
+        async with streamer:
+            await eventually(lambda: gate.refusals > 0)  # the typing loop asked, and was refused
+            await streamer.send("An answer without a typing action.")
+    assert tg.calls_of("sendChatAction") == []
+    assert tg.sent_texts(-100) == ["An answer without a typing action."]

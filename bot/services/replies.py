@@ -43,13 +43,13 @@ class ProgressGate:
         self.tick = tick
         self.in_flight = 0
         self.lag = 0.0
-        self.shed = 0  # progress calls skipped so far
+        self.refusals = 0  # admit() said no (a draft refused again on its next try counts again)
 
     def admit(self) -> bool:
         lagging = self.max_lag > 0 and self.lag > self.max_lag
         if self.in_flight < self.max_in_flight and not lagging:
             return True
-        self.shed += 1
+        self.refusals += 1
         return False
 
     def track(self, call: asyncio.Task[object], dispatch: Dispatch) -> None:
