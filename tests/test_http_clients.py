@@ -225,15 +225,16 @@ async def test_a_slow_but_steady_file_download_is_not_cut_off() -> None:
         response = web.StreamResponse()
         response.content_length = 10 * 100
         await response.prepare(request)
-        for _ in range(10):  # 1.8 s in all, each piece well within the 0.5 s read timeout
+        for _ in range(10):  # 2.25 s in all, each piece well within the 1 s read timeout
             await response.write(b"x" * 100)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.25)
         return response
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", trickle)
     async with local_http(app) as base:
-        request = AiohttpRequest(2, 1.0, connect_timeout=0.5, read_timeout=0.5, write_timeout=0.5)
+        # Connect + write + read = 1.4 s: less than the whole download takes.
+        request = AiohttpRequest(2, 1.0, connect_timeout=0.2, read_timeout=1.0, write_timeout=0.2)
         await request.initialize()
         try:
             data = await request.retrieve(f"{base}/file/botTOKEN/photos/a.jpg")
