@@ -7,6 +7,7 @@ import logging
 import os
 
 from openai import AsyncOpenAI, DefaultAioHttpClient
+from pydantic import SecretStr
 from telegram import Bot, BotCommand, BotCommandScopeChat, BotCommandScopeDefault, Update
 from telegram.error import TelegramError
 from telegram.ext import AIORateLimiter, ApplicationBuilder
@@ -20,11 +21,12 @@ from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
 from bot.services.finetune import FineTuner
 from bot.services.images import ImageLimits
+from bot.services.models import ModelRouter
 from bot.services.photos import PhotoService
 from bot.services.profiles import Profiles, load_profiles
 from bot.services.replies import ProgressGate
 from bot.services.sentiment import build_analyzer
-from bot.services.trainer import JobInfo, OpenAITrainer
+from bot.services.trainer import JobInfo, OpenAITrainer, SelfHostedTrainer, Trainer
 from bot.settings import Settings
 from bot.telegram_http import AiohttpRequest
 from bot.texts import DEFAULT_LANGUAGE, LANGUAGES, command_descriptions
@@ -48,12 +50,19 @@ log = logging.getLogger(__name__)
 ALLOWED_UPDATES: list[str] = [Update.MESSAGE, Update.MESSAGE_REACTION, Update.CALLBACK_QUERY]
 
 
-def make_openai_client(settings: Settings) -> AsyncOpenAI:
-    """The OpenAI (or compatible) client; local servers get a placeholder key."""
-    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+def make_openai_client(
+    settings: Settings, base_url: str | None = None, api_key: SecretStr | None = None
+) -> AsyncOpenAI:
+    """The OpenAI (or compatible) client; local servers get a placeholder key.
+
+    Without `base_url` it is the chat endpoint's client; with one, the trainer's or the
+    serving endpoint's, with the same timeouts and transport.
+    """
+    secret = api_key if base_url else settings.openai_api_key
+    key = secret.get_secret_value() if secret else None
     return AsyncOpenAI(
         api_key=key or "not-needed",
-        base_url=settings.openai_base_url,
+        base_url=base_url or settings.openai_base_url,
         timeout=settings.openai_timeout,
         max_retries=settings.openai_max_retries,
         # The SDK's aiohttp transport (openai[aiohttp]): a streamed answer costs half the
@@ -69,9 +78,15 @@ async def start_services(
     profiles = load_profiles(settings.profiles_file, settings.assistant_instructions)
     store = await Store.open(settings.database_path)
     client = openai_client or make_openai_client(settings)
+    # Clients of one's own trainer and serving endpoint; unset, the chat endpoint does both.
+    extra: list[AsyncOpenAI] = []
+    serve_client = None
+    if settings.serve_base_url:
+        serve_client = make_openai_client(settings, settings.serve_base_url, settings.serve_api_key)
+        extra.append(serve_client)
     backend: ConversationBackend
     if settings.conversation_backend == "openai":
-        backend = OpenAIConversations(client, store)
+        backend = OpenAIConversations(client, store, settings.local_history_tokens)
     else:
         backend = LocalHistory(client, store, settings.local_history_tokens)
     sentiment = build_analyzer(
@@ -91,13 +106,26 @@ async def start_services(
         daily_limit=settings.daily_message_limit,
         exempt=settings.is_admin,
         gate=ProgressGate(settings.progress_max_in_flight, settings.progress_shed_lag),
+        served=LocalHistory(serve_client or client, store, settings.local_history_tokens),
     )
-    # A model chosen with /model outlives restarts.
-    chat.model = await store.get_setting("model") or settings.openai_model
+    models = ModelRouter(store, chat, client, serve_client)
+    # A model chosen with /model (or "use this model") outlives restarts.
+    await models.restore()
     limits = ImageLimits(max_side=settings.image_max_side, max_bytes=settings.image_max_bytes)
+    openai_trainer = OpenAITrainer(client, epochs=settings.fine_tune_epochs)
+    trainer: Trainer = openai_trainer
+    earlier: list[Trainer] = []
+    if settings.fine_tune_base_url:
+        trainer_client = make_openai_client(
+            settings, settings.fine_tune_base_url, settings.fine_tune_api_key
+        )
+        extra.append(trainer_client)
+        trainer = SelfHostedTrainer(trainer_client, epochs=settings.fine_tune_epochs)
+        earlier.append(openai_trainer)  # jobs started on OpenAI are still followed
     finetune = FineTuner(
         store,
-        OpenAITrainer(client, epochs=settings.fine_tune_epochs),
+        trainer,
+        earlier=earlier,
         db_path=settings.database_path,
         datasets_dir=settings.database_path.parent / "datasets",
         base_model=settings.fine_tune_base_model,
@@ -113,6 +141,8 @@ async def start_services(
         photos=PhotoService(chat, limits),
         albums=albums,
         finetune=finetune,
+        models=models,
+        clients=extra,
     )
 
 
@@ -167,7 +197,7 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         log.info(
             "Parley started: backend=%s model=%s database=%s",
             settings.conversation_backend,
-            settings.openai_model,
+            services.models.current,
             settings.database_path,
         )
 
@@ -186,6 +216,8 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
             await services.store.close()
             if openai_client is None:  # a client passed in belongs to the caller
                 await services.openai.close()
+            for client in services.clients:
+                await client.close()
 
     api = settings.telegram_api_url
     slot = InboxSlot()

@@ -13,6 +13,7 @@ from bot.services.albums import Albums
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend
 from bot.services.finetune import FineTuner
+from bot.services.models import ModelRouter
 from bot.services.photos import PhotoService
 from bot.settings import Settings
 from storage.db import Store
@@ -30,12 +31,10 @@ class Services:
     photos: PhotoService
     albums: Albums
     finetune: FineTuner
+    models: ModelRouter
+    # Clients of the trainer and serving endpoints, closed at shutdown.
+    clients: list[AsyncOpenAI] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)
-
-    async def switch_model(self, name: str) -> None:
-        """Answer with `name` from now on, and after restarts too."""
-        await self.store.set_setting("model", name)
-        self.chat.model = name
 
 
 class BotData:

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     job_poll_interval: float = Field(default=60.0, ge=0.05)
     fine_tune_epochs: int = Field(default=3, ge=1, le=50)
     fine_tune_suffix: str = Field(default="parley", pattern=r"^[a-zA-Z0-9_-]{1,40}$")
+    # A trainer of one's own (parley-trainer, speaking OpenAI's fine-tuning API); unset: the
+    # chat endpoint's fine-tuning API, as before. Jobs started elsewhere are still followed.
+    fine_tune_base_url: str | None = None
+    fine_tune_api_key: SecretStr | None = None
+    # Where models trained there are served (vLLM, Ollama); unset: the chat endpoint. Chats
+    # routed there keep their history in the bot (as with the local backend).
+    serve_base_url: str | None = None
+    serve_api_key: SecretStr | None = None
 
     # Webhook mode: with WEBHOOK_URL set (the public https URL Telegram should call), the bot
     # serves it on WEBHOOK_LISTEN:WEBHOOK_PORT instead of polling, with /healthz beside it.
@@ -126,10 +134,17 @@ class Settings(BaseSettings):
             raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
         return value
 
-    @field_validator("telegram_api_url", "openai_base_url")
+    @field_validator("telegram_api_url", "openai_base_url", "fine_tune_base_url", "serve_base_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @field_validator("fine_tune_base_url", "serve_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not re.match(r"https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://gpu-box:8400/v1")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

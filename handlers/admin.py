@@ -12,9 +12,10 @@ from telegram.ext import CallbackQueryHandler, CommandHandler
 from bot.access import admin_only
 from bot.context import CustomContext, ParleyApp
 from bot.services.charts import loss_chart
+from bot.services.chat import CHAT_ROUTE
 from bot.services.dataset import DatasetOptions, DatasetReport
-from bot.services.finetune import describe
-from bot.services.trainer import JobInfo, TrainerError
+from bot.services.finetune import describe, served_route
+from bot.services.trainer import Estimate, JobInfo, TrainerError
 from bot.texts import t, tr
 from handlers.common import edit_or_send
 from storage.db import JobRecord
@@ -47,13 +48,16 @@ def parse_options(args: list[str]) -> DatasetOptions:
     return DatasetOptions(since=since, chat_id=chat_id, include_photos=photos)
 
 
-def summary(update: Update, report: DatasetReport, options: DatasetOptions, model: str) -> str:
-    """The dataset summary shown before anything is uploaded."""
+def summary(
+    update: Update,
+    report: DatasetReport,
+    options: DatasetOptions,
+    model: str,
+    estimate: Estimate,
+) -> str:
+    """The dataset summary shown before anything is uploaded: where it trains, at what cost."""
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(report.dropped.items())) or "nothing"
     redacted = ", ".join(f"{k} {v}" for k, v in sorted(report.redactions.items())) or "nothing"
-    cost = (
-        f"~${report.estimated_cost_usd:.2f}" if report.estimated_cost_usd is not None else "unknown"
-    )
     return tr(
         update,
         "train.summary",
@@ -63,10 +67,22 @@ def summary(update: Update, report: DatasetReport, options: DatasetOptions, mode
         validation=report.validation_examples,
         tokens=report.tokens,
         model=model,
-        cost=cost,
+        where=estimate.where,
+        cost=_cost(update, estimate, model),
         dropped=dropped,
         redacted=redacted,
     )
+
+
+def _cost(update: Update, estimate: Estimate, model: str) -> str:
+    if estimate.self_hosted:
+        if estimate.gpu_seconds is None:
+            return tr(update, "train.cost_gpu_unknown", model=model)
+        minutes = max(1, round(estimate.gpu_seconds / 60))
+        return tr(update, "train.cost_gpu", minutes=minutes)
+    if estimate.usd is None:
+        return tr(update, "train.cost_unknown")
+    return f"~${estimate.usd:.2f}"
 
 
 @admin_only
@@ -84,7 +100,7 @@ async def train(update: Update, context: CustomContext) -> None:
     await message.reply_text(tr(update, "train.building"))
     tuner = context.services.finetune
     report = await tuner.build(options)
-    text = summary(update, report, options, tuner.base_model)
+    text = summary(update, report, options, tuner.base_model, await tuner.estimate(report))
     if not report.ok:
         await message.reply_text(
             f"{text}\n\n{tr(update, 'train.problems', problems='; '.join(report.problems))}"
@@ -126,8 +142,13 @@ async def train_button(update: Update, context: CustomContext) -> None:
         return
     except TrainerError as exc:
         log.warning("fine-tuning job not started: %s (%s)", exc.kind, exc.detail)
-        key = "train.forbidden" if exc.kind == "permission" else "train.failed_to_start"
-        await edit_or_send(query, tr(update, key, kind=exc.kind))
+        if exc.kind == "permission":
+            text = tr(update, "train.forbidden")
+        elif exc.kind == "invalid" and exc.detail:
+            text = tr(update, "train.refused", reason=exc.detail)
+        else:
+            text = tr(update, "train.failed_to_start", kind=exc.kind)
+        await edit_or_send(query, text)
         return
     if lang := update.effective_user.language_code:
         # The poller tells this admin how the job ends, outside any update: in this language.
@@ -204,31 +225,30 @@ async def job(update: Update, context: CustomContext) -> None:
     job_id = await _job_argument(update, context, "job.usage")
     if message is None or job_id is None:
         return
-    tuner = context.services.finetune
-    record = await context.services.store.job(job_id)
-    try:
-        info = await tuner.trainer.get(job_id)
-        events = await tuner.trainer.events(job_id, limit=5)
-        losses = await tuner.trainer.losses(job_id)
-    except TrainerError as exc:
-        if exc.kind == "not_found" and record is None:
+    record, details = await context.services.finetune.details(job_id)
+    if isinstance(details, TrainerError):
+        if details.kind == "not_found" and record is None:
             await message.reply_text(tr(update, "job.unknown"))
             return
-        text = tr(update, "job.unreachable", kind=exc.kind)
+        text = tr(update, "job.unreachable", kind=details.kind)
         if record is not None:
             text = f"{_job_line(record, None)}\n{text}"
         await message.reply_text(text)
         return
+    info = details.info
     lines = [_job_line(record, info)]
     if record is not None:
-        lines.append(f"Dataset: {record.description}; {record.tokens:,} tokens")
+        lines.append(
+            tr(update, "job.dataset", description=record.description, tokens=record.tokens)
+        )
     if info.error:
-        lines.append(f"Error: {info.error}")
-    lines += [f"• {e.message}" for e in events]
+        lines.append(tr(update, "job.error", error=info.error))
+    lines += [f"• {e.message}" for e in details.events]
     await message.reply_text("\n".join(lines))
-    if len(losses) >= 2:
-        png = await asyncio.to_thread(loss_chart, [(p.step, p.train_loss) for p in losses])
-        await message.reply_photo(png, caption=f"Training loss, {job_id}")
+    if len(details.losses) >= 2:
+        points = [(p.step, p.train_loss) for p in details.losses]
+        png = await asyncio.to_thread(loss_chart, points)
+        await message.reply_photo(png, caption=tr(update, "job.loss_caption", job_id=job_id))
 
 
 @admin_only
@@ -238,17 +258,12 @@ async def cancel(update: Update, context: CustomContext) -> None:
     job_id = await _job_argument(update, context, "cancel.usage")
     if message is None or job_id is None:
         return
-    tuner = context.services.finetune
     try:
-        info = await tuner.trainer.cancel(job_id)
+        info = await context.services.finetune.cancel(job_id)
     except TrainerError as exc:
         key = "job.unknown" if exc.kind == "not_found" else "job.unreachable"
         await message.reply_text(tr(update, key, kind=exc.kind))
         return
-    if await context.services.store.job(info.id) is not None:
-        await context.services.store.update_job(
-            info.id, info.status, info.fine_tuned_model, info.error
-        )
     await message.reply_text(tr(update, "job.cancelled", job_id=info.id, status=info.status))
 
 
@@ -258,26 +273,23 @@ async def model(update: Update, context: CustomContext) -> None:
     message = update.effective_message
     if message is None:
         return
-    services = context.services
-    try:
-        available = sorted(m.id for m in (await services.openai.models.list()).data)
-    except Exception as exc:  # the list is a convenience; never crash the command on it
-        from bot.errors import classify_model_error
-
-        available = None
-        unreachable = classify_model_error(exc).kind
+    models = context.services.models
+    catalog = await models.catalog()
     if context.args:
         name = context.args[0]
-        if available is not None and name not in available:
+        route = catalog.route_of(name)
+        if route is None and catalog.complete:
             await message.reply_text(tr(update, "model.unknown", model=name))
             return
-        await services.switch_model(name)
+        # An endpoint that can't be asked right now: trust the admin, on the chat endpoint.
+        await models.switch(name, route or CHAT_ROUTE)
         await message.reply_text(tr(update, "model.switched", model=name))
         return
-    text = tr(update, "model.current", model=services.chat.model)
-    if available is None:
-        text += "\n" + tr(update, "model.unreachable", kind=unreachable)
-    else:
+    text = tr(update, "model.current", model=models.current)
+    available = sorted({*(catalog.chat or ()), *(catalog.serve or ())})
+    if catalog.problem is not None:
+        text += "\n" + tr(update, "model.unreachable", kind=catalog.problem)
+    if available:
         text += "\n\n" + tr(update, "model.available", models="\n".join(available))
     await message.reply_text(text)
 
@@ -288,12 +300,13 @@ async def use_model(update: Update, context: CustomContext) -> None:
     query = update.callback_query
     if query is None or query.data is None:
         return
-    record = await context.services.store.job(query.data.split(":", 2)[2])
+    services = context.services
+    record = await services.store.job(query.data.split(":", 2)[2])
     await query.answer()
     if record is None or not record.fine_tuned_model:
         await edit_or_send(query, tr(update, "job.unknown"))
         return
-    await context.services.switch_model(record.fine_tuned_model)
+    await services.models.switch(record.fine_tuned_model, served_route(record))
     await edit_or_send(query, tr(update, "model.switched", model=record.fine_tuned_model))
 
 

@@ -219,23 +219,44 @@ class Store:
 
     # -- threads ----------------------------------------------------------------------------
 
-    async def open_thread(self, key: ChatKey, backend: str) -> Thread | None:
+    async def current_thread(self, key: ChatKey) -> Thread | None:
+        """The chat key's open thread, whichever backend opened it (the newest if several)."""
         rows = await self._conn.execute_fetchall(
-            "SELECT id, conversation_id FROM threads"
-            " WHERE chat_id = ? AND topic_id = ? AND backend = ? AND closed_at IS NULL",
-            (key.chat_id, key.topic_id, backend),
+            "SELECT id, backend, conversation_id FROM threads"
+            " WHERE chat_id = ? AND topic_id = ? AND closed_at IS NULL ORDER BY id DESC LIMIT 1",
+            (key.chat_id, key.topic_id),
         )
         row = next(iter(rows), None)
-        return Thread(row[0], key, backend, row[1]) if row else None
+        return Thread(row[0], key, row[1], row[2]) if row else None
 
     async def create_thread(
-        self, key: ChatKey, backend: str, conversation_id: str | None = None
+        self,
+        key: ChatKey,
+        backend: str,
+        conversation_id: str | None = None,
+        *,
+        continues: Thread | None = None,
     ) -> Thread:
+        """A new open thread; `continues`: the thread it carries on, closed in the same step."""
+
         def insert(conn: sqlite3.Connection) -> int | None:
+            now = utcnow()
+            if continues is not None:
+                conn.execute(
+                    "UPDATE threads SET closed_at = ? WHERE id = ? AND closed_at IS NULL",
+                    (now, continues.id),
+                )
             return conn.execute(
-                "INSERT INTO threads (chat_id, topic_id, backend, conversation_id, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (key.chat_id, key.topic_id, backend, conversation_id, utcnow()),
+                "INSERT INTO threads (chat_id, topic_id, backend, conversation_id, created_at,"
+                " parent_thread_id) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    key.chat_id,
+                    key.topic_id,
+                    backend,
+                    conversation_id,
+                    now,
+                    continues.id if continues else None,
+                ),
             ).lastrowid
 
         thread_id = await self.write(insert)
@@ -340,7 +361,7 @@ class Store:
         return digest, instructions_id, turn_id
 
     async def history(self, thread_id: int, budget: int, cost: CostFn) -> list[HistoryMessage]:
-        """The newest successful exchanges of a thread that fit `budget`, oldest first.
+        """The newest successful exchanges of a thread (and those it continues) within `budget`.
 
         Reads newest-first and stops at the budget, so a long thread is never loaded whole.
         Whole turns are kept or dropped together so a user message never loses its answer;
@@ -350,13 +371,18 @@ class Store:
         kept: list[tuple[int, str, str]] = []
         spent = 0
         async with self._conn.execute(
-            "SELECT t.id, m.role, m.content, CASE WHEN m.role = 'user' THEN"
+            # The thread and the ones it carries on (a chat moved between backends).
+            "WITH RECURSIVE chain (id) AS (SELECT ? UNION ALL SELECT th.parent_thread_id"
+            "  FROM threads th JOIN chain ON th.id = chain.id"
+            "  WHERE th.parent_thread_id IS NOT NULL)"
+            " SELECT t.id, m.role, m.content, CASE WHEN m.role = 'user' THEN"
             "  (SELECT COALESCE(SUM("
             "    85 + 170 * ((i.width + 511) / 512) * ((i.height + 511) / 512)), 0)"
             "   FROM turn_images ti JOIN images i ON i.sha256 = ti.sha256 WHERE ti.turn_id = t.id)"
             " ELSE 0 END"
             " FROM turns t JOIN messages m ON m.turn_id = t.id"
-            " WHERE t.thread_id = ? AND t.status = 'ok' ORDER BY t.id DESC, m.id DESC",
+            " WHERE t.thread_id IN (SELECT id FROM chain) AND t.status = 'ok'"
+            " ORDER BY t.id DESC, m.id DESC",
             (thread_id,),
         ) as cur:
             pending: list[tuple[int, str, str]] = []

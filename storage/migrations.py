@@ -212,4 +212,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX turns_user_message ON turns (chat_id, user_message_id);
         """,
     ),
+    Migration(
+        7,
+        "threads carried across backends",
+        """
+        -- When /model moves a chat to a model served elsewhere (another backend), its open
+        -- thread is closed and a new one continues it: the new thread names the one it
+        -- carries on, so the history it replays (or seeds a conversation with) spans both.
+        ALTER TABLE threads ADD COLUMN parent_thread_id INTEGER REFERENCES threads (id);
+        """,
+    ),
 )

@@ -400,6 +400,8 @@ async def test_a_job_notice_under_way_when_the_poller_stops_is_recorded_not_sent
         )
 
         class Trainer:  # only what the poller asks of one
+            name = "openai"
+
             async def get(self, job_id: str) -> JobInfo:
                 return JobInfo(job_id, "succeeded", "m", 0, fine_tuned_model="ft:m")
 

@@ -21,6 +21,11 @@ from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
 
 log = logging.getLogger(__name__)
 
+# Where a model is served: the chat endpoint (OPENAI_BASE_URL, with the configured backend)
+# or the serving endpoint (SERVE_BASE_URL, history kept by the bot).
+CHAT_ROUTE = "chat"
+SERVE_ROUTE = "serve"
+
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
@@ -55,6 +60,7 @@ class ChatService:
         daily_limit: int = 0,
         exempt: Callable[[int | None], bool] = lambda _user: False,
         gate: ProgressGate | None = None,
+        served: ConversationBackend | None = None,
     ) -> None:
         self.gate = gate or ProgressGate()
         self.daily_limit = daily_limit
@@ -63,6 +69,11 @@ class ChatService:
         self.vision_model = vision_model  # None: the same as the chat model
         self.store = store
         self.backend = backend
+        # Models served elsewhere (SERVE_BASE_URL: a fine-tuned adapter on vLLM or Ollama)
+        # answer through a history the bot keeps; route "serve" sends text turns there.
+        self.backends = {CHAT_ROUTE: backend, SERVE_ROUTE: served or backend}
+        self.route = CHAT_ROUTE
+        self.default_model = model
         self.sentiment = sentiment
         self.model = model
         self.draft_interval = draft_interval
@@ -96,7 +107,8 @@ class ChatService:
         if await self.refuse_over_limit(bot, msg):
             return None
         profile = await self.profiles.for_chat(msg.key)
-        model = profile.model or ((self.vision_model or self.model) if msg.images else self.model)
+        model, route = self._model_for(profile.model, bool(msg.images))
+        backend = self.backends[route]
         turn = TurnRecord(
             thread_id=None,
             key=msg.key,
@@ -122,9 +134,9 @@ class ChatService:
         user_sentiment = asyncio.create_task(self._analyze(msg.text))
         try:
             async with streamer:
-                thread = await self.backend.open_thread(msg.key)
+                thread = await backend.open_thread(msg.key)
                 turn.thread_id = thread.id
-                result = await self.backend.run_turn(
+                result = await backend.run_turn(
                     thread,
                     UserContent(msg.text, tuple(data_url(i.mime_type, i.data) for i in msg.images)),
                     model=model,
@@ -158,6 +170,19 @@ class ChatService:
         turn.finished_at = utcnow()
         await self.store.record_turn(turn)
         return turn
+
+    def _model_for(self, profile_model: str | None, images: bool) -> tuple[str, str]:
+        """The model and route of a turn: a profile's model and photos stay on the chat API.
+
+        A served fine-tune usually has no vision: photos go to the vision model (or the
+        configured chat model) on the chat endpoint; the thread follows them there and back.
+        """
+        if profile_model:
+            return profile_model, CHAT_ROUTE
+        if images:
+            current = self.model if self.route == CHAT_ROUTE else self.default_model
+            return self.vision_model or current, CHAT_ROUTE
+        return self.model, self.route
 
     async def _analyze(self, text: str) -> Sentiment | None:
         """The analyzer's verdict, or None: a tag must never cost the reply itself."""

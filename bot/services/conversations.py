@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import openai
 from openai import AsyncOpenAI
@@ -35,6 +35,9 @@ from storage.db import ChatKey, HistoryMessage, Store, Thread
 log = logging.getLogger(__name__)
 
 OnDelta = Callable[[str], Awaitable[None]]
+
+# A conversation may be created with at most 20 items (Conversations API).
+MAX_SEED_ITEMS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,21 +84,35 @@ class OpenAIConversations:
 
     name = "openai"
 
-    def __init__(self, client: AsyncOpenAI, store: Store) -> None:
+    def __init__(self, client: AsyncOpenAI, store: Store, seed_tokens: int = 12_000) -> None:
         self._client = client
         self._store = store
+        self._seed_tokens = seed_tokens
 
     async def open_thread(self, key: ChatKey) -> Thread:
-        thread = await self._store.open_thread(key, self.name)
-        if thread is not None:
-            return thread
+        current = await self._store.current_thread(key)
+        if current is not None and current.backend == self.name:
+            return current
+        # A chat coming from a model served elsewhere carries its thread on: the new
+        # conversation starts with the log's latest exchanges.
+        items = await self._seed_items(current) if current is not None else []
         try:
             conversation = await self._client.conversations.create(
-                metadata={"telegram_chat_id": str(key.chat_id), "topic_id": str(key.topic_id)}
+                metadata={"telegram_chat_id": str(key.chat_id), "topic_id": str(key.topic_id)},
+                items=items,
             )
         except openai.OpenAIError as exc:
             raise classify_model_error(exc) from exc
-        return await self._store.create_thread(key, self.name, conversation.id)
+        return await self._store.create_thread(key, self.name, conversation.id, continues=current)
+
+    async def _seed_items(self, thread: Thread) -> list[ResponseInputItemParam]:
+        """The log's latest exchanges (text only), as a new conversation's first items."""
+        history = await self._store.history(thread.id, self._seed_tokens, estimate_tokens)
+        items: list[ResponseInputItemParam] = []
+        for message in history[-MAX_SEED_ITEMS:]:
+            role: Literal["user", "assistant"] = "user" if message.role == "user" else "assistant"
+            items.append({"type": "message", "role": role, "content": message.content})
+        return items
 
     async def run_turn(
         self,
@@ -173,9 +190,11 @@ class LocalHistory:
         self._budget = history_tokens
 
     async def open_thread(self, key: ChatKey) -> Thread:
-        return await self._store.open_thread(key, self.name) or await self._store.create_thread(
-            key, self.name
-        )
+        current = await self._store.current_thread(key)
+        if current is not None and current.backend == self.name:
+            return current
+        # Coming from a server-side conversation: the new thread replays the old one's log.
+        return await self._store.create_thread(key, self.name, continues=current)
 
     async def build_messages(
         self, thread: Thread, content: UserContent, instructions: str

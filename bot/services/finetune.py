@@ -11,13 +11,22 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE
 from bot.services.dataset import DatasetOptions, DatasetReport, build_dataset
-from bot.services.trainer import JobInfo, Trainer, TrainerError
+from bot.services.trainer import (
+    OPENAI_TRAINER,
+    Estimate,
+    JobEvent,
+    JobInfo,
+    LossPoint,
+    Trainer,
+    TrainerError,
+)
 from storage.db import JobRecord, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -26,6 +35,16 @@ PENDING_TTL = 3600.0  # a built dataset waits this long for "start"
 MAX_PENDING = 20
 
 Notify = Callable[[JobRecord, JobInfo], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class JobDetails:
+    """One job as `/job` shows it: the bot's record, the trainer's view, events, losses."""
+
+    record: JobRecord | None
+    info: JobInfo
+    events: list[JobEvent]
+    losses: list[LossPoint]
 
 
 @dataclass(slots=True)
@@ -42,6 +61,7 @@ class FineTuner:
         store: Store,
         trainer: Trainer,
         *,
+        earlier: Sequence[Trainer] = (),
         db_path: Path,
         datasets_dir: Path,
         base_model: str,
@@ -49,7 +69,9 @@ class FineTuner:
         epochs: int,
     ) -> None:
         self.store = store
-        self.trainer = trainer
+        self.trainer = trainer  # new jobs go here
+        # Jobs remember their trainer: earlier ones (e.g. OpenAI's) are still followed.
+        self.trainers = {t.name: t for t in (*earlier, trainer)}
         self.db_path = db_path
         self.datasets_dir = datasets_dir
         self.base_model = base_model
@@ -126,29 +148,76 @@ class FineTuner:
         job.notified_status = job.status
         return job
 
+    def trainer_of(self, record: JobRecord | None) -> Trainer | None:
+        """The trainer a job belongs to (the current one for a job the bot has no record of)."""
+        return self.trainer if record is None else self.trainers.get(record.trainer)
+
+    async def estimate(self, report: DatasetReport) -> Estimate:
+        """Where a job on this dataset would run and what it would cost."""
+        return await self.trainer.estimate(
+            base_model=self.base_model,
+            tokens=report.tokens,
+            epochs=self.epochs,
+            usd=report.estimated_cost_usd,
+        )
+
     async def jobs(self) -> tuple[list[tuple[JobRecord | None, JobInfo | None]], bool]:
-        """Jobs from the trainer merged with the local table; bool: the trainer answered."""
+        """Jobs from every trainer merged with the local table; bool: every trainer answered."""
         local = {j.job_id: j for j in await self.store.jobs()}
-        try:
-            remote = await self.trainer.list_jobs()
-        except TrainerError as exc:
-            log.warning("could not list fine-tuning jobs: %s", exc.kind)
-            return [(j, None) for j in local.values()], False
         merged: list[tuple[JobRecord | None, JobInfo | None]] = []
-        for info in remote:
-            record = local.pop(info.id, None)
-            if record is not None and record.status != info.status:
-                await self.store.update_job(info.id, info.status, info.fine_tuned_model, info.error)
-                record.status, record.fine_tuned_model = info.status, info.fine_tuned_model
-            merged.append((record, info))
+        online = True
+        for trainer in self.trainers.values():
+            try:
+                remote = await trainer.list_jobs()
+            except TrainerError as exc:
+                log.warning("could not list fine-tuning jobs: %s", exc.kind)
+                online = False
+                continue
+            for info in remote:
+                record = local.pop(info.id, None)
+                if record is not None and record.status != info.status:
+                    await self.store.update_job(
+                        info.id, info.status, info.fine_tuned_model, info.error
+                    )
+                    record.status, record.fine_tuned_model = info.status, info.fine_tuned_model
+                merged.append((record, info))
         merged += [(j, None) for j in local.values()]
-        return merged, True
+        merged.sort(key=lambda pair: _created(*pair), reverse=True)
+        return merged, online
+
+    async def details(self, job_id: str) -> tuple[JobRecord | None, JobDetails | TrainerError]:
+        """One job from its own trainer; the error instead when that trainer can't say."""
+        record = await self.store.job(job_id)
+        trainer = self.trainer_of(record)
+        if trainer is None:
+            return record, TrainerError("unavailable", "the job's trainer is not configured")
+        try:
+            info = await trainer.get(job_id)
+            events = await trainer.events(job_id, limit=5)
+            losses = await trainer.losses(job_id)
+        except TrainerError as exc:
+            return record, exc
+        return record, JobDetails(record, info, events, losses)
+
+    async def cancel(self, job_id: str) -> JobInfo:
+        """Cancel a job at its own trainer and record the status it answers with."""
+        record = await self.store.job(job_id)
+        trainer = self.trainer_of(record)
+        if trainer is None:
+            raise TrainerError("unavailable", "the job's trainer is not configured")
+        info = await trainer.cancel(job_id)
+        if record is not None:
+            await self.store.update_job(info.id, info.status, info.fine_tuned_model, info.error)
+        return info
 
     async def poll_once(self, notify: Notify) -> None:
         """Check every unfinished job once; store changes and notify on each new status."""
         for job in await self.store.jobs(unfinished=True):
+            trainer = self.trainers.get(job.trainer)
+            if trainer is None:
+                continue  # its trainer is no longer configured: /jobs shows the last status
             try:
-                info = await self.trainer.get(job.job_id)
+                info = await trainer.get(job.job_id)
             except TrainerError as exc:
                 log.warning("could not check job %s: %s", job.job_id, exc.kind)
                 continue
@@ -183,6 +252,18 @@ class FineTuner:
             except Exception:
                 log.exception("fine-tuning poll failed")
             await asyncio.sleep(interval)
+
+
+def served_route(record: JobRecord) -> str:
+    """Where a job's model answers: OpenAI's on the chat endpoint, others where SERVE_* say."""
+    return CHAT_ROUTE if record.trainer == OPENAI_TRAINER else SERVE_ROUTE
+
+
+def _created(record: JobRecord | None, info: JobInfo | None) -> str:
+    """A sortable creation time for a job, from the trainer's view or the bot's record."""
+    if info is not None:
+        return datetime.fromtimestamp(info.created_at, UTC).isoformat(timespec="milliseconds")
+    return record.created_at if record is not None else ""
 
 
 def describe(options: DatasetOptions, report: DatasetReport) -> str:

@@ -1,9 +1,9 @@
 """Fine-tuning trainers behind one small interface: start, get, list, cancel, events.
 
 OpenAI is winding down self-serve fine-tuning (most organisations can no longer create
-jobs; nobody can after 2027-01-06), so the trainer is an interface: another provider or a
-local trainer implements the same five calls. `OPENAI_BASE_URL` already covers services
-that copy OpenAI's fine-tuning API.
+jobs; nobody can after 2027-01-06). `OpenAITrainer` drives OpenAI's fine-tuning API;
+`SelfHostedTrainer` drives parley-trainer (or any service that copies that API) at
+`FINE_TUNE_BASE_URL` with the same calls, and prices a job in GPU time instead of dollars.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from bot.errors import classify_model_error
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+OPENAI_TRAINER = "openai"  # how jobs on the chat endpoint's fine-tuning API are recorded
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -56,6 +58,20 @@ class LossPoint:
     train_loss: float
 
 
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a job is expected to cost: dollars on OpenAI, GPU seconds on a trainer of one's own.
+
+    `usd` and `gpu_seconds` are None when unknown (no price for the model, or a trainer
+    that has not finished a job on that base model yet).
+    """
+
+    where: str
+    usd: float | None = None
+    gpu_seconds: float | None = None
+    self_hosted: bool = False
+
+
 class TrainerError(Exception):
     """A trainer call failed. `kind`: permission, not_found, invalid, unavailable."""
 
@@ -67,6 +83,10 @@ class TrainerError(Exception):
 
 class Trainer(Protocol):
     name: str
+
+    async def estimate(
+        self, *, base_model: str, tokens: int, epochs: int, usd: float | None
+    ) -> Estimate: ...
 
     async def start(
         self,
@@ -111,7 +131,10 @@ def _trainer_error(exc: Exception) -> TrainerError:
     if isinstance(exc, openai.NotFoundError):
         return TrainerError("not_found", "404")
     if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
-        return TrainerError("invalid", type(exc).__name__)
+        # The API's own sentence (e.g. which base models a trainer offers), for the admin.
+        body = exc.body if isinstance(exc.body, dict) else {}
+        reason = body.get("message")
+        return TrainerError("invalid", reason[:300] if isinstance(reason, str) else "")
     return TrainerError("unavailable", classify_model_error(exc).kind)
 
 
@@ -121,7 +144,12 @@ class OpenAITrainer:
 
     client: AsyncOpenAI
     epochs: int = 3
-    name: str = field(default="openai", init=False)
+    name: str = field(default=OPENAI_TRAINER, init=False)
+
+    async def estimate(
+        self, *, base_model: str, tokens: int, epochs: int, usd: float | None
+    ) -> Estimate:
+        return Estimate(where="OpenAI", usd=usd)
 
     async def start(
         self,
@@ -183,3 +211,36 @@ async def _api(call: Awaitable[T]) -> T:
         return await call
     except openai.OpenAIError as exc:
         raise _trainer_error(exc) from exc
+
+
+# The model objects parley-trainer lists for its base models carry this extension: the
+# training throughput it measured on its own hardware (absent until a job has finished).
+THROUGHPUT_FIELD = "parley_tokens_per_second"
+
+
+@dataclass
+class SelfHostedTrainer(OpenAITrainer):
+    """parley-trainer (or another copy of OpenAI's fine-tuning API) at `FINE_TUNE_BASE_URL`.
+
+    Its jobs are recorded under the trainer's URL, so jobs of an earlier trainer (OpenAI's)
+    are still followed beside them. A job costs GPU time on the admin's own hardware:
+    estimated from the throughput the trainer reports for the base model.
+    """
+
+    def __post_init__(self) -> None:
+        self.name = str(self.client.base_url).rstrip("/")
+
+    async def estimate(
+        self, *, base_model: str, tokens: int, epochs: int, usd: float | None
+    ) -> Estimate:
+        where = f"parley-trainer at {self.client.base_url.host}"
+        try:
+            models = (await self.client.models.list()).data
+        except openai.OpenAIError as exc:
+            log.warning("could not ask the trainer about %s: %s", base_model, type(exc).__name__)
+            return Estimate(where=where, self_hosted=True)
+        model = next((m for m in models if m.id == base_model), None)
+        speed = (model.model_extra or {}).get(THROUGHPUT_FIELD) if model else None
+        if not isinstance(speed, int | float) or speed <= 0:
+            return Estimate(where=where, self_hosted=True)
+        return Estimate(where=where, gpu_seconds=tokens * epochs / speed, self_hosted=True)

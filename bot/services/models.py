@@ -1,0 +1,89 @@
+"""Which model answers, and where it is served: the chat endpoint or the serving endpoint.
+
+A model fine-tuned by parley-trainer is served by the admin's vLLM or Ollama
+(`SERVE_BASE_URL`), which keeps no conversations: chats routed there carry on their thread
+from the dialogue log. The choice outlives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import openai
+from openai import AsyncOpenAI
+
+from bot.errors import classify_model_error
+from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE, ChatService
+from storage.db import Store
+
+log = logging.getLogger(__name__)
+
+MODEL_KEY, ROUTE_KEY = "model", "model_route"
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The models each endpoint lists; None where it could not be asked (`problem` says why)."""
+
+    chat: list[str] | None
+    serve: list[str] | None
+    problem: str | None = None
+
+    def route_of(self, name: str) -> str | None:
+        """The route that serves `name`; None if neither endpoint lists it."""
+        if self.serve is not None and name in self.serve:
+            return SERVE_ROUTE
+        if self.chat is not None and name in self.chat:
+            return CHAT_ROUTE
+        return None
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+class ModelRouter:
+    """The model in use and its route; `/model` and "use this model" switch through it."""
+
+    def __init__(
+        self, store: Store, chat: ChatService, client: AsyncOpenAI, serve: AsyncOpenAI | None
+    ) -> None:
+        self._store = store
+        self._chat = chat
+        self._client = client
+        self._serve = serve  # None: served models live on the chat endpoint
+
+    async def restore(self) -> None:
+        """Take up the model (and route) chosen before the last restart."""
+        name = await self._store.get_setting(MODEL_KEY)
+        if name:
+            route = await self._store.get_setting(ROUTE_KEY)
+            self._chat.model = name
+            self._chat.route = SERVE_ROUTE if route == SERVE_ROUTE else CHAT_ROUTE
+
+    @property
+    def current(self) -> str:
+        return self._chat.model
+
+    async def catalog(self) -> Catalog:
+        """What each endpoint offers; an endpoint that can't be reached is named in `problem`."""
+        chat, problem = await _list(self._client)
+        serve: list[str] | None = None
+        if self._serve is not None:
+            serve, serve_problem = await _list(self._serve)
+            problem = problem or serve_problem
+        return Catalog(chat, serve, problem)
+
+    async def switch(self, name: str, route: str = CHAT_ROUTE) -> None:
+        """Answer with `name` through `route` from now on, and after restarts too."""
+        await self._store.set_setting(MODEL_KEY, name)
+        await self._store.set_setting(ROUTE_KEY, route)
+        self._chat.model, self._chat.route = name, route
+
+
+async def _list(client: AsyncOpenAI) -> tuple[list[str] | None, str | None]:
+    try:
+        return sorted(m.id for m in (await client.models.list()).data), None
+    except openai.OpenAIError as exc:
+        return None, classify_model_error(exc).kind
