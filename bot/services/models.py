@@ -31,11 +31,11 @@ class Catalog:
     problem: str | None = None
 
     def route_of(self, name: str) -> str | None:
-        """The route that serves `name`; None if neither endpoint lists it."""
-        if self.serve is not None and name in self.serve:
-            return SERVE_ROUTE
+        """The route that serves `name` (the chat endpoint if both do); None if neither does."""
         if self.chat is not None and name in self.chat:
             return CHAT_ROUTE
+        if self.serve is not None and name in self.serve:
+            return SERVE_ROUTE
         return None
 
     @property

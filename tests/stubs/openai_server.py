@@ -94,6 +94,8 @@ class FakeOpenAI:
         self.fine_tuning_forbidden = False  # job creation answers 403, as it now does for most
         self.fine_tuned_models: list[str] = []
         self.fine_tuning_down = False  # every fine-tuning route answers 503
+        # Extra fields of listed models, e.g. the throughput parley-trainer reports.
+        self.model_extras: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -158,7 +160,13 @@ class FakeOpenAI:
                 {
                     "object": "list",
                     "data": [
-                        {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "openai"}
+                        {
+                            "id": m,
+                            "object": "model",
+                            "created": 1_700_000_000,
+                            "owned_by": "openai",
+                            **self.model_extras.get(m, {}),
+                        }
                         for m in (
                             "gpt-5.4-mini",
                             "gpt-5.4-nano",
