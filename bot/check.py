@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from pydantic import SecretStr
 from telegram import Bot
 from telegram.error import InvalidToken, TelegramError
 from telegram.request import HTTPXRequest
@@ -34,24 +35,61 @@ async def _telegram(settings: Settings) -> Result:
         return False, f"Telegram: could not reach {api} ({type(exc).__name__})"
 
 
-async def _openai(settings: Settings) -> list[Result]:
+async def _endpoint(
+    settings: Settings,
+    label: str,
+    base_url: str | None,
+    key: SecretStr | None,
+    key_var: str,
+    wanted: tuple[tuple[str, str], ...],
+) -> list[Result]:
+    """List an endpoint's models and say whether each (setting, model) in `wanted` is there."""
     from bot.app import make_openai_client
 
-    client = make_openai_client(settings)
-    where = settings.openai_base_url or "OpenAI"
+    client = make_openai_client(settings, base_url, key)
+    where = base_url or settings.openai_base_url or "OpenAI"
     try:
         models = {m.id for m in (await client.models.list(timeout=10)).data}
     except Exception as exc:
         kind = classify_model_error(exc).kind
-        hint = " (check OPENAI_API_KEY)" if kind == "auth" else ""
-        return [(False, f"OpenAI: could not list models at {where}: {kind}{hint}")]
+        hint = f" (check {key_var})" if kind == "auth" else ""
+        return [(False, f"{label}: could not list models at {where}: {kind}{hint}")]
     finally:
         await client.close()
-    results: list[Result] = [(True, f"OpenAI: reached {where}, {len(models)} models")]
-    for name, model in (("OPENAI_MODEL", settings.openai_model),
-                        ("OPENAI_VISION_MODEL", settings.vision_model)):  # fmt: skip
+    results: list[Result] = [(True, f"{label}: reached {where}, {len(models)} models")]
+    for name, model in wanted:
         ok = model in models
         results.append((ok, f"{name} {model} is {'available' if ok else 'not available there'}"))
+    return results
+
+
+async def _openai(settings: Settings) -> list[Result]:
+    wanted = (("OPENAI_MODEL", settings.openai_model),
+              ("OPENAI_VISION_MODEL", settings.vision_model))  # fmt: skip
+    return await _endpoint(settings, "OpenAI", None, None, "OPENAI_API_KEY", wanted)
+
+
+async def _own_endpoints(settings: Settings) -> list[Result]:
+    """The trainer (with FINE_TUNE_BASE_MODEL among its base models) and the serving endpoint."""
+    results: list[Result] = []
+    if settings.fine_tune_base_url:
+        results += await _endpoint(
+            settings,
+            "Trainer",
+            settings.fine_tune_base_url,
+            settings.fine_tune_api_key,
+            "FINE_TUNE_API_KEY",
+            (("FINE_TUNE_BASE_MODEL", settings.fine_tune_base_model),),
+        )
+    if settings.serve_base_url:
+        results += await _endpoint(
+            settings,
+            "Serving",
+            settings.serve_base_url,
+            settings.serve_api_key,
+            "SERVE_API_KEY",
+            (),
+        )
     return results
 
 
@@ -68,11 +106,11 @@ async def _database(settings: Settings) -> Result:
 
 
 async def run_checks(settings: Settings) -> list[Result]:
-    telegram, openai, database = await asyncio.gather(
-        _telegram(settings), _openai(settings), _database(settings)
+    telegram, openai, own, database = await asyncio.gather(
+        _telegram(settings), _openai(settings), _own_endpoints(settings), _database(settings)
     )
     backend = f"backend {settings.conversation_backend}, model {settings.openai_model}"
-    return [(True, f"Configuration: valid ({backend})"), telegram, *openai, database]
+    return [(True, f"Configuration: valid ({backend})"), telegram, *openai, *own, database]
 
 
 def main() -> int:

@@ -63,9 +63,17 @@ async def test_check_reports_a_good_configuration(
         OPENAI_API_KEY=API_KEY,
         OPENAI_BASE_URL=oai.url,
         DATABASE_URL=f"sqlite:///{tmp_path}/db.sqlite3",
+        # The stand-in plays the trainer and the serving endpoint too.
+        FINE_TUNE_BASE_URL=oai.url,
+        FINE_TUNE_API_KEY=API_KEY,
+        FINE_TUNE_BASE_MODEL="gpt-4.1-mini",
+        SERVE_BASE_URL=oai.url,
+        SERVE_API_KEY=API_KEY,
     )
     code, out = await _run_check(env, tmp_path)
     assert code == 0, out
+    assert "✓ Trainer: reached" in out and "✓ FINE_TUNE_BASE_MODEL gpt-4.1-mini is available" in out
+    assert "✓ Serving: reached" in out
     assert "✓ Telegram: reached" in out and "@parley_test_bot" in out
     assert "✓ OPENAI_MODEL gpt-5.4-mini is available" in out and "✓ Database:" in out
     assert "✗" not in out and TOKEN not in out and API_KEY not in out
@@ -79,8 +87,37 @@ async def test_check_reports_a_good_configuration(
         ({"OPENAI_MODEL": "gpt-9-imaginary"}, "✗ OPENAI_MODEL gpt-9-imaginary is not available"),
         ({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, "✗ OpenAI: could not list models"),
         ({"TELEGRAM_BOT_TOKEN": ""}, "✗ Configuration: TELEGRAM_BOT_TOKEN is empty"),
+        (
+            {"FINE_TUNE_BASE_URL": "<oai>", "FINE_TUNE_API_KEY": "wrong"},
+            "✗ Trainer: could not list models at http://127.0.0.1",
+        ),
+        (
+            {"FINE_TUNE_BASE_URL": "<oai>", "FINE_TUNE_API_KEY": "wrong"},
+            ": auth (check FINE_TUNE_API_KEY)",
+        ),
+        (
+            {
+                "FINE_TUNE_BASE_URL": "<oai>",
+                "FINE_TUNE_API_KEY": API_KEY,
+                "FINE_TUNE_BASE_MODEL": "qwen-imaginary",
+            },
+            "✗ FINE_TUNE_BASE_MODEL qwen-imaginary is not available there",
+        ),
+        ({"SERVE_BASE_URL": "http://127.0.0.1:9/v1"}, "✗ Serving: could not list models"),
+        ({"FINE_TUNE_BASE_URL": "gpu-box:8400"}, "✗ Configuration: FINE_TUNE_BASE_URL must be"),
     ],
-    ids=["bad-token", "bad-key", "unknown-model", "unreachable-openai", "empty-token"],
+    ids=[
+        "bad-token",
+        "bad-key",
+        "unknown-model",
+        "unreachable-openai",
+        "empty-token",
+        "trainer-bad-key",
+        "trainer-bad-key-hint",
+        "trainer-unknown-base-model",
+        "serving-unreachable",
+        "trainer-url-not-a-url",
+    ],
 )
 async def test_check_reports_what_is_wrong(
     tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path, change: dict[str, str], expected: str
@@ -92,7 +129,7 @@ async def test_check_reports_what_is_wrong(
         OPENAI_BASE_URL=oai.url,
         DATABASE_URL=f"sqlite:///{tmp_path}/db.sqlite3",
     )
-    env.update(change)
+    env.update({k: v.replace("<oai>", oai.url) for k, v in change.items()})
     code, out = await _run_check(env, tmp_path)
     assert code == 1 and expected in out, out
     assert "Traceback" not in out
