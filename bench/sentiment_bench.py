@@ -1,6 +1,13 @@
-"""Benchmark the offline sentiment analyzers: accuracy on the eval set and time per reply.
+"""Benchmark the sentiment analyzers: accuracy on the eval set and time per reply.
 
     python bench/sentiment_bench.py [--data PATH] [--calls N] [--json]
+        [--model-url URL [--model NAME] [--api chat|responses]]
+
+The offline analyzers are timed on replies of realistic length. With --model-url the model
+analyzer is measured too, against that OpenAI-compatible server, asked the way the bot
+asks it (`--api chat`: Chat Completions with response_format, as on the local backend;
+`responses`: the Responses API, as on the openai backend); the key is OPENAI_API_KEY.
+It is timed on the eval rows themselves, one request each.
 
 The eval set is for measuring only; nothing in bot/services/sentiment.py is tuned on it.
 """
@@ -97,6 +104,58 @@ async def evaluate(analyzer: Any, rows: list[dict[str, str]], texts: list[str]) 
     }
 
 
+async def evaluate_model(analyzer: Any, rows: list[dict[str, str]], label: str) -> dict[str, Any]:
+    """Accuracy and latency of a model analyzer; a failed request counts as wrong."""
+    from bot.services.sentiment import SentimentError
+
+    preds, times, failures = [], [], Counter[str]()
+    for row in rows:
+        t0 = time.perf_counter_ns()
+        try:
+            result = await analyzer.analyze(row["text"])
+            preds.append(result.label)
+        except SentimentError as exc:
+            failures[str(exc)] += 1
+            preds.append("failed")
+        times.append((time.perf_counter_ns() - t0) / 1000)
+    gold = [r["label"] for r in rows]
+    per_lang: dict[str, dict[str, int]] = {}
+    for row, pred in zip(rows, preds, strict=True):
+        cell = per_lang.setdefault(row["lang"], {"correct": 0, "total": 0})
+        cell["correct"] += pred == row["label"]
+        cell["total"] += 1
+    times.sort()
+    return {
+        "analyzer": label,
+        "correct": sum(g == p for g, p in zip(gold, preds, strict=True)),
+        "total": len(rows),
+        "macro_f1": round(macro_f1(gold, preds), 3),
+        "per_lang": per_lang,
+        "predicted": dict(Counter(preds)),
+        "failures": dict(failures),
+        "us_mean": round(statistics.fmean(times), 1),
+        "us_p99": round(times[min(len(times) - 1, int(len(times) * 0.99))], 1),
+    }
+
+
+async def model_result(args: argparse.Namespace, rows: list[dict[str, str]]) -> dict[str, Any]:
+    import openai
+
+    from bot.services import sentiment
+
+    client = openai.AsyncOpenAI(
+        api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+        base_url=args.model_url,
+        max_retries=0,
+    )
+    kind = sentiment.ChatModelAnalyzer if args.api == "chat" else sentiment.ModelAnalyzer
+    analyzer = kind(client, args.model, timeout=args.timeout)
+    try:
+        return await evaluate_model(analyzer, rows, f"model ({args.model}, {args.api})")
+    finally:
+        await client.close()
+
+
 def machine() -> dict[str, Any]:
     return {
         "processor": platform.processor() or platform.machine(),
@@ -113,6 +172,7 @@ def pct(correct: int, total: int) -> str:
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     langs = list(report["results"][0]["per_lang"])
+    model_rows = [r for r in report["results"] if r.get("failures") is not None]
     lines = [
         f"Machine: {m['processor']} / {m['machine']}, {m['cpus']} CPUs, Python {m['python']}",
         f"Data: {report['data']} ({report['rows']} rows); timing: {report['calls']} calls on "
@@ -133,6 +193,11 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {r['us_mean']:.0f} | {r['us_p99']:.0f} |"
         )
+    for r in model_rows:
+        if r["failures"]:
+            lines.append(f"{r['analyzer']} failures: {r['failures']}")
+    if model_rows:
+        lines.append("(the model is timed per eval row, one request each; the others per reply)")
     return "\n".join(lines)
 
 
@@ -164,7 +229,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "vader_import_ms": round(import_ms, 1),
         "lexicon_load_ms": round(load_ms, 1),
-        "results": [await evaluate(a, rows, texts) for a in analyzers],
+        "results": [await evaluate(a, rows, texts) for a in analyzers]
+        + ([await model_result(args, rows)] if args.model_url else []),
     }
 
 
@@ -173,6 +239,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=default_data_path())
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--json", action="store_true", help="print machine-readable results")
+    parser.add_argument("--model-url", help="an OpenAI-compatible API, e.g. http://host:8000/v1")
+    parser.add_argument("--model", default="gpt-5.4-nano", help="the model to ask")
+    parser.add_argument(
+        "--api",
+        choices=("chat", "responses"),
+        default="chat",
+        help="Chat Completions (the local backend's way) or the Responses API (openai's)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     args = parser.parse_args()
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else markdown(report))

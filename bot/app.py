@@ -94,6 +94,7 @@ async def start_services(
         client=client,
         model=settings.effective_sentiment_model,
         timeout=settings.sentiment_timeout,
+        conversation_backend=settings.conversation_backend,
     )
     chat = ChatService(
         store,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 
 import pytest
@@ -19,8 +21,14 @@ async def _rows(app, sql: str) -> list[tuple]:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("backend", ["openai", "local"])
 async def test_reply_is_tagged_and_the_tag_stays_out_of_the_thread(
-    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, backend: str
+    tg: FakeTelegram,
+    oai: FakeOpenAI,
+    make_settings: SettingsFactory,
+    backend: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    if backend == "local":
+        oai.responses_api = False  # as llama.cpp's or vLLM's server: Chat Completions only
     settings = make_settings(
         conversation_backend=backend, sentiment_backend="model", sentiment_model="gpt-5.4-nano"
     )
@@ -38,16 +46,98 @@ async def test_reply_is_tagged_and_the_tag_stays_out_of_the_thread(
             ("user", "negative", -0.8, "model"),
             ("assistant", "positive", 0.8, "model"),
         ]
-        # The classifier used its own cheap model and a strict JSON schema with an enum.
+        # The classifier used its own cheap model and a strict JSON schema with an enum,
+        # through the API the conversation backend speaks.
         body = oai.classify_calls[0]
-        assert body["model"] == "gpt-5.4-nano" and body["store"] is False
-        schema = body["text"]["format"]["schema"]
-        assert schema["properties"]["label"]["enum"] == ["positive", "neutral", "negative"]
+        assert body["model"] == "gpt-5.4-nano"
+        if backend == "openai":
+            assert body["store"] is False
+            fmt = body["text"]["format"]
+        else:
+            fmt = body["response_format"]["json_schema"]
+            assert body["response_format"]["type"] == "json_schema" and fmt["strict"] is True
+            assert body["messages"][-1] == {"role": "user", "content": "I hate waiting in lines"}
+        assert fmt["schema"]["properties"]["label"]["enum"] == ["positive", "neutral", "negative"]
+        paths = {path for _, path, _ in oai.requests}
+        assert ("/responses" in paths) == (backend == "openai")
         # Next turn: what the model is shown of the previous answer has no tag.
         tg.push_message(100, "and then?")
         await tg.wait_sent(100, 2)
     assert ("assistant", "Great question, glad you asked!") in oai.calls[-1].transcript
     assert not any("🙂" in text for _, text in oai.calls[-1].transcript)
+    assert len(oai.classify_calls) == 4  # two messages each turn, one request each
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("status", [400, 422, 500])
+async def test_a_local_server_refusing_structured_output_is_asked_once_then_the_lexicon_tags(
+    tg: FakeTelegram,
+    oai: FakeOpenAI,
+    make_settings: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:
+    # 400 as vLLM or LM Studio, 422 as a FastAPI server, 500 as llama-cpp-python's server.
+    oai.responses_api = False
+    oai.refused_formats = {"json_schema", "json_object"}
+    oai.refusal_status = status
+    settings = make_settings(conversation_backend="local", sentiment_backend="model")
+    async with running(settings) as app:
+        # The answer waits until the user's message has been classified (or not).
+        classified = asyncio.Event()
+        oai.enqueue(Reply("This is a terrible, awful outcome.", hold=classified))
+        tg.push_message(100, "how did it go?")
+        await eventually(lambda: len(oai.classify_calls) == 2)
+        classified.set()
+        assert (await tg.wait_sent(100, 1))[0].endswith("🙁 negative")
+        await settled(app)
+        asked = len(oai.classify_calls)
+        oai.enqueue("Thanks, that is wonderful news!", "Still wonderful, thanks!")
+        tg.push_message(100, "and now?")
+        tg.push_message(100, "and later?")
+        texts = await tg.wait_sent(100, 3)
+        rows = await _rows(app, "SELECT DISTINCT sentiment_source FROM messages")
+    assert texts[1].endswith("🙂 positive") and texts[2].endswith("🙂 positive")
+    assert rows == [("lexicon",)]
+    # Each form of structured output was asked for once, then never again.
+    formats = [body["response_format"]["type"] for body in oai.classify_calls]
+    assert formats == ["json_schema", "json_object"] and asked == 2
+    assert all(path != "/responses" for _, path, _ in oai.requests)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "from now on" in warnings[0].getMessage()
+
+
+async def test_a_server_taking_only_json_object_with_a_schema_tags_through_it(
+    tg: FakeTelegram,
+    oai: FakeOpenAI,
+    make_settings: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # llama-cpp-python's server: no Responses API; response_format "json_schema" is a 500,
+    # "json_object" with a "schema" is turned into a grammar.
+    oai.responses_api = False
+    oai.refused_formats = {"json_schema"}
+    oai.refusal_status = 500
+    settings = make_settings(conversation_backend="local", sentiment_backend="model")
+    async with running(settings) as app:
+        for n, answer in enumerate(["Glad it worked, thanks!", "Sorry, that is bad news."], 1):
+            # Each answer waits until the user's message has been classified.
+            classified = asyncio.Event()
+            oai.enqueue(Reply(answer, hold=classified))
+            tg.push_message(100, f"question {n}")
+            await eventually(lambda n=n: len(oai.classify_calls) == 2 * n)
+            classified.set()
+            await tg.wait_sent(100, n)
+        rows = await _rows(
+            app,
+            "SELECT sentiment_label, sentiment_source FROM messages"
+            " WHERE role = 'assistant' ORDER BY id",
+        )
+    assert rows == [("positive", "model"), ("negative", "model")]
+    formats = [body["response_format"]["type"] for body in oai.classify_calls]
+    assert formats[0] == "json_schema" and formats[1:] == ["json_object"] * 4
+    assert oai.classify_calls[-1]["response_format"]["schema"]["required"] == ["label", "score"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize(
@@ -61,18 +151,30 @@ async def test_reply_is_tagged_and_the_tag_stays_out_of_the_thread(
     ],
     ids=["500", "bad-label", "not-json", "slow"],
 )
+@pytest.mark.parametrize("backend", ["openai", "local"])
 async def test_model_analyzer_falls_back_to_the_lexicon(
-    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, failure: Reply
+    tg: FakeTelegram,
+    oai: FakeOpenAI,
+    make_settings: SettingsFactory,
+    failure: Reply,
+    backend: str,
 ) -> None:
-    settings = make_settings(sentiment_backend="model", sentiment_timeout=0.3)
+    settings = make_settings(
+        sentiment_backend="model", sentiment_timeout=0.3, conversation_backend=backend
+    )
     async with running(settings) as app:
-        oai.classify_script.extend([Reply(), failure])  # user message fine, reply's check fails
-        oai.enqueue("This is a terrible, awful outcome.")
+        # A fresh hold for each run: the parameters are shared by both backends.
+        failure = dataclasses.replace(failure, hold=failure.hold and asyncio.Event())
+        # User message fine, the reply's check fails; the next turn's are asked again.
+        oai.classify_script.extend([Reply(), failure])
+        oai.enqueue("This is a terrible, awful outcome.", "Thanks, wonderful!")
         tg.push_message(100, "how did it go?")
         [text] = await tg.wait_sent(100, 1)
         assert text.endswith("🙁 negative")  # VADER reads "terrible, awful" as negative
+        tg.push_message(100, "and now?")
+        await tg.wait_sent(100, 2)
         rows = await _rows(app, "SELECT sentiment_source FROM messages WHERE role = 'assistant'")
-        assert rows == [("lexicon",)]
+        assert rows == [("lexicon",), ("model",)]  # a passing failure is not remembered
         if failure.hold is not None:
             failure.hold.set()
 

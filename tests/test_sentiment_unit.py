@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from bot.services.sentiment import (
+    ChatModelAnalyzer,
     FallbackAnalyzer,
     KeywordAnalyzer,
     LexiconAnalyzer,
@@ -20,6 +21,7 @@ from bot.services.sentiment import (
     OffAnalyzer,
     Sentiment,
     SentimentError,
+    SentimentUnavailable,
     _chunks,
     build_analyzer,
     format_tag,
@@ -169,6 +171,17 @@ async def test_build_analyzer_choices() -> None:
         assert built.primary.timeout == 2.5
         assert built.timeout == 2.5
         assert isinstance(built.fallback, LexiconAnalyzer)
+        # The local backend's servers speak Chat Completions only; OpenAI's, Responses.
+        local = build_analyzer(
+            "model", client=client, model="m", timeout=1.0, conversation_backend="local"
+        )
+        assert isinstance(local, FallbackAnalyzer)
+        assert isinstance(local.primary, ChatModelAnalyzer)
+        openai_backend = build_analyzer(
+            "model", client=client, model="m", timeout=1.0, conversation_backend="openai"
+        )
+        assert isinstance(openai_backend, FallbackAnalyzer)
+        assert isinstance(openai_backend.primary, ModelAnalyzer)
     finally:
         await client.close()
 
@@ -320,3 +333,183 @@ async def test_model_server_error_falls_back_to_lexicon(
     assert result.source == "lexicon"
     assert result.label == "positive"
     assert len(fake.requests) == 1
+
+
+# --- the Chat Completions variant (the local backend's servers) ------------------------
+
+
+class FakeChatServer:
+    """A local /v1/chat/completions endpoint: refuses some response_format types, or answers."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.refuse: dict[str, tuple[int, dict[str, Any]]] = {}  # format type -> (status, body)
+        self.content = '{"label":"negative","score":-0.7}'
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        refusal = self.refuse.get(body["response_format"]["type"])
+        if refusal is not None:
+            return web.json_response(refusal[1], status=refusal[0])
+        message = {"role": "assistant", "content": self.content, "refusal": None}
+        return web.json_response(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "logprobs": None, "message": message}
+                ],
+            }
+        )
+
+
+@pytest.fixture
+async def chat_server() -> AsyncIterator[tuple[FakeChatServer, openai.AsyncOpenAI]]:
+    fake = FakeChatServer()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fake.handle)
+    async with local_http(app) as url:
+        client = openai.AsyncOpenAI(api_key="test", base_url=f"{url}/v1", max_retries=0)
+        try:
+            yield fake, client
+        finally:
+            await client.close()
+
+
+def _error_body(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None}}
+
+
+# llama-cpp-python's server: its request model knows "text" and "json_object" only.
+LLAMA_CPP_PYTHON_REFUSAL = (
+    500,
+    _error_body("1 validation error for CreateChatCompletionRequest\nresponse_format.type"),
+)
+
+
+async def test_chat_analyzer_asks_with_a_strict_json_schema(
+    chat_server: tuple[FakeChatServer, openai.AsyncOpenAI],
+) -> None:
+    fake, client = chat_server
+    analyzer = ChatModelAnalyzer(client, "llama3", timeout=5.0)
+    assert await analyzer.analyze("Das ist furchtbar.") == Sentiment("negative", -0.7, "model")
+    (body,) = fake.requests
+    assert body["model"] == "llama3"
+    assert body["messages"][0]["role"] == "system" and body["messages"][0]["content"]
+    assert body["messages"][1] == {"role": "user", "content": "Das ist furchtbar."}
+    fmt = body["response_format"]
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["name"] == "sentiment" and fmt["json_schema"]["strict"] is True
+    schema = fmt["json_schema"]["schema"]
+    assert schema["properties"]["label"]["enum"] == ["positive", "neutral", "negative"]
+    assert schema["required"] == ["label", "score"] and schema["additionalProperties"] is False
+    # The same limits as the Responses variant: input truncated, score clamped.
+    fake.content = '{"label":"positive","score":3.5}'
+    assert await analyzer.analyze("x" * 50_000) == Sentiment("positive", 1.0, "model")
+    assert 0 < len(fake.requests[1]["messages"][1]["content"]) < 50_000
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"label":"ecstatic","score":0.9}', "not json", '["positive", 1]', '{"label":"neutral"}'],
+)
+async def test_chat_analyzer_rejects_bad_output_and_asks_again_next_time(
+    chat_server: tuple[FakeChatServer, openai.AsyncOpenAI], content: str
+) -> None:
+    fake, client = chat_server
+    fake.content = content
+    analyzer = ChatModelAnalyzer(client, "llama3", timeout=5.0)
+    for _ in range(2):
+        with pytest.raises(SentimentError) as info:
+            await analyzer.analyze("Great!")
+        assert not isinstance(info.value, SentimentUnavailable)
+    assert [b["response_format"]["type"] for b in fake.requests] == ["json_schema"] * 2
+
+
+async def test_chat_analyzer_moves_to_json_object_with_a_schema_when_json_schema_is_refused(
+    chat_server: tuple[FakeChatServer, openai.AsyncOpenAI], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, client = chat_server
+    fake.refuse["json_schema"] = LLAMA_CPP_PYTHON_REFUSAL
+    analyzer = ChatModelAnalyzer(client, "llama3", timeout=5.0)
+    with caplog.at_level(logging.INFO, logger="bot.services.sentiment"):
+        for _ in range(3):
+            assert await analyzer.analyze("Schrecklich.") == Sentiment("negative", -0.7, "model")
+    kinds = [b["response_format"]["type"] for b in fake.requests]
+    assert kinds == ["json_schema", "json_object", "json_object", "json_object"]
+    assert fake.requests[-1]["response_format"]["schema"]["required"] == ["label", "score"]
+    assert len(caplog.records) == 1 and caplog.records[0].levelno == logging.INFO
+
+
+async def test_chat_analyzer_gives_up_when_json_object_ignores_the_schema(
+    chat_server: tuple[FakeChatServer, openai.AsyncOpenAI],
+) -> None:
+    fake, client = chat_server
+    fake.refuse["json_schema"] = (404, {"detail": "Not Found"})
+    fake.content = '{"sentiment": "bad"}'  # JSON, but not the schema's
+    analyzer = ChatModelAnalyzer(client, "llama3", timeout=5.0)
+    with pytest.raises(SentimentUnavailable):
+        await analyzer.analyze("Great!")
+    with pytest.raises(SentimentUnavailable):
+        await analyzer.analyze("Great!")
+    assert len(fake.requests) == 2 and analyzer.response_format is None
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "refusal"),
+    [
+        (404, {"detail": "Not Found"}, True),
+        (501, _error_body("Not implemented"), True),
+        (400, _error_body("response_format type 'json_schema' is not supported"), True),
+        (400, _error_body("Either json_schema or grammar can be specified, not both"), True),
+        (422, {"detail": [{"loc": ["body", "response_format", "type"], "msg": "x"}]}, True),
+        LLAMA_CPP_PYTHON_REFUSAL + (True,),
+        # Failures that pass, or that have nothing to do with the format: asked again.
+        (400, _error_body("the request exceeds the available context size"), False),
+        (500, _error_body("CUDA error: out of memory"), False),
+        (429, _error_body("response_format: too many requests"), False),
+        (401, _error_body("invalid api key"), False),
+        (503, _error_body("Loading model"), False),
+    ],
+)
+async def test_which_errors_count_as_refusing_structured_output(
+    chat_server: tuple[FakeChatServer, openai.AsyncOpenAI],
+    status: int,
+    body: dict[str, Any],
+    refusal: bool,
+) -> None:
+    fake, client = chat_server
+    fake.refuse = {"json_schema": (status, body), "json_object": (status, body)}
+    analyzer = ChatModelAnalyzer(client, "llama3", timeout=5.0)
+    with pytest.raises(SentimentError) as info:
+        await analyzer.analyze("Great!")
+    assert isinstance(info.value, SentimentUnavailable) is refusal
+    assert len(fake.requests) == (2 if refusal else 1)
+
+
+class _UnavailableAnalyzer:
+    name = "model"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def analyze(self, text: str) -> Sentiment | None:
+        self.calls += 1
+        await asyncio.sleep(0)  # requests in flight together all learn it
+        raise SentimentUnavailable("the server refuses structured output")
+
+
+async def test_fallback_stops_asking_an_unavailable_primary_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    primary = _UnavailableAnalyzer()
+    analyzer = FallbackAnalyzer(primary, LexiconAnalyzer(), timeout=1.0)
+    with caplog.at_level(logging.WARNING, logger="bot.services.sentiment"):
+        together = await asyncio.gather(*(analyzer.analyze("Thanks, great!") for _ in range(2)))
+        later = [await analyzer.analyze("Thanks, great!") for _ in range(3)]
+    assert all(r is not None and r.source == "lexicon" for r in together + later)
+    assert primary.calls == 2  # the two in flight together; none after
+    assert len(caplog.records) == 1 and "from now on" in caplog.records[0].getMessage()

@@ -82,10 +82,20 @@ class FakeOpenAI:
         self.conversations: dict[str, dict[str, Any]] = {}
         self.in_flight: dict[str, int] = {}
         self.max_in_flight_per_conversation = 0
-        # Structured-output (json_schema) requests, e.g. sentiment, have their own script so
-        # they never take a chat answer; empty, a word rule labels the text.
+        # Structured-output requests (a json_schema text format on Responses, a response_format
+        # on Chat Completions), e.g. sentiment, have their own script so they never take a
+        # chat answer; empty, a word rule labels the text.
         self.classify_script: deque[Reply] = deque()
-        self.classify_calls: list[dict[str, Any]] = []
+        self.classify_calls: list[dict[str, Any]] = []  # refused ones included
+        # Chat Completions' response_format types this server refuses, and with what status:
+        # 400 as vLLM or LM Studio, 500 as llama-cpp-python's server (whose response_format
+        # knows only "text" and "json_object", the latter with an optional "schema"), 422 as
+        # a FastAPI server that validates its request models.
+        self.refused_formats: set[str] = set()
+        self.refusal_status = 400
+        # False: there is no Responses API at all; POST /v1/responses answers FastAPI's
+        # 404 {"detail": "Not Found"}, as llama-cpp-python's and vLLM's servers do.
+        self.responses_api = True
         # Fine-tuning: uploaded files, jobs, and how jobs move (one status per poll).
         self.files: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -150,6 +160,8 @@ class FakeOpenAI:
                 return _error(400, "; ".join(problems[:3]), "invalid_request_error", None)
         parts = path.strip("/").split("/")
         if request.method == "POST" and parts == ["responses"]:
+            if not self.responses_api:
+                return web.json_response({"detail": "Not Found"}, status=404)
             return await self._responses(request, body)
         if request.method == "POST" and parts == ["chat", "completions"]:
             return await self._chat(request, body)
@@ -420,7 +432,8 @@ class FakeOpenAI:
         if call.conversation:
             self.in_flight[call.conversation] -= 1
 
-    async def _classify(self, body: dict[str, Any]) -> web.Response:
+    async def _classification(self, body: dict[str, Any], text: str) -> web.Response | str:
+        """A structured-output answer (scripted, else the word rule's), or the scripted error."""
         self.classify_calls.append(body)
         reply = self.classify_script.popleft() if self.classify_script else Reply()
         await asyncio.sleep(reply.delay)
@@ -428,12 +441,17 @@ class FakeOpenAI:
             await reply.hold.wait()
         if reply.status != 200:
             return _status_error(reply.status)
+        return reply.text if isinstance(reply.text, str) else json.dumps(_word_rule(text))
+
+    async def _classify(self, body: dict[str, Any]) -> web.Response:
         text = (
             body.get("input")
             if isinstance(body.get("input"), str)
             else json.dumps(body.get("input"))
         )
-        answer = reply.text if isinstance(reply.text, str) else json.dumps(_word_rule(text or ""))
+        answer = await self._classification(body, text or "")
+        if isinstance(answer, web.Response):
+            return answer
         item = {
             "id": self._new_id("msg"),
             "type": "message",
@@ -585,6 +603,8 @@ class FakeOpenAI:
         return resp
 
     async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if (body.get("response_format") or {}).get("type") in ("json_schema", "json_object"):
+            return await self._classify_chat(body)
         transcript, images = [], []
         for m in body["messages"]:
             content = m.get("content")
@@ -630,21 +650,7 @@ class FakeOpenAI:
             }
             base = {"id": completion_id, "created": int(time.time()), "model": body["model"]}
             if not body.get("stream"):
-                return web.json_response(
-                    {
-                        **base,
-                        "object": "chat.completion",
-                        "usage": chat_usage,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": "stop",
-                                "logprobs": None,
-                                "message": {"role": "assistant", "content": text, "refusal": None},
-                            }
-                        ],
-                    }
-                )
+                return web.json_response(_chat_completion(base, text, chat_usage))
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
 
@@ -682,6 +688,26 @@ class FakeOpenAI:
             return resp
         finally:
             self._done(call)
+
+    async def _classify_chat(self, body: dict[str, Any]) -> web.Response:
+        """Structured output through Chat Completions: what the local backend's servers offer."""
+        kind = body["response_format"]["type"]
+        if kind in self.refused_formats:
+            self.classify_calls.append(body)
+            return _format_refusal(self.refusal_status, kind)
+        text = next(
+            (m.get("content") for m in reversed(body["messages"]) if m["role"] == "user"), ""
+        )
+        answer = await self._classification(body, text if isinstance(text, str) else "")
+        if isinstance(answer, web.Response):
+            return answer
+        base = {
+            "id": self._new_id("chatcmpl"),
+            "created": int(time.time()),
+            "model": body["model"],
+        }
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        return web.json_response(_chat_completion(base, answer, usage))
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -844,6 +870,48 @@ def _response_obj(
         "store": body.get("store", True),
         "background": False,
     }
+
+
+def _chat_completion(base: dict[str, Any], text: str, usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **base,
+        "object": "chat.completion",
+        "usage": usage,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "logprobs": None,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+            }
+        ],
+    }
+
+
+def _format_refusal(status: int, kind: str) -> web.Response:
+    """How OpenAI-compatible servers refuse a response_format they don't support."""
+    if status == 500:  # llama-cpp-python: its request model's error, wrapped as a 500
+        message = (
+            "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n"
+            f"  Input should be 'text' or 'json_object' [type=literal_error, input_value='{kind}']"
+        )
+        return _error(500, message, "internal_server_error", None)
+    if status == 422:  # FastAPI's own validation error
+        detail = {
+            "type": "literal_error",
+            "loc": ["body", "response_format", "type"],
+            "msg": "Input should be 'text' or 'json_object'",
+            "input": kind,
+        }
+        return web.json_response({"detail": [detail]}, status=422)
+    if status == 404:
+        return web.json_response({"detail": "Not Found"}, status=404)
+    # vLLM's shape, with the status as the code.
+    message = f"response_format type {kind!r} is not supported by this server"
+    return web.json_response(
+        {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}},
+        status=status,
+    )
 
 
 def _public(conv: dict[str, Any]) -> dict[str, Any]:
