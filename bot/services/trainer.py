@@ -167,10 +167,13 @@ class OpenAITrainer:
                 validation_id = (
                     await self.client.files.create(file=validation, purpose="fine-tune")
                 ).id
+            extra: dict[str, Any] = {}
+            if validation_id is not None:  # the API refuses an explicit null
+                extra["validation_file"] = validation_id
             return await self.client.fine_tuning.jobs.create(
                 model=base_model,
                 training_file=train_file.id,
-                validation_file=validation_id,
+                **extra,
                 suffix=suffix,
                 metadata=dict(metadata),
                 method={
