@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from bot.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from bot.context import ParleyApp
 
 
 def _validate(settings: Settings) -> None:
@@ -76,9 +80,43 @@ def main(argv: list[str] | None = None) -> int:
 
         webhook.run(app, settings, ALLOWED_UPDATES, loop)
     else:
-        asyncio.set_event_loop(loop)  # run_polling runs on the current loop (and closes it)
-        app.run_polling(allowed_updates=ALLOWED_UPDATES)
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            runner.run(poll(app, settings, ALLOWED_UPDATES))
     return 0
+
+
+async def poll(app: ParleyApp, settings: Settings, allowed_updates: list[str]) -> None:
+    """Long polling until SIGINT or SIGTERM: Application.run_polling's steps, plus a drain.
+
+    On a stop signal fetching stops, replies in flight finish within SHUTDOWN_GRACE, the
+    updates not started stay in the inbox for the next start, and the process exits within
+    the grace period whatever state storage or the network are in.
+    """
+    from bot.durability import drain_updates, handle_stop_signals
+
+    stop = asyncio.Event()
+    handle_stop_signals(stop, settings.shutdown_grace)
+    await app.initialize()
+    try:
+        if app.post_init:
+            await app.post_init(app)
+        assert app.updater is not None
+        await app.updater.start_polling(allowed_updates=allowed_updates)
+        await app.start()
+        try:
+            await stop.wait()
+        finally:
+            drain_updates(app, settings.shutdown_grace)
+            if app.updater.running:
+                await app.updater.stop()
+            if app.running:
+                await app.stop()
+                if app.post_stop:
+                    await app.post_stop(app)
+    finally:
+        await app.shutdown()
+        if app.post_shutdown:
+            await app.post_shutdown(app)
 
 
 if __name__ == "__main__":

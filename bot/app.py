@@ -177,8 +177,8 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
 
     async def post_init(app: ParleyApp) -> None:
         services = app.bot_data.services = await start_services(settings, albums, openai_client)
-        inbox = slot.inbox = Inbox(services.store)
-        processor.on_done = inbox.done
+        inbox = slot.inbox = Inbox(services.store, max_attempts=settings.max_update_attempts)
+        processor.attach(inbox)
         # Updates a crash left unhandled go first, before anything new is fetched.
         for update in await inbox.replay(bot):
             await app.update_queue.put(update)

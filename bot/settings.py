@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     max_concurrent_updates: int = Field(default=4096, ge=1)
     # "auto": uvloop where it is installed (Linux, macOS), else asyncio's own loop.
     event_loop: Literal["auto", "asyncio"] = "auto"
+    # An update whose handling started this many times without finishing (the bot crashed
+    # on it, or a stop cut it off) is set aside instead of being replayed again.
+    max_update_attempts: int = Field(default=3, ge=1, le=100)
+    # On SIGTERM: replies in flight get this long to finish (the rest stay in the inbox for
+    # the next start); the process exits within it whatever state storage is in.
+    shutdown_grace: float = Field(default=8.0, ge=1, le=600)
 
     @field_validator("admin_user_ids", "allowed_user_ids", "allowed_chat_ids", mode="before")
     @classmethod

@@ -11,22 +11,47 @@ import hmac
 import json
 import logging
 import secrets
-import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from telegram import Update
+from telegram import Bot, Update
 
 from bot.context import ParleyApp
-from bot.durability import DurableBot
+from bot.durability import MAX_UPDATE_ID, DurableBot, drain_updates, handle_stop_signals
 from bot.settings import Settings
+from storage.writer import StorageUnavailable, WriterClosed
 
 log = logging.getLogger(__name__)
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 MAX_UPDATE_BYTES = 1024 * 1024  # Telegram's updates are far smaller
+
+
+def parse_update(body: bytes, bot: Bot) -> Update | None:
+    """The update in a webhook body, or None if it isn't one (never raises).
+
+    Valid JSON is not enough: an array, a number, an update_id that is not a small
+    non-negative integer (2**70, NaN), or nesting too deep to parse is refused.
+    """
+    try:
+        data = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    update_id = data.get("update_id")
+    if type(update_id) is not int or not 0 <= update_id <= MAX_UPDATE_ID:
+        return None
+    try:
+        return Update.de_json(data, bot)
+    except Exception:  # any shape PTB can't read is the sender's problem, not a 500
+        return None
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON a Telegram update can hold")
 
 
 def make_server(app: ParleyApp, path: str, secret: str) -> web.Application:
@@ -39,23 +64,30 @@ def make_server(app: ParleyApp, path: str, secret: str) -> web.Application:
             return web.Response(status=403, text="forbidden")
         if (request.content_length or 0) > MAX_UPDATE_BYTES:
             return web.Response(status=413, text="too large")
-        try:
-            data = json.loads(await request.read())
-            update = Update.de_json(data, app.bot)
-        except (ValueError, TypeError, KeyError):
-            return web.Response(status=400, text="not an update")
+        update = parse_update(await request.read(), app.bot)
         if update is None:
             return web.Response(status=400, text="not an update")
         # Durable before Telegram hears 200; a redelivered update is acknowledged, not redone.
         bot = app.bot
         if isinstance(bot, DurableBot) and bot.inbox is not None:
-            if not await bot.inbox.accept([update]):
+            try:
+                accepted = await bot.inbox.accept([update])
+            except (StorageUnavailable, WriterClosed):
+                # Telegram delivers it again later; meanwhile the user hears why it waits.
+                await bot.inbox.refused([update])
+                return web.Response(status=503, text="storage unavailable")
+            if not accepted:
                 return web.Response(text="ok")
+            update = accepted[0]
         await app.update_queue.put(update)
         return web.Response(text="ok")
 
     async def healthz(request: web.Request) -> web.Response:
         healthy = app.running and app.bot_data.services is not None
+        bot = app.bot
+        if healthy and isinstance(bot, DurableBot) and bot.inbox and not bot.inbox.healthy:
+            # Updates can't be stored: the bot takes no messages until storage works again.
+            return web.json_response({"ok": False, "storage": "failing"}, status=503)
         return web.json_response({"ok": healthy}, status=200 if healthy else 503)
 
     server = web.Application(client_max_size=MAX_UPDATE_BYTES)
@@ -117,12 +149,11 @@ def run(
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        handle_stop_signals(stop, settings.shutdown_grace)
         async with serving(app, settings, allowed_updates):
             await stop.wait()
+            # Replies in flight finish (within the grace period); the rest wait in the inbox.
+            drain_updates(app, settings.shutdown_grace)
 
     with asyncio.Runner(loop_factory=(lambda: loop) if loop is not None else None) as runner:
         runner.run(main())

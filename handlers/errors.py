@@ -9,12 +9,19 @@ from telegram.error import TelegramError
 
 from bot.context import CustomContext, ParleyApp
 from bot.texts import tr
+from storage.writer import StorageUnavailable, WriterClosed
 
 log = logging.getLogger(__name__)
 
 
 async def on_error(update: object, context: CustomContext) -> None:
     """Log an unexpected exception and send the user a generic apology."""
+    if isinstance(context.error, StorageUnavailable | WriterClosed):
+        # Storage refused or is closing (shutdown): the writer has logged why, once. An
+        # answer may already have been delivered: never follow it with "something went
+        # wrong". An update cut off by a shutdown is replayed at the next start.
+        log.warning("an update waits for storage: %s", type(context.error).__name__)
+        return
     log.error("unhandled error while processing an update", exc_info=context.error)
     if isinstance(update, Update) and update.effective_chat is not None:
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from telegram import Update
-from telegram.ext import MessageHandler, filters
+from telegram.ext import CallbackQueryHandler, MessageHandler, filters
 
 from bot.context import CustomContext, ParleyApp
 from bot.texts import tr
@@ -13,6 +13,12 @@ async def unsupported(update: Update, context: CustomContext) -> None:
     """Explain that this kind of message (sticker, voice, unknown command...) isn't handled."""
     if update.effective_message:
         await update.effective_message.reply_text(tr(update, "unsupported"))
+
+
+async def unknown_button(update: Update, context: CustomContext) -> None:
+    """Answer a button press no handler took (stale or forged data), so it stops spinning."""
+    if update.callback_query is not None:
+        await update.callback_query.answer(tr(update, "button.unknown"))
 
 
 def register(app: ParleyApp) -> None:
@@ -25,3 +31,5 @@ def register(app: ParleyApp) -> None:
             unsupported,
         )
     )
+    # Any button: Telegram shows a spinner until the press is answered.
+    app.add_handler(CallbackQueryHandler(unknown_button))

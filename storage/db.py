@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,21 @@ SentimentRow = tuple[str, float, str]
 def utcnow() -> str:
     """Current UTC time as sortable ISO 8601 text with milliseconds."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_safe(text: str) -> str:
+    """`text` with lone UTF-16 surrogates replaced (U+FFFD), so UTF-8 can carry and store it.
+
+    JSON can escape half of a surrogate pair ("\\ud800"), and Telegram and model servers
+    do deliver such text; Python decodes it into a str that SQLite, Telegram's API and the
+    model's API all refuse. A pair that arrived as two escapes is joined into its character.
+    """
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,8 +541,16 @@ class Store:
 
     # -- the inbox of received updates -------------------------------------------------------
 
+    @property
+    def writable(self) -> bool:
+        """False while storage fails (disk full...): new updates can't be taken in."""
+        return self._writer.healthy
+
     async def inbox_accept(self, updates: Sequence[tuple[int, str]]) -> set[int]:
-        """Persist received updates (id, JSON); returns the ids not seen before."""
+        """Persist received updates (id, JSON); returns the ids not seen before.
+
+        Raises `StorageUnavailable` at once while storage fails: Telegram still holds them.
+        """
         if not updates:
             return set()
         now = utcnow()
@@ -543,7 +567,49 @@ class Store:
                     fresh.add(update_id)
             return fresh
 
-        return await self.write(accept)
+        return await self._writer.write(accept, fail_fast=True)
+
+    async def inbox_begin(self, update_id: int, max_attempts: int) -> tuple[int, bool] | None:
+        """Count one more attempt at handling an update, before it starts.
+
+        Returns (attempts before this one, set aside): an update whose handling has already
+        started `max_attempts` times without finishing (each a crash, or a stop that cut it
+        off) is quarantined instead, with its reason. None if the inbox doesn't hold it.
+        """
+        now = utcnow()
+
+        def begin(conn: sqlite3.Connection) -> tuple[int, bool] | None:
+            row = conn.execute(
+                "SELECT attempts FROM inbox WHERE update_id = ? AND done_at IS NULL",
+                (update_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            attempts = int(row[0])
+            if attempts >= max_attempts:
+                conn.execute(
+                    "UPDATE inbox SET quarantined_at = ?, done_at = ?, reason = ?"
+                    " WHERE update_id = ?",
+                    (now, now, f"handling started {attempts} times and never finished", update_id),
+                )
+                return attempts, True
+            conn.execute(
+                "UPDATE inbox SET attempts = ? WHERE update_id = ?", (attempts + 1, update_id)
+            )
+            return attempts, False
+
+        return await self.write(begin)
+
+    async def inbox_quarantine(self, update_ids: Sequence[int], reason: str) -> None:
+        """Set updates aside unhandled, with the reason (e.g. parts of a quarantined album)."""
+        now = utcnow()
+        await self.write(
+            lambda conn: conn.executemany(
+                "UPDATE inbox SET quarantined_at = ?, done_at = ?, reason = ?"
+                " WHERE update_id = ? AND done_at IS NULL",
+                [(now, now, reason, u) for u in update_ids],
+            )
+        )
 
     async def inbox_done(self, update_ids: Sequence[int]) -> None:
         now = utcnow()
@@ -563,12 +629,35 @@ class Store:
             )
         ]
 
+    async def inbox_tried(self) -> dict[int, int]:
+        """Attempts of the pending updates whose handling started before (and never ended)."""
+        return {
+            int(u): int(a)
+            for u, a in await self.fetch_all(
+                "SELECT update_id, attempts FROM inbox WHERE done_at IS NULL AND attempts > 0"
+            )
+        }
+
+    async def inbox_quarantined(self) -> list[tuple[int, int, str]]:
+        """(update id, attempts, reason) of every update set aside, oldest first."""
+        return [
+            (int(u), int(a), str(r))
+            for u, a, r in await self.fetch_all(
+                "SELECT update_id, attempts, reason FROM inbox"
+                " WHERE quarantined_at IS NOT NULL ORDER BY update_id"
+            )
+        ]
+
     async def inbox_purge(self, before: str) -> None:
-        """Forget handled updates received before `before` (they only served to dedupe)."""
-        await self.write(
+        """Forget handled updates received before `before` (they only served to dedupe).
+
+        Housekeeping: while storage fails it raises `StorageUnavailable` rather than wait.
+        """
+        await self._writer.write(
             lambda conn: conn.execute(
                 "DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < ?", (before,)
-            )
+            ),
+            fail_fast=True,
         )
 
     async def answered(self, chat_id: int, user_message_id: int) -> bool:

@@ -222,4 +222,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE threads ADD COLUMN parent_thread_id INTEGER REFERENCES threads (id);
         """,
     ),
+    Migration(
+        8,
+        "poison updates set aside",
+        """
+        -- How many times handling of an update started (counted before it starts, so a
+        -- crash mid-handling counts). One that never finishes is not replayed forever: after
+        -- a few attempts it is quarantined (also marked done) with the reason.
+        ALTER TABLE inbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE inbox ADD COLUMN quarantined_at TEXT;
+        ALTER TABLE inbox ADD COLUMN reason TEXT;
+        """,
+    ),
 )

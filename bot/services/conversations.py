@@ -30,7 +30,7 @@ from openai.types.responses import (
 
 from bot.errors import ModelError, classify_model_error
 from bot.services.tokens import estimate_tokens
-from storage.db import ChatKey, HistoryMessage, Store, Thread
+from storage.db import ChatKey, HistoryMessage, Store, Thread, utf8_safe
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class OpenAIConversations:
                         delta = event.get("delta")
                         if isinstance(delta, str) and delta:
                             chunks.append(delta)
-                            await on_delta(delta)
+                            await on_delta(utf8_safe(delta))
                     elif kind == "response.completed" or (kind == "response.incomplete" and chunks):
                         # An incomplete response (output cap hit) still delivers what it wrote.
                         return _result(_mapping(event.get("response")), chunks, model, started)
@@ -240,7 +240,7 @@ class LocalHistory:
                         piece = _mapping(choice.get("delta")).get("content")
                         if isinstance(piece, str) and piece:
                             chunks.append(piece)
-                            await on_delta(piece)
+                            await on_delta(utf8_safe(piece))
                         finish_reason = _str(choice.get("finish_reason")) or finish_reason
         except ModelError:
             raise
@@ -249,7 +249,7 @@ class LocalHistory:
         if finish_reason is None:
             raise ModelError("interrupted", "stream ended without finish_reason")
         return ReplyResult(
-            text="".join(chunks),
+            text=utf8_safe("".join(chunks)),  # a lone surrogate would lose the turn
             model=model,
             response_id=response_id,
             input_tokens=_int(usage.get("prompt_tokens")),
@@ -353,7 +353,8 @@ def _result(
 ) -> ReplyResult:
     usage = _mapping(response.get("usage"))
     return ReplyResult(
-        text="".join(chunks) or _output_text(response),
+        # Text UTF-8 can't carry (a lone surrogate) would lose the turn: cleaned here.
+        text=utf8_safe("".join(chunks) or _output_text(response)),
         model=_str(response.get("model")) or model,
         response_id=_str(response.get("id")),
         input_tokens=_int(usage.get("input_tokens")),
