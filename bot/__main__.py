@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from secrets import token_urlsafe
 from typing import TYPE_CHECKING
+
+from pydantic import SecretStr
 
 from bot.settings import ConfigError, Settings, load_settings
 
@@ -68,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     from bot.app import ALLOWED_UPDATES, build_application
     from bot.logs import setup_logging
 
-    secrets = [settings.telegram_bot_token.get_secret_value()]
-    if settings.openai_api_key:
-        secrets.append(settings.openai_api_key.get_secret_value())
-    setup_logging(settings.log_level, secrets)
+    if settings.webhook_url and settings.webhook_secret is None:
+        # Made here, not when the webhook is set, so the log filter knows it from the start.
+        settings = settings.model_copy(update={"webhook_secret": SecretStr(token_urlsafe(32))})
+    setup_logging(settings.log_level, settings.secrets())
     app = build_application(settings)
     loop = new_event_loop(settings.event_loop)
     logging.getLogger("bot").info("event loop: %s", type(loop).__module__.split(".")[0])

@@ -195,6 +195,17 @@ class Settings(BaseSettings):
             return self.sentiment_model
         return "gpt-5.4-nano" if self.uses_openai else self.openai_model
 
+    def secrets(self) -> list[str]:
+        """Every secret this configuration holds, for the log filter to hide."""
+        held = (
+            self.telegram_bot_token,
+            self.openai_api_key,
+            self.webhook_secret,
+            self.fine_tune_api_key,
+            self.serve_api_key,
+        )
+        return [s.get_secret_value() for s in held if s is not None and s.get_secret_value()]
+
     def is_admin(self, user_id: int | None) -> bool:
         return user_id is not None and user_id in self.admin_user_ids
 
