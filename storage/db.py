@@ -279,6 +279,14 @@ class Store:
         assert thread_id is not None
         return Thread(thread_id, key, backend, conversation_id)
 
+    async def set_conversation(self, thread_id: int, conversation_id: str | None) -> None:
+        """Point a thread at a new server-side conversation (None: it has none for now)."""
+        await self.write(
+            lambda conn: conn.execute(
+                "UPDATE threads SET conversation_id = ? WHERE id = ?", (conversation_id, thread_id)
+            )
+        )
+
     async def close_threads(self, key: ChatKey) -> int:
         """Close every open thread of a chat key (all backends); returns how many."""
         now = utcnow()

@@ -92,10 +92,19 @@ class OpenAIConversations:
     async def open_thread(self, key: ChatKey) -> Thread:
         current = await self._store.current_thread(key)
         if current is not None and current.backend == self.name:
-            return current
+            if current.conversation_id is not None:
+                return current
+            # Its server-side copy was dropped (/forget in a group): rebuilt from the log.
+            conversation_id = await self._create(key, await self._seed_items(current))
+            await self._store.set_conversation(current.id, conversation_id)
+            return Thread(current.id, key, self.name, conversation_id)
         # A chat coming from a model served elsewhere carries its thread on: the new
         # conversation starts with the log's latest exchanges.
         items = await self._seed_items(current) if current is not None else []
+        conversation_id = await self._create(key, items)
+        return await self._store.create_thread(key, self.name, conversation_id, continues=current)
+
+    async def _create(self, key: ChatKey, items: list[ResponseInputItemParam]) -> str:
         try:
             conversation = await self._client.conversations.create(
                 metadata={"telegram_chat_id": str(key.chat_id), "topic_id": str(key.topic_id)},
@@ -103,7 +112,7 @@ class OpenAIConversations:
             )
         except openai.OpenAIError as exc:
             raise classify_model_error(exc) from exc
-        return await self._store.create_thread(key, self.name, conversation.id, continues=current)
+        return conversation.id
 
     async def _seed_items(self, thread: Thread) -> list[ResponseInputItemParam]:
         """The log's latest exchanges (text only), as a new conversation's first items."""
