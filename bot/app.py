@@ -20,6 +20,7 @@ from bot.services.albums import Albums
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
 from bot.services.finetune import FineTuner
+from bot.services.forgetting import Forgetting
 from bot.services.images import ImageLimits
 from bot.services.models import ModelRouter
 from bot.services.photos import PhotoService
@@ -143,6 +144,7 @@ async def start_services(
         albums=albums,
         finetune=finetune,
         models=models,
+        forgetting=Forgetting(store, client, finetune),
         clients=extra,
     )
 

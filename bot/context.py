@@ -13,6 +13,7 @@ from bot.services.albums import Albums
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend
 from bot.services.finetune import FineTuner
+from bot.services.forgetting import Forgetting
 from bot.services.models import ModelRouter
 from bot.services.photos import PhotoService
 from bot.settings import Settings
@@ -32,6 +33,7 @@ class Services:
     albums: Albums
     finetune: FineTuner
     models: ModelRouter
+    forgetting: Forgetting
     # Clients of the trainer and serving endpoints, closed at shutdown.
     clients: list[AsyncOpenAI] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)

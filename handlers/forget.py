@@ -6,7 +6,6 @@ from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler
 
 from bot.context import CustomContext, ParleyApp
-from bot.services.conversations import forget_chat
 from bot.texts import tr
 from handlers.common import edit_or_send
 
@@ -42,12 +41,11 @@ async def confirm(update: Update, context: CustomContext) -> None:
     if answer != "yes":
         await edit_or_send(query, tr(update, "forget.kept"))
         return
-    services = context.services
-    count = await services.store.forget_user(user.id)
-    # The private chat's threads also live on OpenAI's side (a private chat's id is the
-    # user's id); in groups they hold other people's messages too, so they stay.
-    await forget_chat(services.openai, services.store, user.id)
-    await edit_or_send(query, tr(update, "forget.done", count=count))
+    report = await context.services.forgetting.forget(user.id)
+    text = tr(update, "forget.done", count=report.messages)
+    if report.conversations_left:
+        text += "\n\n" + tr(update, "forget.copies_left", count=report.conversations_left)
+    await edit_or_send(query, text)
 
 
 def register(app: ParleyApp) -> None:

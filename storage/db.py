@@ -6,15 +6,17 @@ function of a `sqlite3.Connection` run by `storage.writer.Writer` (see there for
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import logging
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import aiosqlite
 
@@ -29,6 +31,19 @@ T = TypeVar("T")
 
 # A message's sentiment as stored: (label, score, source).
 SentimentRow = tuple[str, float, str]
+
+# A handled update is kept only so that Telegram delivering it again is recognised (that
+# happens within a day). Its JSON, message text included, is blanked this long after it
+# was handled (a minute to look at what just happened); quarantined updates keep theirs
+# for diagnosis. The row itself goes INBOX_KEEP after it arrived.
+INBOX_PAYLOAD_KEEP = timedelta(minutes=1)
+INBOX_KEEP = timedelta(days=2)
+
+# /forget: every one bumps this bot setting in its transaction, so a dataset built from a
+# snapshot taken before is known to be stale; turns that quoted the forgotten user are
+# left out of datasets with this reason.
+FORGET_GENERATION = "forget_generation"
+QUOTES_FORGOTTEN = "quotes_forgotten_user"
 
 
 def utcnow() -> str:
@@ -176,6 +191,7 @@ class Store:
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA secure_delete=ON")  # migrations write here too
             await conn.execute("PRAGMA synchronous=NORMAL")
             await conn.execute("PRAGMA busy_timeout=5000")
             store = cls(conn, Writer(path))
@@ -620,13 +636,20 @@ class Store:
         )
 
     async def inbox_done(self, update_ids: Sequence[int]) -> None:
-        now = utcnow()
-        await self.write(
-            lambda conn: conn.executemany(
+        """Mark updates handled, and forget what earlier handled ones no longer need.
+
+        Continuous housekeeping in the same write: see `_inbox_sweep`.
+        """
+        now = datetime.now(UTC)
+
+        def done(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "UPDATE inbox SET done_at = ? WHERE update_id = ? AND done_at IS NULL",
-                [(now, u) for u in update_ids],
+                [(_iso(now), u) for u in update_ids],
             )
-        )
+            _inbox_sweep(conn, now)
+
+        await self.write(done)
 
     async def inbox_pending(self) -> list[tuple[int, str]]:
         """Updates received but not handled (a crash), oldest first."""
@@ -661,12 +684,14 @@ class Store:
 
         Housekeeping: while storage fails it raises `StorageUnavailable` rather than wait.
         """
-        await self._writer.write(
-            lambda conn: conn.execute(
+
+        def purge(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < ?", (before,)
-            ),
-            fail_fast=True,
-        )
+            )
+            _inbox_sweep(conn, datetime.now(UTC))
+
+        await self._writer.write(purge, fail_fast=True)
 
     async def answered(self, chat_id: int, user_message_id: int) -> bool:
         """Whether a message already has a logged turn (so a replay must not answer it)."""
@@ -758,30 +783,65 @@ class Store:
             )
         )
 
-    async def forget_user(self, user_id: int) -> int:
-        """Delete a user's logged turns (and what hangs off them) and opt them out of datasets.
+    async def forget_user(self, user_id: int, quotes: QuoteFinder) -> Forgotten:
+        """Delete every word of a user's the store holds, and opt them out of datasets.
 
-        Returns how many messages were deleted. Images no other turn uses go too.
+        In one transaction: their turns (and what hangs off them: messages, reply ids,
+        images no other turn uses, reactions on them) and their reactions anywhere; other
+        people's turns that quote them (as `quotes` finds quotes) get the quoted words
+        replaced and are left out of datasets for good; the server-side conversations of
+        every chat thread that held their words or such quotes are unlinked (a group's open
+        thread is rebuilt from the log on its next turn; their private chat's threads are
+        closed) and queued for deletion (`doomed_conversations`); the JSON of every handled
+        update is blanked now (theirs among them), quarantined ones too where they concern
+        the user. The quotes are looked for first on a snapshot outside the writer (a big
+        group's log takes a while); the transaction then only looks at turns since.
         """
+        scan = _QuoteScan()
+        path = await self._file()
+        await asyncio.to_thread(_scan_snapshot, path, user_id, quotes, scan)
         now = utcnow()
+        return await self.write(lambda conn: _forget(conn, user_id, quotes, scan, now))
 
-        def forget(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM messages WHERE turn_id IN"
-                " (SELECT id FROM turns WHERE user_id = ?)",
-                (user_id,),
-            ).fetchone()
-            conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
-            conn.execute("DELETE FROM turns WHERE user_id = ?", (user_id,))
-            conn.execute("DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM turn_images)")
-            conn.execute(
-                "INSERT INTO opted_out_users (user_id, created_at) VALUES (?, ?)"
-                " ON CONFLICT (user_id) DO NOTHING",
-                (user_id, now),
+    async def doomed_conversations(self) -> list[str]:
+        """Server-side conversations that held forgotten words and are not deleted yet."""
+        return [
+            str(row[0])
+            for row in await self.fetch_all(
+                "SELECT conversation_id FROM doomed_conversations ORDER BY created_at"
             )
-            return int(row[0]) if row else 0
+        ]
 
-        return await self.write(forget)
+    async def conversations_gone(self, conversation_ids: Sequence[str]) -> None:
+        """The server confirmed these conversations deleted (or never had them)."""
+        if conversation_ids:
+            await self.write(
+                lambda conn: conn.executemany(
+                    "DELETE FROM doomed_conversations WHERE conversation_id = ?",
+                    [(c,) for c in conversation_ids],
+                )
+            )
+
+    async def checkpoint(self, attempts: int = 3) -> bool:
+        """Move the write-ahead log into the database file and truncate it; True if done.
+
+        After /forget: the WAL still holds earlier images of the pages the deleted words
+        were on (a checkpoint copies only the latest, zeroed by secure_delete). Runs on a
+        connection of its own in a thread; readers in the middle of a query can hold it up,
+        so it is tried a few times.
+        """
+        path = await self._file()
+        for attempt in range(attempts):
+            if await asyncio.to_thread(_checkpoint, path):
+                return True
+            if attempt + 1 < attempts:
+                await asyncio.sleep(0.2)
+        return False
+
+    async def _file(self) -> str:
+        """The database file's path, as the reader's connection opened it."""
+        rows = await self.fetch_all("SELECT file FROM pragma_database_list WHERE name = 'main'")
+        return str(rows[0][0])
 
     async def conversation_ids(self, chat_id: int) -> list[str]:
         """Server-side conversation ids of every thread a chat ever had (open or closed)."""
@@ -802,3 +862,211 @@ class Store:
 
 def _tag(sentiment: SentimentRow | None) -> SentimentRow | tuple[None, None, None]:
     return sentiment if sentiment is not None else (None, None, None)
+
+
+class QuoteFinder(Protocol):
+    """Where a text quotes the messages of the user being forgotten."""
+
+    def learn(self, text: str) -> None:
+        """Take in one of the forgotten user's messages."""
+
+    def redact(self, text: str) -> str | None:
+        """`text` with every quote of the learned messages replaced; None if it has none."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What /forget deleted from the store."""
+
+    messages: int  # the user's logged messages
+    quoting_turns: int  # other people's turns that quoted them: redacted, out of datasets
+    conversations: int  # server-side conversations that held them, queued for deletion
+
+
+@dataclass(slots=True)
+class _QuoteScan:
+    """Quotes of a forgotten user found so far, and how far the log was looked at."""
+
+    upto: int = 0  # the highest turn id looked at
+    chats: set[int] = field(default_factory=set)  # chats whose turns up to `upto` were seen
+    found: dict[int, tuple[int, str]] = field(default_factory=dict)  # message: (turn, text)
+
+
+def _scan_quotes(
+    conn: sqlite3.Connection, user_id: int, quotes: QuoteFinder, scan: _QuoteScan
+) -> None:
+    """Learn the user's messages logged since `scan.upto`, then look for quotes of them in
+    other people's turns (user text and answer) of every chat the user spoke in: those
+    logged since, and all of those in a chat not looked at before."""
+    (upto,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM turns").fetchone()
+    for (text,) in conn.execute(
+        "SELECT m.content FROM turns t JOIN messages m ON m.turn_id = t.id"
+        " WHERE t.user_id = ? AND t.id > ? AND t.id <= ? AND m.role = 'user'",
+        (user_id, scan.upto, upto),
+    ):
+        quotes.learn(text)
+    chats = {
+        int(row[0])
+        for row in conn.execute("SELECT DISTINCT chat_id FROM turns WHERE user_id = ?", (user_id,))
+    }
+    for chat_id in sorted(chats):
+        since = scan.upto if chat_id in scan.chats else 0
+        rows = conn.execute(
+            "SELECT m.id, m.turn_id, m.content FROM turns t JOIN messages m ON m.turn_id = t.id"
+            " WHERE t.chat_id = ? AND t.id > ? AND t.id <= ? AND t.user_id IS NOT ?",
+            (chat_id, since, upto, user_id),
+        )
+        for message_id, turn_id, content in rows:
+            redacted = quotes.redact(content)
+            if redacted is not None:
+                scan.found[int(message_id)] = (int(turn_id), redacted)
+    scan.upto = int(upto)
+    scan.chats |= chats
+
+
+def _scan_snapshot(path: str, user_id: int, quotes: QuoteFinder, scan: _QuoteScan) -> None:
+    """`_scan_quotes` on a read-only connection of its own, in one snapshot."""
+    conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")
+        _scan_quotes(conn, user_id, quotes, scan)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def _forget(
+    conn: sqlite3.Connection, user_id: int, quotes: QuoteFinder, scan: _QuoteScan, now: str
+) -> Forgotten:
+    """Store.forget_user's transaction."""
+    _scan_quotes(conn, user_id, quotes, scan)  # what was logged since the snapshot
+    found = list(scan.found.items())
+    conn.executemany(
+        "UPDATE messages SET content = ? WHERE id = ?", [(text, m) for m, (_, text) in found]
+    )
+    quoting = sorted({turn_id for _, (turn_id, _) in found})
+    conn.executemany(
+        "INSERT OR IGNORE INTO dataset_exclusions (turn_id, reason, created_at)"
+        " SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM turns WHERE id = ?)",
+        [(t, QUOTES_FORGOTTEN, now, t) for t in quoting],
+    )
+    # Every chat thread that held their words or a quote of them.
+    keys = set(
+        conn.execute("SELECT DISTINCT chat_id, topic_id FROM turns WHERE user_id = ?", (user_id,))
+    )
+    for turn_id in quoting:
+        keys.update(conn.execute("SELECT chat_id, topic_id FROM turns WHERE id = ?", (turn_id,)))
+    (messages,) = conn.execute(
+        "SELECT COUNT(*) FROM messages WHERE turn_id IN (SELECT id FROM turns WHERE user_id = ?)",
+        (user_id,),
+    ).fetchone()
+    conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM turns WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM turn_images)")
+    conn.execute(
+        "INSERT INTO opted_out_users (user_id, created_at) VALUES (?, ?)"
+        " ON CONFLICT (user_id) DO NOTHING",
+        (user_id, now),
+    )
+    # Their server-side copies. A private chat's id is the user's id: its threads close, so
+    # the next message starts afresh. A group's open thread stays open without a
+    # conversation: its next turn seeds a new one from what the log still holds.
+    threads = conn.execute(
+        "SELECT id, conversation_id FROM threads WHERE chat_id = ? AND conversation_id IS NOT NULL",
+        (user_id,),
+    ).fetchall()
+    for chat_id, topic_id in keys:
+        if chat_id != user_id:
+            threads += conn.execute(
+                "SELECT id, conversation_id FROM threads"
+                " WHERE chat_id = ? AND topic_id = ? AND conversation_id IS NOT NULL",
+                (chat_id, topic_id),
+            ).fetchall()
+    conn.executemany(
+        "UPDATE threads SET conversation_id = NULL WHERE id = ?", [(t,) for t, _ in threads]
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO doomed_conversations (conversation_id, created_at) VALUES (?, ?)",
+        [(c, now) for _, c in threads],
+    )
+    conn.execute(
+        "UPDATE threads SET closed_at = ? WHERE chat_id = ? AND closed_at IS NULL", (now, user_id)
+    )
+    # The inbox: handled updates only serve to dedupe, so every one loses its JSON now;
+    # quarantined ones keep theirs unless they concern the user. Updates not handled yet
+    # are left to be answered (their JSON goes once they are).
+    conn.execute(
+        "UPDATE inbox SET payload = '' WHERE done_at IS NOT NULL AND payload != ''"
+        " AND quarantined_at IS NULL"
+    )
+    held = conn.execute(
+        "SELECT update_id, payload FROM inbox WHERE quarantined_at IS NOT NULL AND payload != ''"
+    ).fetchall()
+    conn.executemany(
+        "UPDATE inbox SET payload = '' WHERE update_id = ?",
+        [
+            (update_id,)
+            for update_id, payload in held
+            if _concerns(payload, user_id) or quotes.redact(payload) is not None
+        ],
+    )
+    conn.execute(
+        "INSERT INTO bot_settings (key, value, updated_at) VALUES (?, '1', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1,"
+        " updated_at = excluded.updated_at",
+        (FORGET_GENERATION, now),
+    )
+    return Forgotten(int(messages), len(quoting), len({c for _, c in threads}))
+
+
+def _concerns(payload: str, user_id: int) -> bool:
+    """Whether an update's JSON holds the user (as sender, replied-to, forwarded...) or their
+    private chat anywhere in it."""
+    try:
+        update = json.loads(payload)
+    except ValueError:
+        return str(user_id) in payload  # unreadable: err on the side of forgetting
+    stack = [update]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("id") == user_id and ("is_bot" in node or node.get("type") == "private"):
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def _checkpoint(path: str) -> bool:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        busy, _log, _moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return busy == 0
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _inbox_sweep(conn: sqlite3.Connection, now: datetime) -> None:
+    """Blank the JSON of updates handled more than INBOX_PAYLOAD_KEEP ago; delete the rows
+    of handled updates received more than INBOX_KEEP ago.
+
+    Both are ranges of partial indexes (migration 9) holding only the rows still to be
+    swept, so running this with every `inbox_done` costs a few rows, never a scan.
+    """
+    conn.execute(
+        "UPDATE inbox SET payload = '' WHERE done_at < ? AND payload != ''"
+        " AND quarantined_at IS NULL",
+        (_iso(now - INBOX_PAYLOAD_KEEP),),
+    )
+    conn.execute(
+        "DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < ?",
+        (_iso(now - INBOX_KEEP),),
+    )

@@ -234,4 +234,32 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE inbox ADD COLUMN reason TEXT;
         """,
     ),
+    Migration(
+        9,
+        "forgetting",
+        """
+        -- Turns left out of every dataset, and why: other people's turns that quoted someone
+        -- who ran /forget (the quoted words themselves are replaced in the log).
+        CREATE TABLE dataset_exclusions (
+            turn_id    INTEGER PRIMARY KEY REFERENCES turns (id) ON DELETE CASCADE,
+            reason     TEXT    NOT NULL,
+            created_at TEXT    NOT NULL
+        );
+
+        -- Server-side conversations that held forgotten words, kept until the server confirms
+        -- their deletion: one that could not be deleted is tried again by the next /forget.
+        CREATE TABLE doomed_conversations (
+            conversation_id TEXT PRIMARY KEY,
+            created_at      TEXT NOT NULL
+        );
+
+        -- A handled update is kept only to recognise Telegram delivering it again: its JSON
+        -- is blanked minutes after it was handled (quarantined ones keep theirs, for diagnosis)
+        -- and the row goes after two days. These find both kinds of row without a scan.
+        CREATE INDEX inbox_payload_held ON inbox (done_at)
+            WHERE payload != '' AND quarantined_at IS NULL;
+        CREATE INDEX inbox_handled ON inbox (received_at) WHERE done_at IS NOT NULL;
+        UPDATE inbox SET payload = '' WHERE done_at IS NOT NULL AND quarantined_at IS NULL;
+        """,
+    ),
 )

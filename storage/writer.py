@@ -157,6 +157,9 @@ class Writer:
             return
         try:
             conn.execute("PRAGMA foreign_keys=ON")
+            # Deleted content is overwritten with zeros, not left in free space: /forget must
+            # not leave the words it deletes readable in the file.
+            conn.execute("PRAGMA secure_delete=ON")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
             if not self._take_reserve():

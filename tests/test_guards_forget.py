@@ -10,8 +10,6 @@ import re
 import time
 from typing import Any
 
-import pytest
-
 from storage.db import Store
 from tests.conftest import SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI
@@ -115,12 +113,6 @@ async def test_forget_leaves_no_row_with_the_users_id_in_any_table(
     assert other[("turns", "user_id")] == 1 and other[("reactions", "user_id")] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the inbox keeps each update's JSON, message text included, for two days after it"
-    " is handled (Inbox.replay purges done rows older than 2 days); /forget does not touch it",
-)
 async def test_forget_leaves_none_of_the_users_words_in_any_table(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:

@@ -8,7 +8,8 @@ transaction (a consistent snapshot while the bot keeps writing), and streams it:
   nothing ever calls `fetchall` on the log;
 * in memory at a time: the current thread's open window (bounded by `max_tokens_per_example`),
   one look-ahead turn, and small sets -- opted-out user ids, ids of turns whose reactions sum to
-  a negative value (one aggregate query), the instructions texts seen so far -- plus the
+  a negative value (one aggregate query), ids of turns /forget left out (they quoted a user who
+  ran it), the instructions texts seen so far -- plus the
   de-duplication set, which holds one 16-byte BLAKE2b digest per written example (~100 bytes per
   example with Python's set overhead: ~5 MB for 50,000 examples);
 * image bytes are read only when the example that carries them is serialised.
@@ -348,6 +349,13 @@ ORDER BY t.thread_id, t.id, m.id
 """  # the unary + keeps the planner on turns_thread, which already gives the order: no sort
 
 
+# Written by /forget (storage.db: dataset_exclusions, migration 9; the forget generation).
+_EXCLUSIONS_SQL = "SELECT turn_id, reason FROM dataset_exclusions"
+_GENERATION_SQL = "SELECT value FROM bot_settings WHERE key = 'forget_generation'"
+# A /forget that commits while a dataset is built makes it stale: built again, this often.
+MAX_BUILDS = 3
+
+
 def _iter_turns(
     conn: sqlite3.Connection, since: str | None, chat_id: int | None
 ) -> Iterator[_Turn]:
@@ -391,6 +399,8 @@ class _Builder:
         self.instructions: dict[int | None, tuple[str, int]] = {}
         self.window = _Window()
         self.opted_out = {r[0] for r in conn.execute("SELECT user_id FROM opted_out_users")}
+        # Turns left out for good, with the reason (those that quoted a forgotten user).
+        self.excluded: dict[int, str] = dict(conn.execute(_EXCLUSIONS_SQL))
         self.negative = {
             r[0]
             for r in conn.execute(
@@ -426,6 +436,8 @@ class _Builder:
     def _reason(self, turn: _Turn, negative_followup: bool) -> str | None:
         if turn.user_id is not None and turn.user_id in self.opted_out:
             return "opted_out"
+        if (excluded := self.excluded.get(turn.id)) is not None:
+            return excluded
         if turn.status != "ok":
             return "failed"
         if turn.id in self.negative:
@@ -565,9 +577,50 @@ def build_dataset(
 
     Files are written even when the report has problems (too few examples), so an admin can
     look at them; with no examples at all nothing is written and stale files are removed.
+
+    A /forget that commits meanwhile (the snapshot still held the words it deleted, and it
+    removes dataset folders, this one included) makes the build start over.
     """
     _check_options(options)
     out_dir = Path(out_dir)
+    for attempt in range(1, MAX_BUILDS + 1):
+        generation = _forget_generation(db_path)
+        try:
+            report = _build(db_path, out_dir, options)
+        except OSError:
+            if attempt == MAX_BUILDS or _forget_generation(db_path) == generation:
+                raise
+            continue
+        if _forget_generation(db_path) == generation:
+            break
+    else:
+        raise DatasetStale(f"/forget ran during each of {MAX_BUILDS} builds")
+
+    n = report.examples
+    if n < options.min_examples:
+        report.problems.append(f"only {n} examples; at least {options.min_examples} are needed")
+    price = training_price_per_1m(base_model)
+    if price is not None:
+        report.estimated_cost_usd = round(report.tokens * options.epochs * price / 1_000_000, 4)
+    return report
+
+
+class DatasetStale(RuntimeError):
+    """The log kept being forgotten from while the dataset was built."""
+
+
+def _forget_generation(db_path: Path) -> str | None:
+    """How many times /forget ran (a bot setting it bumps), read outside any snapshot."""
+    conn = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        row = conn.execute(_GENERATION_SQL).fetchone()
+    finally:
+        conn.close()
+    return str(row[0]) if row else None
+
+
+def _build(db_path: Path, out_dir: Path, options: DatasetOptions) -> DatasetReport:
+    """One build of the files from one snapshot of the log (see build_dataset)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = Path(db_path).resolve().as_uri() + "?mode=ro"
     temps: list[Any] = []
@@ -619,10 +672,4 @@ def build_dataset(
         for handle in temps:
             handle.close()
             Path(handle.name).unlink(missing_ok=True)
-
-    if n < options.min_examples:
-        report.problems.append(f"only {n} examples; at least {options.min_examples} are needed")
-    price = training_price_per_1m(base_model)
-    if price is not None:
-        report.estimated_cost_usd = round(report.tokens * options.epochs * price / 1_000_000, 4)
     return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -104,6 +105,31 @@ class FineTuner:
 
     def drop(self, token: str) -> bool:
         return self._pending.pop(token, None) is not None
+
+    async def forget_datasets(self) -> int:
+        """Delete every dataset built so far and drop the held ones; how many folders went.
+
+        After /forget they may hold the forgotten words. Datasets are built again from the
+        log on demand; "start" under an earlier summary says it expired. Files already
+        uploaded to a trainer are out of the bot's reach.
+        """
+        self._pending.clear()
+
+        def remove(root: Path) -> int:
+            removed = 0
+            for folder in root.iterdir() if root.is_dir() else ():
+                if folder.is_dir() and not folder.is_symlink():
+                    # A build writing here meanwhile starts over (see build_dataset).
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    folder.unlink(missing_ok=True)
+                if folder.exists():
+                    log.warning("could not remove the dataset folder %s", folder.name)
+                else:
+                    removed += 1
+            return removed
+
+        return await asyncio.to_thread(remove, self.datasets_dir)
 
     async def start(self, token: str, admin_id: int) -> JobRecord:
         """Upload the held dataset and create the job. KeyError if the token expired."""

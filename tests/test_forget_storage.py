@@ -1,0 +1,241 @@
+"""/forget's parts below the bot (issue 17): the quote rule, the inbox's housekeeping, the
+store's transaction, the schema upgrade, and datasets built while someone is forgotten."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.services import dataset
+from bot.services.dataset import DatasetOptions, build_dataset
+from bot.services.forgetting import QUOTE_MARK, Quotes
+from storage.db import ChatKey, Store, TurnRecord, utcnow
+from storage.migrations import MIGRATIONS
+from tests.stubs.telegram_server import private_text_update
+
+FORGETTER = 100
+OTHER = 101
+
+# -- the quote rule -------------------------------------------------------------------------
+
+
+def _quotes(*texts: str) -> Quotes:
+    quotes = Quotes()
+    for text in texts:
+        quotes.learn(text)
+    return quotes
+
+
+def test_a_quote_is_found_whatever_its_case_spacing_and_punctuation() -> None:
+    quotes = _quotes("My zebra-striped secret is the blue door at dawn.")
+    assert quotes.redact("He said: MY  zebra striped SECRET, is the blue door!") == (
+        f"He said: {QUOTE_MARK}!"
+    )
+    # Two quotes, and the words between them kept.
+    assert quotes.redact("my zebra striped secret is! and then: the blue door at dawn") is None
+    both = _quotes("the quick brown fox jumps over", "lazy sleeping dogs never ever lie again")
+    assert both.redact(
+        "A: the quick brown fox jumps over! B: lazy sleeping dogs never ever lie"
+    ) == (f"A: {QUOTE_MARK}! B: {QUOTE_MARK}")
+
+
+def test_short_or_common_runs_are_not_quotes() -> None:
+    quotes = _quotes("i do not know what to do about extraordinarily unbelievable circumstances")
+    assert quotes.redact("Honestly i do not know what to do.") is None  # 18 letters
+    assert quotes.redact("extraordinarily unbelievable circumstances") is None  # 3 words
+    assert quotes.redact("about extraordinarily unbelievable circumstances") == QUOTE_MARK
+    assert Quotes().redact("anything at all, however long it may be") is None
+
+
+def test_text_without_spaces_counts_each_character_as_a_word() -> None:
+    said = "我的秘密是蓝色的门在黎明时分打开并且只有我知道这件事情的全部真相"
+    quotes = _quotes(said)
+    assert quotes.redact(f"他说：{said[2:28]}。") == f"他说：{QUOTE_MARK}。"
+    assert quotes.redact(f"他说：{said[2:20]}。") is None  # 18 characters
+
+
+# -- the inbox ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def _payload(update_id: int, user_id: int, text: str, **message: Any) -> str:
+    update = private_text_update(update_id, user_id, update_id, text)
+    update["message"].update(message)
+    return json.dumps(update, ensure_ascii=False)
+
+
+async def _payloads(store: Store) -> dict[int, str]:
+    return {
+        int(u): str(p) for u, p in await store.fetch_all("SELECT update_id, payload FROM inbox")
+    }
+
+
+async def _age(store: Store, column: str, update_id: int, age: timedelta) -> None:
+    moment = (datetime.now(UTC) - age).isoformat(timespec="milliseconds")
+    await store.write(
+        lambda conn: conn.execute(
+            f"UPDATE inbox SET {column} = ? WHERE update_id = ?", (moment, update_id)
+        )
+    )
+
+
+async def test_handled_updates_lose_their_json_soon_and_their_rows_later(store: Store) -> None:
+    await store.inbox_accept([(u, _payload(u, OTHER, f"text {u}")) for u in (1, 2, 3, 4)])
+    await store.inbox_quarantine([4], "it crashed the bot")
+    await store.inbox_done([1, 2])
+    assert all(await _payloads(store))  # just handled: kept for a look, for now
+    for update_id in (1, 4):
+        await _age(store, "done_at", update_id, timedelta(minutes=2))
+    await store.inbox_done([3])
+    payloads = await _payloads(store)
+    assert payloads[1] == "" and payloads[2] and payloads[3]
+    assert json.loads(payloads[4])["message"]["text"] == "text 4"  # quarantined: kept
+    # A blanked update is still recognised when Telegram delivers it again.
+    assert await store.inbox_accept([(1, _payload(1, OTHER, "text 1"))]) == set()
+    # Two days after it arrived, a handled update's row goes too.
+    await _age(store, "received_at", 1, timedelta(days=3))
+    await store.inbox_done([])
+    assert sorted(await _payloads(store)) == [2, 3, 4]
+
+
+async def test_the_inbox_sweep_reads_indexes_not_the_table(store: Store) -> None:
+    now = utcnow()
+    plans = [
+        " ".join(str(row[-1]) for row in await store.fetch_all(f"EXPLAIN QUERY PLAN {sql}", args))
+        for sql, args in (
+            (
+                "UPDATE inbox SET payload = '' WHERE done_at < ? AND payload != ''"
+                " AND quarantined_at IS NULL",
+                (now,),
+            ),
+            ("DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < ?", (now,)),
+        )
+    ]
+    assert "inbox_payload_held" in plans[0] and "inbox_handled" in plans[1]
+
+
+# -- the store's transaction ----------------------------------------------------------------
+
+
+async def _turn(store: Store, user_id: int, chat_id: int, user: str, answer: str) -> int:
+    now = utcnow()
+    return await store.record_turn(
+        TurnRecord(
+            thread_id=None,
+            key=ChatKey(chat_id),
+            chat_type="private" if chat_id > 0 else "supergroup",
+            user_id=user_id,
+            user_message_id=None,
+            user_text=user,
+            model="m",
+            instructions="be brief",
+            started_at=now,
+            assistant_text=answer,
+        )
+    )
+
+
+async def test_forget_blanks_updates_that_concern_the_user_even_quarantined(
+    store: Store,
+) -> None:
+    forgetter = json.loads(_payload(1, FORGETTER, "mine"))["message"]
+    await store.inbox_accept(
+        [
+            (1, _payload(1, FORGETTER, "mine")),
+            (2, _payload(2, OTHER, "a reply", reply_to_message=forgetter)),
+            (3, _payload(3, OTHER, "my zebra-striped secret is the blue door, they said")),
+            (4, _payload(4, OTHER, "nothing to do with them")),
+            (5, _payload(5, OTHER, "handled and done")),
+            (6, _payload(6, FORGETTER, "not handled yet")),
+        ]
+    )
+    await store.inbox_quarantine([1, 2, 3, 4], "it crashed the bot")
+    await store.inbox_done([5])
+    await _turn(store, FORGETTER, FORGETTER, "my zebra-striped secret is the blue door", "ok")
+    forgotten = await store.forget_user(FORGETTER, Quotes())
+    assert forgotten.messages == 2
+    payloads = await _payloads(store)
+    # Theirs, a reply to theirs, and a quote of theirs go; another's quarantined update stays
+    # for diagnosis; every handled one loses its JSON; one not handled yet is still answered.
+    assert [u for u, p in sorted(payloads.items()) if p] == [4, 6]
+
+
+async def test_quotes_of_the_user_are_replaced_and_left_out_of_datasets(
+    store: Store, tmp_path: Path
+) -> None:
+    said = "the password to the cellar is swordfish and nobody else knows it"
+    await _turn(store, OTHER, -5, "what is for dinner", "soup")
+    await _turn(store, FORGETTER, -5, said, "noted")
+    quoting = await _turn(store, OTHER, -5, "what did they say?", f"They said: {said}.")
+    await _turn(store, OTHER, -6, "unrelated chat", f"{said}")  # a chat they never spoke in
+    forgotten = await store.forget_user(FORGETTER, Quotes())
+    assert (forgotten.messages, forgotten.quoting_turns) == (2, 1)
+    texts = [str(r[0]) for r in await store.fetch_all("SELECT content FROM messages ORDER BY id")]
+    assert f"They said: {QUOTE_MARK}." in texts and said in texts  # the other chat's stays
+    assert await store.fetch_all("SELECT turn_id, reason FROM dataset_exclusions") == [
+        (quoting, "quotes_forgotten_user")
+    ]
+    report = build_dataset(
+        tmp_path / "db.sqlite3", tmp_path / "out", DatasetOptions(min_examples=0), base_model="x"
+    )
+    assert report.dropped["quotes_forgotten_user"] == 1
+
+
+# -- the upgrade, and datasets built meanwhile ----------------------------------------------
+
+
+async def test_the_upgrade_blanks_the_json_of_handled_updates(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        for migration in MIGRATIONS[:8]:
+            conn.executescript(migration.sql)
+            conn.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                (migration.version, migration.name, utcnow()),
+            )
+        now = utcnow()
+        conn.executemany(
+            "INSERT INTO inbox (update_id, payload, received_at, done_at, quarantined_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(1, "{1}", now, now, None), (2, "{2}", now, now, now), (3, "{3}", now, None, None)],
+        )
+    conn.close()
+    store = await Store.open(path)
+    try:
+        assert await _payloads(store) == {1: "", 2: "{2}", 3: "{3}"}
+    finally:
+        await store.close()
+
+
+def test_a_dataset_built_while_someone_is_forgotten_is_built_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generations = iter(["1", "2", "2", "2"])  # a /forget commits during the first build
+    builds = []
+
+    def build(db_path: Path, out_dir: Path, options: DatasetOptions) -> dataset.DatasetReport:
+        builds.append(out_dir)
+        return dataset.DatasetReport(examples=len(builds))
+
+    monkeypatch.setattr(dataset, "_forget_generation", lambda _path: next(generations))
+    monkeypatch.setattr(dataset, "_build", build)
+    report = build_dataset(tmp_path / "db", tmp_path, DatasetOptions(), base_model="x")
+    assert len(builds) == 2 and report.examples == 2
