@@ -17,6 +17,10 @@ Figures:
   order      100 chats x 5 messages at once: each chat's replies must come in send order.
   memory     VmRSS idle after start, and after 10,000 distinct chats x 1 message.
   streaming  model's first delta -> first non-empty sendMessageDraft (private chat).
+  long       one ~1 MB answer streamed to a private chat by a server that ignores the
+             output cap, while other chats write: the bot's CPU and peak RSS, the messages
+             and drafts it sent, the other chats' delay; and the CPU of one draft render at
+             answer lengths up to 1 MB, in this process (whole answer vs the kept end).
 
 --profile DIR additionally runs the bot under cProfile for a paced run and prints the top
 functions (diagnostic only; its figures are not the benchmark's).
@@ -475,6 +479,109 @@ def streaming(control: Control, n: int) -> dict[str, Any]:
     return out
 
 
+def long_answer(control: Control, bot: Bot, words: int, pace: float = 0.25) -> dict[str, Any]:
+    """One answer of `words` words (a server ignoring the cap) while other chats write."""
+    control.call(
+        "/_control/config",
+        {"latency": 0.0, "answer_words": words, "chunk_words": 8, "chunk_delay": 0.001},
+    )
+    time.sleep(0.5)
+    rss0 = proc_mem(bot.pid)["VmRSS"]
+    start = control.call("/_control/results", timeout=60)
+    sends0 = start["methods"].get("sendMessage", 0)
+    drafts0 = start["methods"].get("sendMessageDraft", 0)
+    [long_chat] = new_chats(1)
+    cpu0, t0 = proc_cpu(bot.pid), time.monotonic()
+    [token] = control.call("/_control/push", {"messages": rotation([long_chat], 1)})["tokens"]
+    deadline = time.monotonic() + 30
+    while records(control, [token])[0]["model_started"] is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"long answer: the model was never asked\n{bot.log_tail()}")
+        time.sleep(0.02)
+    # The long answer's text is fixed once its model call started: later calls are short.
+    control.call("/_control/config", {"answer_words": 0, "chunk_words": 1, "chunk_delay": 0})
+    # Other chats write, one message every `pace` s, until the long answer is delivered.
+    tokens: list[str] = []
+    while records(control, [token])[0]["sent"] is None and time.monotonic() < deadline + 600:
+        msgs = rotation(new_chats(1), 1)
+        res = control.call("/_control/paced", {"messages": msgs, "wave": 1, "timeout": 60}, 70)
+        tokens += res["tokens"]
+        time.sleep(pace)
+    delays = [
+        (r["sent"] - r["injected"] - (r["model_finished"] - r["model_started"])) * 1000
+        for r in records(control, tokens)
+        if r["sent"] is not None and r["model_finished"] is not None
+    ]
+    [answer] = records(control, [token])
+    # The chat's next message is answered after the long one is delivered, in full.
+    [last] = control.call("/_control/push", {"messages": rotation([long_chat], 1)})["tokens"]
+    while records(control, [last])[0]["sent"] is None:
+        if time.monotonic() > deadline + 600:
+            raise RuntimeError(f"long answer: never delivered\n{bot.log_tail()}")
+        time.sleep(0.05)
+    cpu, wall = proc_cpu(bot.pid) - cpu0, time.monotonic() - t0
+    end = control.call("/_control/results", timeout=60)
+    mem = proc_mem(bot.pid)
+    out = {
+        "answer_words": words,
+        "bot_cpu_s": cpu,
+        "wall_s": wall,
+        "stream_s": answer["model_finished"] - answer["model_started"],
+        "messages": end["methods"].get("sendMessage", 0) - sends0 - len(tokens) - 1,
+        "drafts": end["methods"].get("sendMessageDraft", 0) - drafts0,
+        "rss_before_mb": rss0,
+        "rss_peak_mb": mem["VmHWM"],
+        "others": len(delays),
+        "others_p50_ms": pct(delays, 0.5),
+        "others_max_ms": max(delays) if delays else float("nan"),
+    }
+    log(
+        f"long answer ({words:,} words): bot CPU {cpu:.2f} s over {wall:.1f} s (stream "
+        f"{out['stream_s']:.1f} s), {out['messages']} messages, "
+        f"{out['drafts']} drafts, RSS {rss0:.0f} -> peak {mem['VmHWM']:.0f} MB, other chats "
+        f"p50 {out['others_p50_ms']:.1f} ms, max {out['others_max_ms']:.1f} ms"
+    )
+    return out
+
+
+def draft_render(sizes: tuple[int, ...] = (4096, 65536, 262144, 1 << 20)) -> dict[str, Any]:
+    """CPU of one draft at each answer length, in this process: the whole answer rendered
+    (every draft did so before), and the end MarkdownTail keeps (where it exists)."""
+    sys.path.insert(0, str(REPO))
+    from bot.services.formatting import render_parts
+
+    try:
+        from bot.services.formatting import MarkdownTail
+    except ImportError:  # code from before it
+        MarkdownTail = None  # noqa: N806
+    paragraph = (
+        "The **quick** brown fox jumps over the `lazy` dog, and *then* some more words "
+        "follow to make a paragraph of ordinary length for a chat answer.\n\n"
+    )
+    code = "```python\n" + "".join(f"x = {i}\n" for i in range(40)) + "```\n\n"
+    unit = paragraph * 6 + code
+    rows = []
+    for size in sizes:
+        text = (unit * (size // len(unit) + 1))[:size]
+        reps = max(1, 2_000_000 // size)
+        c0 = time.process_time()
+        for _ in range(reps):
+            render_parts(text)[-1]
+        whole = (time.process_time() - c0) / reps
+        tail_ms = float("nan")
+        if MarkdownTail is not None:
+            tail = MarkdownTail()
+            for i in range(0, len(text), 4):  # as a stream of small deltas
+                tail.append(text[i : i + 4])
+            c0 = time.process_time()
+            for _ in range(50):
+                render_parts(tail.view())[-1]
+            tail_ms = (time.process_time() - c0) / 50 * 1000
+        rows.append({"chars": size, "whole_ms": whole * 1000, "tail_ms": tail_ms})
+        log(f"draft render at {size:,} chars: whole {whole * 1000:.2f} ms, tail {tail_ms:.2f} ms")
+    return {"rows": rows}
+
+
 def memory(control: Control, bot: Bot, chats: int, batch: int) -> dict[str, Any]:
     control.call(
         "/_control/config", {"latency": 0.0, "answer_words": 0, "chunk_words": 1, "chunk_delay": 0}
@@ -634,6 +741,24 @@ def report(m: dict[str, Any], r: dict[str, Any], quick: bool) -> str:
             f"| {fmt_ms(s['p50_ms'])} | | |"
         )
         lines.append(f"| Streaming: same, p99 | {fmt_ms(s['p99_ms'])} | | |")
+    la = r.get("long")
+    if la:
+        for o in la["runs"]:
+            lines.append(
+                f"| Long answer ({o['answer_words']:,} words, ~1 MB; {o['label']}): bot CPU "
+                f"(over the stream's {o['stream_s']:.1f} s) / messages / drafts "
+                f"| {o['bot_cpu_s']:.2f} s / {o['messages']} / {o['drafts']} | | |"
+            )
+            lines.append(
+                f"| ↳ RSS before → peak; other chats' overhead meanwhile p50 / max "
+                f"({o['others']} msgs) | {o['rss_before_mb']:.0f} → {o['rss_peak_mb']:.0f} MB; "
+                f"{fmt_ms(o['others_p50_ms'])} / {fmt_ms(o['others_max_ms'])} | | |"
+            )
+        for row in la["draft_render"]["rows"]:
+            lines.append(
+                f"| CPU of one draft at {row['chars']:,} chars: whole answer rendered / "
+                f"kept end rendered | {fmt_ms(row['whole_ms'])} / {fmt_ms(row['tail_ms'])} | | |"
+            )
     lines += [
         "",
         "Overhead = (sendMessage received) − (update injected) − (model call duration at the stand-in); "
@@ -665,7 +790,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--profile", metavar="DIR", help="also cProfile the bot (diagnostic)")
     parser.add_argument(
-        "--only", help="comma list: overhead,local,lexicon,concurrency,order,streaming,memory"
+        "--only",
+        help="comma list: overhead,local,lexicon,concurrency,order,streaming,memory,long",
     )
     parser.add_argument(
         "--telegram-rate",
@@ -758,6 +884,19 @@ def main() -> int:
                 bot.start(control)
                 results["memory"] = memory(control, bot, mem_chats, 100)
                 bot.stop()
+
+            if want("long"):
+                runs = []
+                for label, env in (
+                    ("default cap", {}),
+                    ("MAX_ANSWER_TOKENS=1000000: not cut", {"MAX_ANSWER_TOKENS": "1000000"}),
+                ):
+                    bot = Bot(workdir, info, f"long-{len(runs)}", **env)
+                    bots.append(bot)
+                    bot.start(control)
+                    runs.append({"label": label, **long_answer(control, bot, 180_000)})
+                    bot.stop()
+                results["long"] = {"runs": runs, "draft_render": draft_render()}
 
             if args.profile:
                 for backend in ("openai", "local"):

@@ -109,6 +109,8 @@ async def start_services(
         exempt=settings.is_admin,
         gate=ProgressGate(settings.progress_max_in_flight, settings.progress_shed_lag),
         served=LocalHistory(serve_client or client, store, settings.local_history_tokens),
+        max_answer_tokens=settings.max_answer_tokens,
+        answer_deadline=settings.answer_deadline,
     )
     models = ModelRouter(store, chat, client, serve_client)
     # A model chosen with /model (or "use this model") outlives restarts.

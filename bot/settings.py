@@ -9,6 +9,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# About four Telegram messages of text; with LOCAL_HISTORY_TOKENS' default it fits a 16k context.
+DEFAULT_MAX_ANSWER_TOKENS = 4096
+DEFAULT_ANSWER_DEADLINE = 180.0
+
 DEFAULT_INSTRUCTIONS = (
     "You are Parley, a helpful assistant in a Telegram chat. Answer clearly and concisely, "
     "in the language the user writes in. Use short paragraphs; Markdown is fine."
@@ -28,6 +32,12 @@ class Settings(BaseSettings):
     openai_model: str = "gpt-5.4-mini"
     openai_timeout: float = Field(default=60.0, gt=0)
     openai_max_retries: int = Field(default=2, ge=0, le=10)
+    # Every answer is bounded: at most MAX_ANSWER_TOKENS tokens (the model's output cap; the
+    # bot also stops reading well past it should a server ignore the cap, and says so under
+    # an answer that was cut), and done within ANSWER_DEADLINE seconds however slowly the
+    # stream trickles (OPENAI_TIMEOUT bounds each read, not the whole answer).
+    max_answer_tokens: int = Field(default=DEFAULT_MAX_ANSWER_TOKENS, ge=16, le=1_000_000)
+    answer_deadline: float = Field(default=DEFAULT_ANSWER_DEADLINE, gt=0, le=3600)
 
     # Photos: the vision model (unset: the chat model), the longest side sent to it, how long
     # to wait for the rest of an album, and the largest file the bot downloads (unset: 20 MB,

@@ -20,6 +20,7 @@ from telegram import Bot, Update
 
 from bot.context import ParleyApp
 from bot.durability import MAX_UPDATE_ID, DurableBot, drain_updates, handle_stop_signals
+from bot.logs import LogThrottle
 from bot.settings import Settings
 from storage.writer import StorageUnavailable, WriterClosed
 
@@ -56,11 +57,19 @@ def _no_constant(name: str) -> object:
 
 def make_server(app: ParleyApp, path: str, secret: str) -> web.Application:
     """The web app: POST `path` for updates, GET /healthz for load balancers."""
+    # One client sending a wrong secret in a loop must not fill the log: the first refusal
+    # is logged, then at most one line a minute, with how many there were.
+    refusals = LogThrottle(60.0)
 
     async def receive(request: web.Request) -> web.Response:
         given = request.headers.get(SECRET_HEADER, "")
         if not hmac.compare_digest(given.encode(), secret.encode()):
-            log.warning("webhook request refused: wrong or missing secret token")
+            if count := refusals.hit():
+                log.warning(
+                    "webhook request refused: wrong or missing secret token (%d since the last"
+                    " such line; this line is logged at most once a minute)",
+                    count,
+                )
             return web.Response(status=403, text="forbidden")
         if (request.content_length or 0) > MAX_UPDATE_BYTES:
             return web.Response(status=413, text="too large")

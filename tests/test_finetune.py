@@ -169,10 +169,11 @@ async def test_start_button_pressed_by_someone_else_is_refused(
     async with running(make_settings()) as app:
         await _seed(tg, 11)
         await settled(app)  # every seeded turn is logged before /train
-        tg.chat(-600, "supergroup")
-        tg.push_message(-600, "/train", user_id=ADMIN, chat_type="supergroup")
-        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(-600)))
-        await _press(tg, USER, -600, "ft:start:")
+        # The summary, forwarded out of the admin's chat: someone else presses its button.
+        tg.chat(ADMIN)
+        tg.push_message(ADMIN, "/train", user_id=ADMIN)
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        await _press(tg, USER, ADMIN, "ft:start:")
         await tg.wait_for(lambda: bool(tg.calls_of("answerCallbackQuery")))
         answer = tg.calls_of("answerCallbackQuery")[-1].params
         assert answer["show_alert"] == "true" and "only for the bot's admins" in answer["text"]

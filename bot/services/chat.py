@@ -12,10 +12,17 @@ from telegram import Bot
 from telegram.error import TelegramError
 
 from bot.errors import ModelError
-from bot.services.conversations import ConversationBackend, ReplyResult, UserContent, data_url
+from bot.services.conversations import (
+    CUT_LENGTH,
+    ConversationBackend,
+    ReplyResult,
+    UserContent,
+    data_url,
+)
 from bot.services.profiles import Profiles
 from bot.services.replies import ProgressGate, ReplyStreamer, send_text
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
+from bot.settings import DEFAULT_ANSWER_DEADLINE, DEFAULT_MAX_ANSWER_TOKENS
 from bot.texts import t
 from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
 
@@ -61,7 +68,13 @@ class ChatService:
         exempt: Callable[[int | None], bool] = lambda _user: False,
         gate: ProgressGate | None = None,
         served: ConversationBackend | None = None,
+        max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
+        answer_deadline: float = DEFAULT_ANSWER_DEADLINE,
     ) -> None:
+        # Every answer is bounded in length (the model's output cap) and in time: a stream
+        # that trickles never holds its chat's next message for longer than the deadline.
+        self.max_answer_tokens = max_answer_tokens
+        self.answer_deadline = answer_deadline
         self.gate = gate or ProgressGate()
         self.daily_limit = daily_limit
         self.exempt = exempt
@@ -134,24 +147,39 @@ class ChatService:
         user_sentiment = asyncio.create_task(self._analyze(msg.text))
         try:
             async with streamer:
-                thread = await backend.open_thread(msg.key)
-                turn.thread_id = thread.id
-                result = await backend.run_turn(
-                    thread,
-                    UserContent(msg.text, tuple(data_url(i.mime_type, i.data) for i in msg.images)),
-                    model=model,
-                    instructions=profile.instructions,
-                    temperature=profile.temperature,
-                    on_delta=streamer.on_delta,
-                )
+                try:
+                    # The whole model turn, however slowly its stream trickles: OPENAI_TIMEOUT
+                    # bounds each read, this the answer. What came before it is not sent.
+                    async with asyncio.timeout(self.answer_deadline):
+                        thread = await backend.open_thread(msg.key)
+                        turn.thread_id = thread.id
+                        result = await backend.run_turn(
+                            thread,
+                            UserContent(
+                                msg.text, tuple(data_url(i.mime_type, i.data) for i in msg.images)
+                            ),
+                            model=model,
+                            instructions=profile.instructions,
+                            temperature=profile.temperature,
+                            on_delta=streamer.on_delta,
+                            max_tokens=self.max_answer_tokens,
+                        )
+                except TimeoutError:
+                    raise ModelError(
+                        "timeout", f"no answer in {self.answer_deadline:g} s"
+                    ) from None
                 if not result.text.strip():
                     raise ModelError("empty_answer", result.response_id or "")
                 _fill(turn, result)
                 # The tag is metadata: shown under the reply, stored with it, and never part
-                # of the text the thread (or the local history) keeps.
+                # of the text the thread (or the local history) keeps. So is the note that
+                # the answer was cut at the length cap.
                 tag = await self._analyze(result.text)
                 turn.reply_sentiment = _row(tag)
-                footer = format_tag(tag) if tag else None
+                notes = [t("answer.cut", lang=msg.lang)] if result.cut == CUT_LENGTH else []
+                if tag:
+                    notes.append(format_tag(tag))
+                footer = "\n".join(notes) or None
                 turn.reply_message_ids = await streamer.send(result.text, footer)
         except ModelError as exc:
             log.warning("turn failed in chat %s: %s (%s)", msg.key, exc.kind, exc.detail)
@@ -212,3 +240,4 @@ def _fill(turn: TurnRecord, result: ReplyResult) -> None:
     turn.input_tokens = result.input_tokens
     turn.output_tokens = result.output_tokens
     turn.latency_ms = result.latency_ms
+    turn.error_kind = result.cut  # delivered, but cut short: "length" (the cap) or the reason

@@ -39,6 +39,14 @@ OnDelta = Callable[[str], Awaitable[None]]
 # A conversation may be created with at most 20 items (Conversations API).
 MAX_SEED_ITEMS = 20
 
+# What the bot reads of one answer, whatever the server makes of the token cap: characters
+# per token of the cap. A token is about four characters of text; twice that leaves room
+# for any real answer and still bounds one from a server that ignores the cap.
+CHARS_PER_TOKEN = 8
+
+# ReplyResult.cut when the answer stopped at the length cap (the model's or the bot's own).
+CUT_LENGTH = "length"
+
 
 @dataclass(frozen=True, slots=True)
 class UserContent:
@@ -56,6 +64,9 @@ class ReplyResult:
     input_tokens: int | None = None
     output_tokens: int | None = None
     latency_ms: int = 0
+    # Why the answer stopped before its end, if it did: CUT_LENGTH (the output cap, or the
+    # bot's own bound on what it reads), or the server's reason (e.g. "content_filter").
+    cut: str | None = None
 
 
 class ConversationBackend(Protocol):
@@ -74,6 +85,7 @@ class ConversationBackend(Protocol):
         instructions: str,
         on_delta: OnDelta,
         temperature: float | None = None,
+        max_tokens: int | None = None,
     ) -> ReplyResult: ...
 
     async def reset(self, key: ChatKey) -> None: ...
@@ -132,6 +144,7 @@ class OpenAIConversations:
         instructions: str,
         on_delta: OnDelta,
         temperature: float | None = None,
+        max_tokens: int | None = None,
     ) -> ReplyResult:
         request_input: str | list[ResponseInputItemParam]
         if content.image_urls:
@@ -157,21 +170,29 @@ class OpenAIConversations:
         }
         if temperature is not None:
             body["temperature"] = temperature
+        if max_tokens is not None:
+            body["max_output_tokens"] = max_tokens
         started = time.perf_counter()
-        chunks: list[str] = []
+        answer = _Answer(on_delta, max_tokens)
+        created: Mapping[str, Any] = {}
         try:
             stream = await raw_stream(self._client, "/responses", body)
             async with stream:
                 async for event in stream:
                     kind = event.get("type")
                     if kind == "response.output_text.delta":
-                        delta = event.get("delta")
-                        if isinstance(delta, str) and delta:
-                            chunks.append(delta)
-                            await on_delta(utf8_safe(delta))
-                    elif kind == "response.completed" or (kind == "response.incomplete" and chunks):
+                        if not await answer.add(event.get("delta")):
+                            return answer.result(created, model, started)  # read enough
+                    elif kind == "response.created":
+                        created = _mapping(event.get("response"))  # its id, should we stop early
+                    elif kind == "response.completed" or (
+                        kind == "response.incomplete" and answer.chunks
+                    ):
                         # An incomplete response (output cap hit) still delivers what it wrote.
-                        return _result(_mapping(event.get("response")), chunks, model, started)
+                        response = _mapping(event.get("response"))
+                        if kind == "response.incomplete":
+                            answer.cut = _incomplete_reason(response)
+                        return answer.result(response, model, started)
                     elif kind in ("response.failed", "response.incomplete"):
                         raise ModelError(_failed_kind(_mapping(event.get("response"))), kind)
                     elif kind == "error":
@@ -180,7 +201,7 @@ class OpenAIConversations:
         except ModelError:
             raise
         except Exception as exc:
-            raise classify_model_error(exc, streaming=bool(chunks)) from exc
+            raise classify_model_error(exc, streaming=bool(answer.chunks)) from exc
         raise ModelError("interrupted", "stream ended without response.completed")
 
     async def reset(self, key: ChatKey) -> None:
@@ -197,6 +218,9 @@ class LocalHistory:
         self._client = client
         self._store = store
         self._budget = history_tokens
+        # How the output cap is sent: `max_tokens` is what vLLM, Ollama, llama.cpp and LM
+        # Studio all read; OpenAI's own reasoning models want `max_completion_tokens`.
+        self._cap_field = "max_tokens"
 
     async def open_thread(self, key: ChatKey) -> Thread:
         current = await self._store.current_thread(key)
@@ -224,10 +248,11 @@ class LocalHistory:
         instructions: str,
         on_delta: OnDelta,
         temperature: float | None = None,
+        max_tokens: int | None = None,
     ) -> ReplyResult:
         messages = await self.build_messages(thread, content, instructions)
         started = time.perf_counter()
-        chunks: list[str] = []
+        answer = _Answer(on_delta, max_tokens)
         response_id: str | None = None
         usage: Mapping[str, Any] = {}
         finish_reason: str | None = None
@@ -240,31 +265,58 @@ class LocalHistory:
         if temperature is not None:
             body["temperature"] = temperature
         try:
-            stream = await raw_stream(self._client, "/chat/completions", body)
+            stream = await self._open(body, max_tokens)
             async with stream:
                 async for chunk in stream:
                     response_id = _str(chunk.get("id")) or response_id
                     usage = _mapping(chunk.get("usage")) or usage
                     for choice in map(_mapping, chunk.get("choices") or ()):
-                        piece = _mapping(choice.get("delta")).get("content")
-                        if isinstance(piece, str) and piece:
-                            chunks.append(piece)
-                            await on_delta(utf8_safe(piece))
                         finish_reason = _str(choice.get("finish_reason")) or finish_reason
+                        if not await answer.add(_mapping(choice.get("delta")).get("content")):
+                            finish_reason = "length"  # read enough
+                            break
+                    if answer.cut:
+                        break
         except ModelError:
             raise
         except Exception as exc:
-            raise classify_model_error(exc, streaming=bool(chunks)) from exc
+            raise classify_model_error(exc, streaming=bool(answer.chunks)) from exc
         if finish_reason is None:
             raise ModelError("interrupted", "stream ended without finish_reason")
-        return ReplyResult(
-            text=utf8_safe("".join(chunks)),  # a lone surrogate would lose the turn
-            model=model,
-            response_id=response_id,
-            input_tokens=_int(usage.get("prompt_tokens")),
-            output_tokens=_int(usage.get("completion_tokens")),
-            latency_ms=int((time.perf_counter() - started) * 1000),
-        )
+        if finish_reason in ("length", "content_filter") and answer.cut is None:
+            answer.cut = CUT_LENGTH if finish_reason == "length" else finish_reason
+        response = {"id": response_id, "usage": _chat_usage(usage)}
+        return answer.result(response, model, started)
+
+    async def _open(self, body: dict[str, Any], max_tokens: int | None) -> JsonEvents:
+        """Start the stream, with the output cap in a field the server takes.
+
+        A server that refuses the cap's field is asked again: with OpenAI's other name for
+        it if the refusal names that one (remembered for later turns), else without a cap
+        (vLLM refuses a request whose prompt plus cap exceed the model's context). The
+        bot's own bound on what it reads holds either way.
+        """
+        if max_tokens is None:
+            return await raw_stream(self._client, "/chat/completions", body)
+        field_name: str | None = self._cap_field
+        swapped = False
+        while True:
+            attempt = {**body, field_name: max_tokens} if field_name else body
+            try:
+                stream = await raw_stream(self._client, "/chat/completions", attempt)
+            except openai.BadRequestError as exc:
+                if field_name is None or not _about_cap(exc, field_name):
+                    raise
+                log.info("the model server refused %s (%s); asking again", field_name, exc.code)
+                other = _CAP_FIELDS[field_name]
+                if not swapped and other in exc.message:  # "use max_completion_tokens instead"
+                    field_name, swapped = other, True
+                else:
+                    field_name = None
+                continue
+            if field_name is not None:
+                self._cap_field = field_name
+            return stream
 
     async def reset(self, key: ChatKey) -> None:
         await self._store.close_threads(key)
@@ -357,19 +409,74 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _result(
-    response: Mapping[str, Any], chunks: list[str], model: str, started: float
-) -> ReplyResult:
-    usage = _mapping(response.get("usage"))
-    return ReplyResult(
-        # Text UTF-8 can't carry (a lone surrogate) would lose the turn: cleaned here.
-        text=utf8_safe("".join(chunks) or _output_text(response)),
-        model=_str(response.get("model")) or model,
-        response_id=_str(response.get("id")),
-        input_tokens=_int(usage.get("input_tokens")),
-        output_tokens=_int(usage.get("output_tokens")),
-        latency_ms=int((time.perf_counter() - started) * 1000),
-    )
+class _Answer:
+    """An answer as it streams in: passed on to `on_delta`, kept, and bounded.
+
+    With a token cap, no more than CHARS_PER_TOKEN characters per token are taken, whatever
+    the server sends: past that the answer is cut (`cut`) and the stream should be left.
+    """
+
+    __slots__ = ("chunks", "cut", "limit", "on_delta", "size")
+
+    def __init__(self, on_delta: OnDelta, max_tokens: int | None) -> None:
+        self.on_delta = on_delta
+        self.limit = max_tokens * CHARS_PER_TOKEN if max_tokens is not None else None
+        self.chunks: list[str] = []
+        self.size = 0
+        self.cut: str | None = None
+
+    async def add(self, piece: object) -> bool:
+        """Take one delta (anything but text is ignored); False once no more may be read."""
+        if not isinstance(piece, str) or not piece:
+            return True
+        if self.limit is not None and self.size + len(piece) > self.limit:
+            piece = piece[: self.limit - self.size]
+            self.cut = CUT_LENGTH
+        if piece:
+            self.chunks.append(piece)
+            self.size += len(piece)
+            await self.on_delta(utf8_safe(piece))
+        return self.cut is None
+
+    def result(self, response: Mapping[str, Any], model: str, started: float) -> ReplyResult:
+        """The turn's result; `response` holds the id, model and usage (Responses' names)."""
+        usage = _mapping(response.get("usage"))
+        return ReplyResult(
+            # Text UTF-8 can't carry (a lone surrogate) would lose the turn: cleaned here.
+            text=utf8_safe("".join(self.chunks) or _output_text(response)),
+            model=_str(response.get("model")) or model,
+            response_id=_str(response.get("id")),
+            input_tokens=_int(usage.get("input_tokens")),
+            output_tokens=_int(usage.get("output_tokens")),
+            latency_ms=int((time.perf_counter() - started) * 1000),
+            cut=self.cut,
+        )
+
+
+def _chat_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """Chat Completions' usage under the Responses API's names."""
+    return {
+        "input_tokens": usage.get("prompt_tokens"),
+        "output_tokens": usage.get("completion_tokens"),
+    }
+
+
+def _incomplete_reason(response: Mapping[str, Any]) -> str:
+    reason = _mapping(response.get("incomplete_details")).get("reason")
+    if reason in (None, "max_output_tokens"):
+        return CUT_LENGTH
+    return str(reason)
+
+
+_CAP_FIELDS = {"max_tokens": "max_completion_tokens", "max_completion_tokens": "max_tokens"}
+
+
+def _about_cap(exc: openai.BadRequestError, field_name: str) -> bool:
+    """Whether a 400 is about the output cap (its field, or prompt + cap over the context)."""
+    if exc.param == field_name:
+        return True
+    message = exc.message.lower()
+    return field_name in message or "context length" in message
 
 
 def _output_text(response: Mapping[str, Any]) -> str:

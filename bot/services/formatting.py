@@ -35,7 +35,15 @@ log = logging.getLogger(__name__)
 
 TEXT_LIMIT = 4096
 
-__all__ = ["TEXT_LIMIT", "Formatted", "plain_parts", "render", "render_parts", "utf16_len"]
+__all__ = [
+    "TEXT_LIMIT",
+    "Formatted",
+    "MarkdownTail",
+    "plain_parts",
+    "render",
+    "render_parts",
+    "utf16_len",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,3 +481,116 @@ def plain_parts(text: str, limit: int = TEXT_LIMIT) -> list[Formatted]:
         raise ValueError("limit must be positive")
     text = _clean_surrogates(text)
     return _Splitter(text, [], limit).parts()
+
+
+# --- drafts: the end of a growing text --------------------------------------------------------
+
+# A line that opens or closes a fenced code block (CommonMark: up to three spaces of indent,
+# three or more backticks or tildes; a backtick fence's info string has no backtick).
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})([^\n]*)")
+
+
+def _fence_after(line: str, fence: str | None) -> str | None:
+    """The code fence open after `line` (its opening line), given the one open before it."""
+    match = _FENCE.match(line)
+    if match is None:
+        return fence
+    marker, rest = match.groups()
+    if fence is None:
+        if marker[0] == "`" and "`" in rest:
+            return None  # inline code, not a fence
+        return line.strip()
+    opened = re.match(r"`+|~+", fence)
+    if opened and marker[0] == opened.group()[0] and len(marker) >= len(opened.group()):
+        return None if not rest.strip() else fence
+    return fence
+
+
+class MarkdownTail:
+    """The end of a Markdown text that grows piece by piece: what a streamed draft shows.
+
+    A draft shows the part being written. Rendering the whole text for every draft costs
+    time in proportion to its length, each time: quadratic over a long answer. This keeps
+    only the last two windows or so of the text, and which code fence is open where they
+    start, so a `view()` costs about the same however long the text has grown. Short texts
+    (up to one window) are given whole, exactly as written.
+    """
+
+    def __init__(self, window: int = TEXT_LIMIT) -> None:
+        self.window = window
+        self._pending: list[str] = []
+        self._pending_size = 0
+        self._text = ""  # the kept end of the text
+        self._fence: str | None = None  # the code fence open where _text starts
+        self._mid_line = False  # _text starts inside a line
+        self._dropped = False
+
+    def append(self, piece: str) -> None:
+        """Add the next piece of text (cheap: the work waits for the next view)."""
+        self._pending.append(piece)
+        self._pending_size += len(piece)
+        if self._pending_size > 4 * self.window:
+            self._fold()  # what waits stays bounded too
+
+    def _fold(self) -> None:
+        """Join what is pending; drop the start beyond two windows, noting its open fence."""
+        if self._pending:
+            self._text += "".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+        text = self._text
+        if len(text) <= 2 * self.window:
+            return
+        keep_from = len(text) - self.window
+        cut = text.rfind("\n", keep_from - self.window, keep_from) + 1  # at a line start
+        if cut == 0:
+            cut = keep_from  # no line break near: mid-line
+        fence = self._fence
+        pos = 0
+        if self._mid_line:  # the first line's start was dropped earlier: it decides nothing
+            pos = text.find("\n", 0, cut) + 1 or cut
+        while pos < cut:
+            end = text.find("\n", pos, cut)
+            if end < 0:
+                break  # a line that continues past the cut
+            fence = _fence_after(text[pos:end], fence)
+            pos = end + 1
+        self._fence = fence
+        self._mid_line = text[cut - 1] != "\n"
+        self._text = text[cut:]
+        self._dropped = True
+
+    def view(self) -> str:
+        """The text's end, about a window of it, beginning where it reads as in the whole:
+        at a paragraph outside code if one starts early enough, else at a line (with its
+        code fence opened again), else mid-line."""
+        self._fold()
+        text = self._text
+        if not self._dropped and len(text) <= self.window:
+            return text
+        start = max(0, len(text) - self.window)
+        late = start + self.window // 2  # a paragraph starting later leaves too little
+        fence = self._fence
+        pos = 0
+        if self._mid_line:
+            pos = text.find("\n") + 1 or len(text)
+        first_line: tuple[int, str | None] | None = None
+        blank_before = False
+        while pos < len(text):
+            if pos >= start:
+                if fence is None and blank_before and pos <= late:
+                    return text[pos:]
+                if first_line is None:
+                    first_line = (pos, fence)
+            end = text.find("\n", pos)
+            if end < 0:
+                break
+            line = text[pos:end]
+            fence = _fence_after(line, fence)
+            blank_before = not line.strip()
+            pos = end + 1
+        if first_line is None:  # one line longer than the window
+            at, opened = start, fence
+        else:
+            at, opened = first_line
+        return f"{opened}\n{text[at:]}" if opened else text[at:]

@@ -15,7 +15,14 @@ from telegram import Bot, Message, MessageEntity, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, NetworkError, TelegramError, TimedOut
 
-from bot.services.formatting import TEXT_LIMIT, Formatted, plain_parts, render_parts, utf16_len
+from bot.services.formatting import (
+    TEXT_LIMIT,
+    Formatted,
+    MarkdownTail,
+    plain_parts,
+    render_parts,
+    utf16_len,
+)
 from bot.telegram_http import Dispatch, watch
 from storage.db import ChatKey
 
@@ -104,7 +111,9 @@ class ReplyStreamer:
         self._draft_id = draft_id or 1  # must be non-zero
         self._reply_to = reply_to
         self._interval = interval
-        self._chunks: list[str] = []
+        # Only the end of the answer is kept for drafts: a draft's cost stays the same
+        # however long the answer grows.
+        self._tail = MarkdownTail()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -130,7 +139,7 @@ class ReplyStreamer:
 
     async def on_delta(self, delta: str) -> None:
         """Take a piece of the model's answer (cheap; never waits on Telegram)."""
-        self._chunks.append(delta)
+        self._tail.append(delta)
         self._changed.set()
 
     async def _stop(self) -> None:
@@ -197,8 +206,9 @@ class ReplyStreamer:
                     await asyncio.sleep(self._interval)
                     continue
                 self._changed.clear()
-                # The draft shows the part being written, formatted as the final one will be.
-                parts = render_parts("".join(self._chunks))
+                # The draft shows the part being written, formatted as the final one will be
+                # (rendered from the answer's last few thousand characters, not all of it).
+                parts = render_parts(self._tail.view())
                 if not parts:
                     continue
                 await self._telegram(self._draft(parts[-1].text, list(parts[-1].entities)))

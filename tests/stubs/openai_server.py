@@ -62,6 +62,9 @@ class Reply:
     # hit), "failed" (response.failed with `code`) or "error" (an `error` event with `code`).
     end: str = "completed"
     code: str = "server_error"
+    # After its deltas the stream stalls instead of ending: a keep-alive byte (an SSE comment
+    # line) every `drip` seconds, for ever, so no single read ever times out.
+    drip: float = 0.0
 
 
 class FakeOpenAI:
@@ -106,6 +109,11 @@ class FakeOpenAI:
         self.fine_tuning_down = False  # every fine-tuning route answers 503
         # Extra fields of listed models, e.g. the throughput parley-trainer reports.
         self.model_extras: dict[str, dict[str, Any]] = {}
+        # Chat Completions as other servers refuse an output cap: fields refused outright
+        # (OpenAI's reasoning models refuse "max_tokens"), and a context length that prompt
+        # (about four characters a token) plus cap may not exceed (vLLM's 400).
+        self.refused_cap_fields: set[str] = set()
+        self.context_length: int | None = None
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -577,6 +585,9 @@ class FakeOpenAI:
             )
             self._delta_sent(text, n)
             await asyncio.sleep(reply.chunk_delay)
+        if reply.drip:
+            await _drip(resp, reply.drip)
+            return resp
         if reply.end == "error":
             await send("error", code=reply.code, message="The model failed.", param=None)
             await resp.write_eof()
@@ -637,6 +648,8 @@ class FakeOpenAI:
             return _error(
                 400, f"Invalid image: {problem}", "invalid_request_error", "invalid_image"
             )
+        if refused := self._refuse_cap(body, transcript):
+            return refused
         try:
             reply, text = await self._model_call(call)
             if reply.status != 200:
@@ -680,7 +693,12 @@ class FakeOpenAI:
                     {"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
                 )
                 await asyncio.sleep(reply.chunk_delay)
-            await send({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            if reply.drip:
+                await _drip(resp, reply.drip)
+                return resp
+            # end="incomplete": the output cap was hit, as Chat Completions says it.
+            finish = "length" if reply.end == "incomplete" else "stop"
+            await send({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 await send({"choices": [], "usage": chat_usage})
             await resp.write(b"data: [DONE]\n\n")
@@ -688,6 +706,37 @@ class FakeOpenAI:
             return resp
         finally:
             self._done(call)
+
+    def _refuse_cap(
+        self, body: dict[str, Any], transcript: list[tuple[str, str]]
+    ) -> web.Response | None:
+        """A 400 for an output cap this server refuses (see `refused_cap_fields`), or None."""
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in body and name in self.refused_cap_fields:
+                other = "max_completion_tokens" if name == "max_tokens" else "max_tokens"
+                message = (
+                    f"Unsupported parameter: '{name}' is not supported with this model."
+                    f" Use '{other}' instead."
+                )
+                error = {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": name,
+                    "code": "unsupported_parameter",
+                }
+                return web.json_response({"error": error}, status=400)
+        cap = body.get("max_tokens") or body.get("max_completion_tokens")
+        prompt = sum(len(text) for _, text in transcript) // 4 + 1
+        if self.context_length is not None and cap and prompt + cap > self.context_length:
+            return _error(
+                400,
+                f"This model's maximum context length is {self.context_length} tokens. However,"
+                f" you requested {prompt + cap} tokens ({prompt} in the messages, {cap} in the"
+                " completion). Please reduce the length of the messages or completion.",
+                "BadRequestError",
+                None,
+            )
+        return None
 
     async def _classify_chat(self, body: dict[str, Any]) -> web.Response:
         """Structured output through Chat Completions: what the local backend's servers offer."""
@@ -785,6 +834,16 @@ def _word_rule(text: str) -> dict[str, Any]:
     if any(w in lowered for w in ("great", "love", "thanks", "wonderful", "glad")):
         return {"label": "positive", "score": 0.8}
     return {"label": "neutral", "score": 0.0}
+
+
+async def _drip(resp: web.StreamResponse, every: float) -> None:
+    """Keep a stream open without ending it: a keep-alive comment line every `every` s."""
+    try:
+        while True:
+            await asyncio.sleep(every)
+            await resp.write(b":\n")
+    except (ConnectionError, RuntimeError):
+        return  # the client hung up
 
 
 def _drop(request: web.Request) -> None:
