@@ -143,8 +143,12 @@ class ChatService:
             interval=self.draft_interval,
             gate=self.gate,
         )
-        # The user's own sentiment is judged while the model writes: it adds no delay.
-        user_sentiment = asyncio.create_task(self._analyze(msg.text))
+        # The user's own sentiment is judged while the model writes: it adds no delay. Not on
+        # a local server that answers this turn itself: one with a single slot
+        # (llama-cpp-python's default) cuts the answer's stream short when another request
+        # arrives, so there it is judged after the answer.
+        alongside = route == SERVE_ROUTE or self.backends[CHAT_ROUTE].name != "local"
+        user_sentiment = asyncio.create_task(self._analyze(msg.text)) if alongside else None
         try:
             async with streamer:
                 try:
@@ -192,9 +196,12 @@ class ChatService:
             log.error("could not deliver the reply in chat %s: %s", msg.key, type(exc).__name__)
             turn.status, turn.error_kind = "failed", "delivery"
         except BaseException:
-            user_sentiment.cancel()  # cancelled mid-turn (shutdown): don't leave it running
+            if user_sentiment is not None:  # cancelled mid-turn (shutdown): don't leave it
+                user_sentiment.cancel()
             raise
-        turn.user_sentiment = _row(await user_sentiment)
+        turn.user_sentiment = _row(
+            await (user_sentiment if user_sentiment is not None else self._analyze(msg.text))
+        )
         turn.finished_at = utcnow()
         await self.store.record_turn(turn)
         return turn
