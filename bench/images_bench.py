@@ -14,7 +14,8 @@ call (min/median/p95 over N runs) with and without JPEG draft mode, and memory f
   after loading the inputs (baseline) and after the batch; the difference is what preparing
   cost on top. Note ru_maxrss never goes down, so it shows the worst single moment.
 
-No assertions: numbers are for reading.
+No assertions: numbers are for reading. Peak memory per image format against the estimate
+the bot budgets with, and per album in the real bot process: bench/album_memory.py.
 """
 
 from __future__ import annotations

@@ -44,6 +44,13 @@ def png_bomb(side: int = 60_000) -> bytes:
     )
 
 
+def webp_bomb(side: int = 4500) -> bytes:
+    """A lossless single-colour WebP: tiny on disk, 16 B per pixel to decode with Pillow."""
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), "red").save(out, "WEBP", lossless=True)
+    return out.getvalue()
+
+
 def long_gif(frames: int = 1200) -> bytes:
     # Every frame differs, or Pillow merges identical frames into one.
     images = [Image.new("RGB", (4, 4), (i % 256, (i * 7) % 256, 0)) for i in range(frames)]
@@ -166,6 +173,11 @@ BAD_INPUTS = {
     "tiff": (
         dict(data=b"II*\x00" + b"\x00" * 100, as_document="image/tiff"),
         "JPEG, PNG, WebP and GIF",
+    ),
+    # 1.4 KB, under the pixel limit, and ~550 MB to decode: refused from its header.
+    "webp-bomb": (
+        dict(data=webp_bomb(), as_document="image/webp"),
+        "too much memory to unpack",
     ),
 }
 

@@ -4,6 +4,9 @@ The update processor offers every update here as it arrives, before per-chat ord
 first part of an album opens it and goes on to be handled; later parts join it and are not
 handled on their own. The first part's turn starts once the album has been quiet for `wait`
 seconds, and its handler takes all the parts.
+
+Parts wait as Telegram messages, that is as file ids: nothing is downloaded until the album
+is answered, and then within the photo service's memory budgets (bot.services.photos).
 """
 
 from __future__ import annotations

@@ -15,11 +15,20 @@ Pipeline (each step bounded; nothing is decoded before the size checks pass):
    pixel limit -- *before* Pillow is even handed the bytes. For GIFs the same pass counts
    frames (block structure only, no LZW decoding) and stops as soon as ``max_frames`` is
    exceeded.
-4. ``Image.open`` restricted to the sniffed format (reads the header only), re-check the size
+4. Estimate the memory preparing the image will take (``ImageInfo.decode_bytes``) from the
+   same headers and refuse it (``too_costly``) above ``max_decode_bytes``. Pixels are not
+   all equal: Pillow's WebP decoder holds 16 bytes per canvas pixel (two libwebp canvases,
+   a bytes copy of the frame and the image), a progressive JPEG keeps every DCT coefficient
+   of the full-size image however small it is decoded, a PNG's text chunks can unpack to
+   ~256 MB. ``inspect_image`` runs steps 1-4 alone, so a caller can reserve that much memory
+   (``bot.services.photos``) before step 5 starts.
+5. ``Image.open`` restricted to the sniffed format (reads the header only), re-check the size
    Pillow reports, the format and the frame count (PNG/WebP/MPO declare it in the header).
-5. JPEG draft mode (libjpeg DCT scaling by 1/2, 1/4, 1/8) when the image will be downscaled,
-   then decode the first frame only, resize (Lanczos), apply EXIF orientation on the small
-   image, flatten alpha onto white, convert to RGB, re-encode with no metadata.
+6. JPEG draft mode (libjpeg DCT scaling by 1/2, 1/4, 1/8) when the image will be downscaled,
+   then decode the first frame only. Everything after the decode works on horizontal strips
+   of it (mode conversion, alpha flattened onto white, bicubic resize into the output), so
+   no full-size copy is ever made: the decoded frame plus a few MB is the whole cost. Then
+   EXIF orientation on the small image and re-encoding with no metadata.
 
 Thread-safety: no process-global Pillow setting is read-modified-written and no warnings filter
 is touched. The pixel limit actually applied is ``min(limits.max_pixels, Image.MAX_IMAGE_PIXELS)``
@@ -55,10 +64,12 @@ from PIL import (
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_LIMITS",
+    "ImageInfo",
     "ImageLimits",
     "ImageRejected",
     "PreparedImage",
     "RejectReason",
+    "inspect_image",
     "prepare_image",
 ]
 
@@ -74,6 +85,7 @@ RejectReason = Literal[
     "truncated",
     "too_many_pixels",
     "too_many_frames",
+    "too_costly",
 ]
 
 
@@ -121,9 +133,13 @@ class ImageLimits:
     # 0.05 turns a 4000x3000 photo into 2000x1500 (not 2048x1536) about 2x faster. The OpenAI
     # vision models rescale to <= 2048 and then shortest side 768 anyway. 0.0 = exact.
     draft_slack: float = 0.05
+    # Estimated peak memory of preparing one image (ImageInfo.decode_bytes). 256 MiB admits
+    # the 40 MP JPEGs (except progressive 4:4:4 ones), PNGs and GIFs the pixel limit lets
+    # through, and WebPs up to ~12.5 MP, 4000x3000 (Pillow's WebP decoder holds 16 B per px).
+    max_decode_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_side", "max_pixels", "max_bytes", "max_frames"):
+        for name in ("max_side", "max_pixels", "max_bytes", "max_frames", "max_decode_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ImageLimits.{name} must be >= 1")
         if not 1 <= self.quality <= 100:
@@ -136,6 +152,18 @@ class ImageLimits:
 
 DEFAULT_LIMITS = ImageLimits()
 
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What an image's header says, and what preparing it will cost, before any decoding."""
+
+    format: str  # the sniffed container: "JPEG" (incl. MPO), "PNG", "GIF", "WEBP"
+    width: int
+    height: int
+    frames: int  # counted for GIF; 1 for the others (their count is checked after opening)
+    decode_bytes: int  # estimated peak memory of prepare_image, beyond the input bytes
+
+
 _MIME = {"JPEG": "image/jpeg", "WEBP": "image/webp"}
 _WHITE = (255, 255, 255)
 
@@ -147,24 +175,50 @@ class _Truncated(Exception):
     pass
 
 
-def prepare_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> PreparedImage:
-    """Validate, normalise and re-encode one image. Raises ``ImageRejected``."""
+def inspect_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageInfo:
+    """Check an image's headers and estimate its cost, decoding nothing.
+
+    Raises ``ImageRejected`` for everything the headers alone show to be refused, including
+    ``too_costly`` when preparing it would take more than ``limits.max_decode_bytes``.
+    Linear in ``len(data)`` at worst (the GIF frame walk, the PNG chunk walk): run it off
+    the event loop for large inputs.
+    """
     if not data:
         raise ImageRejected("empty", "no bytes")
     if len(data) > limits.max_bytes:
         raise ImageRejected("too_large", f"{len(data)} bytes > {limits.max_bytes}")
-    data = bytes(data)  # accept bytearray/memoryview; freeze the content we parse
-
-    max_pixels = limits.max_pixels
-    pillow_limit = Image.MAX_IMAGE_PIXELS  # read only; never written here
-    if pillow_limit is not None:
-        max_pixels = min(max_pixels, pillow_limit)
-
+    data = bytes(data)
     kind = _sniff(data)
     width, height, gif_frames = _header_info(kind, data, limits.max_frames)
-    _check_pixels(width, height, max_pixels)
+    _check_pixels(width, height, _max_pixels(limits))
     if gif_frames > limits.max_frames:
         raise ImageRejected("too_many_frames", f"> {limits.max_frames} frames")
+    try:
+        cost = _estimate(kind, data, width, height, limits)
+    except _Truncated:
+        raise ImageRejected("truncated", f"{kind} header incomplete") from None
+    except (struct.error, IndexError, ValueError):
+        raise ImageRejected("not_an_image", f"malformed {kind} header") from None
+    if cost > limits.max_decode_bytes:
+        raise ImageRejected(
+            "too_costly",
+            f"{kind} {width}x{height} needs ~{cost >> 20} MiB > {limits.max_decode_bytes >> 20}",
+        )
+    return ImageInfo(kind, width, height, gif_frames, cost)
+
+
+def prepare_image(
+    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, info: ImageInfo | None = None
+) -> PreparedImage:
+    """Validate, normalise and re-encode one image. Raises ``ImageRejected``.
+
+    ``info`` is ``inspect_image(data, limits)`` if the caller has it already.
+    """
+    if info is None:
+        info = inspect_image(data, limits)
+    data = bytes(data)  # accept bytearray/memoryview; freeze the content we parse
+    kind = info.format
+    max_pixels = _max_pixels(limits)
 
     try:
         if kind == "PNG":
@@ -174,6 +228,7 @@ def prepare_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Prepared
             # image unusable, hence the second open (header only, cheap).
             with Image.open(io.BytesIO(data), formats=[kind]) as probe:
                 probe.verify()
+            del probe  # and its text chunks, before the decode
         with Image.open(io.BytesIO(data), formats=[kind]) as im:
             return _process(im, limits, max_pixels)
     except ImageRejected:
@@ -191,6 +246,11 @@ def prepare_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Prepared
 
 # --------------------------------------------------------------------------------------
 # Decoding and re-encoding
+
+
+def _max_pixels(limits: ImageLimits) -> int:
+    pillow_limit = Image.MAX_IMAGE_PIXELS  # read only; never written here
+    return limits.max_pixels if pillow_limit is None else min(limits.max_pixels, pillow_limit)
 
 
 def _process(im: ImageFile.ImageFile, limits: ImageLimits, max_pixels: int) -> PreparedImage:
@@ -211,20 +271,14 @@ def _process(im: ImageFile.ImageFile, limits: ImageLimits, max_pixels: int) -> P
 
     # Read after load() (PNG's getexif() would otherwise load() itself and a decode error
     # could be swallowed here); applied after the resize, where it is cheaper.
-    # A broken EXIF block is not a reason to refuse the picture.
-    try:
-        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
-    except _DECODE_ERRORS:
-        orientation = 1
+    orientation = _orientation(im)
 
-    img: Image.Image = _to_resizable_mode(im)
-    if max(img.size) > max_side:
-        # BICUBIC: 41 dB PSNR against LANCZOS on a 4000x3000 -> 2048 resize, ~25% faster.
-        # Pillow widens the kernel with the scale factor, so this is antialiased.
-        img = img.resize(_fit(img.size, max_side), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if max(im.size) > max_side:
+        img = _downscale(im, _fit(im.size, max_side))
+    else:
+        img = _to_rgb(_to_resizable_mode(im))  # at most max_side^2 pixels: cheap
     if orientation in _ORIENTATION_OPS:
         img = img.transpose(_ORIENTATION_OPS[orientation])
-    img = _to_rgb(img)
 
     out = io.BytesIO()
     img.info = {}  # nothing from the source (comment, exif, icc, xmp, dpi) reaches the encoder
@@ -255,24 +309,103 @@ _ORIENTATION_OPS = {
 }
 
 
+# EXIF a camera writes fits in one 64 KB JPEG APP1 segment. A PNG eXIf or WebP EXIF chunk can
+# be as big as the file, and Pillow unpacks a tag's values into a tuple of Python ints (~36 B
+# per 2-byte value): an Orientation tag with millions of values would cost hundreds of MB.
+_MAX_EXIF_BYTES = 64 * 1024
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8), or 1 if absent, broken or in an oversized EXIF block."""
+    exif = im.info.get("exif")
+    raw = im.info.get("Raw profile type exif")
+    if (isinstance(exif, bytes) and len(exif) > _MAX_EXIF_BYTES) or (
+        isinstance(raw, str) and len(raw) > 2 * _MAX_EXIF_BYTES + 256
+    ):
+        return 1
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS:
+        return 1  # a broken EXIF block is not a reason to refuse the picture
+    return value if isinstance(value, int) else 1
+
+
+# One strip of the decoded image at 4 B/px is about this big. Larger strips save little time
+# (each costs a crop and a resize call); smaller ones mostly add overlap.
+_STRIP_BYTES = 4 * 1024 * 1024
+# BICUBIC: 41 dB PSNR against LANCZOS on a 4000x3000 -> 2048 resize, ~25% faster. Pillow
+# widens the kernel with the scale factor (support 2 * scale), so this is antialiased.
+_RESAMPLE = Image.Resampling.BICUBIC
+_REDUCING_GAP = 3.0
+
+
+def _strip_plan(width: int, height: int, out_height: int) -> tuple[int, int, int]:
+    """(output rows per strip, source rows of margin each side, most source rows in a strip)."""
+    scale = height / out_height
+    # Rows the kernel reaches beyond a strip's box, the block alignment of Pillow's reduce
+    # step (reducing_gap), and one for rounding.
+    factor = max(1, int(scale / _REDUCING_GAP))
+    margin = math.ceil(2 * scale) + factor + 1
+    rows = max(1, _STRIP_BYTES // (4 * width))
+    out_rows = max(1, math.floor(rows / scale))
+    return out_rows, margin, min(height, math.ceil(out_rows * scale) + 2 * margin + 2)
+
+
+def _downscale(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize the decoded image into an RGB image of `size`, one horizontal strip at a time.
+
+    Each strip is cropped with enough rows around it for the kernel, converted (mode, alpha
+    flattened onto white) and resized with Pillow's `box`, which places it exactly where a
+    whole-image resize would: the result matches one, but no full-size copy of the decoded
+    image is ever made (a whole-image RGBA resize alone would premultiply into one).
+    Flattening before resizing equals resizing premultiplied RGBA and flattening after.
+    """
+    width, height = im.size
+    out_w, out_h = size
+    scale = height / out_h
+    out_rows, margin, _ = _strip_plan(width, height, out_h)
+    out = Image.new("RGB", size)
+    for oy0 in range(0, out_h, out_rows):
+        oy1 = min(out_h, oy0 + out_rows)
+        by0, by1 = oy0 * scale, min(float(height), oy1 * scale)
+        cy0 = max(0, math.floor(by0) - margin)
+        cy1 = min(height, math.ceil(by1) + margin)
+        strip = _to_rgb(_to_resizable_mode(im.crop((0, cy0, width, cy1))))
+        part = strip.resize(
+            (out_w, oy1 - oy0),
+            _RESAMPLE,
+            box=(0.0, by0 - cy0, float(width), by1 - cy0),
+            reducing_gap=_REDUCING_GAP,
+        )
+        out.paste(part, (0, oy0))
+    return out
+
+
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     w, h = size
     scale = max_side / max(w, h)
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _apply_draft(im: ImageFile.ImageFile, max_side: int, slack: float) -> None:
-    """Ask libjpeg to decode at 1/2, 1/4 or 1/8 scale if the result is still big enough."""
-    w, h = im.size
-    longest = max(w, h)
+def _draft_scale(width: int, height: int, max_side: int, slack: float) -> int:
+    """The libjpeg scale denominator (1, 2, 4 or 8) to decode a JPEG at."""
+    longest = max(width, height)
     if longest <= max_side:
-        return
+        return 1
     floor_side = max_side * (1.0 - slack)
     for s in (8, 4, 2):
         if math.ceil(longest / s) >= floor_side:
-            # Pillow picks the largest s' in {8,4,2,1} with s' <= min(w // tw, h // th).
-            im.draft("RGB", (max(1, w // s), max(1, h // s)))
-            return
+            return s
+    return 1
+
+
+def _apply_draft(im: ImageFile.ImageFile, max_side: int, slack: float) -> None:
+    """Ask libjpeg to decode at 1/2, 1/4 or 1/8 scale if the result is still big enough."""
+    w, h = im.size
+    s = _draft_scale(w, h, max_side, slack)
+    if s > 1:
+        # Pillow picks the largest s' in {8,4,2,1} with s' <= min(w // tw, h // th).
+        im.draft("RGB", (max(1, w // s), max(1, h // s)))
 
 
 def _to_resizable_mode(im: Image.Image) -> Image.Image:
@@ -408,6 +541,12 @@ _SOF_MARKERS = frozenset(
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
+    _, width, height, _ = _jpeg_sof(data)
+    return width, height
+
+
+def _jpeg_sof(data: bytes) -> tuple[int, int, int, list[tuple[int, int]]]:
+    """The first frame header: (SOF marker, width, height, [(h, v) sampling per component])."""
     pos = 2
     n = len(data)
     while True:
@@ -429,11 +568,16 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if length < 2:
             raise ValueError("bad segment length")
         if marker in _SOF_MARKERS:
-            _need(data, pos + 7)
+            _need(data, pos + 8)
             height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
             if width == 0 or height == 0:  # height 0 = DNL-defined; nobody uses it
                 raise ValueError("zero dimension")
-            return width, height
+            count = data[pos + 7]
+            _need(data, pos + 8 + 3 * count)
+            sampling = [
+                (data[pos + 9 + 3 * i] >> 4, data[pos + 9 + 3 * i] & 0x0F) for i in range(count)
+            ]
+            return marker, width, height, sampling
         pos += length
         if pos >= n:
             raise _Truncated
@@ -515,6 +659,131 @@ def _skip_sub_blocks(data: bytes, pos: int) -> int:
         pos += 1 + size
         if size == 0:
             return pos
+
+
+# --------------------------------------------------------------------------------------
+# What preparing an image costs (estimated from headers; bench/album_memory.py measures it)
+
+_MIB = 1024 * 1024
+# Pillow decodes WebP through libwebp's animation decoder even for a still image: two RGBA
+# canvases (the frame, and the previous one kept for blending), a bytes copy of the frame
+# handed to Python, and the image it is unpacked into. All four live until the file is
+# closed: 16 B per canvas pixel, whatever the file size (a lossless single-colour WebP of
+# 6000x6000 is 1.4 KB). Lossy, lossless and alpha measure the same.
+_WEBP_BYTES_PER_PIXEL = 16
+# Mode conversions of the decoded pixels, bytes per pixel alive at once at most: none for
+# plain RGB; 4 to reach RGB from L, P or CMYK; 9 where there may be alpha (RGBA, then RGB
+# and the alpha band) and for 16-bit grey (I twice, then L).
+_CONVERT_PLAIN, _CONVERT_OPAQUE, _CONVERT_ALPHA = 0, 4, 9
+# The output: the RGB image (when not the converted image itself), its transposed copy
+# (EXIF orientation), and the encoded bytes twice (the encoder's buffer and the result),
+# at most ~1 B/px for noise at quality 85.
+_OUTPUT_BYTES_PER_PIXEL = 6
+# Interpreter-side allocations, codec state, the JPEG Huffman tables and such.
+_FIXED_BYTES = 4 * _MIB
+# Pillow's PNG plugin refuses text chunks past 64 MiB of characters in total and inflates each
+# compressed one to at most 1 MiB (its MAX_TEXT_MEMORY and MAX_TEXT_CHUNK). zlib inflates at
+# most ~1032:1.
+_PNG_TEXT_MAX = 64 * _MIB
+_PNG_TEXT_CHUNK_MAX = _MIB
+_ZLIB_MAX_RATIO = 1032
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+def _estimate(kind: str, data: bytes, width: int, height: int, limits: ImageLimits) -> int:
+    """Peak bytes prepare_image will allocate for this image, beyond `data` itself."""
+    decoded_w, decoded_h = width, height
+    decoder = 0
+    # Metadata Pillow copies out of the file (EXIF, ICC, XMP, comments) is at most the file.
+    copies = len(data)
+    if kind == "JPEG":
+        marker, _, _, sampling = _jpeg_sof(data)
+        s = _draft_scale(width, height, limits.max_side, limits.draft_slack)
+        decoded_w, decoded_h = math.ceil(width / s), math.ceil(height / s)
+        bpp = 1 if len(sampling) == 1 else 4
+        convert = _CONVERT_PLAIN if len(sampling) == 3 else _CONVERT_OPAQUE
+        # Progressive and multi-scan JPEGs: libjpeg buffers every DCT coefficient of the
+        # full-size image (2 B each, 64 per block per component) whatever scale it decodes
+        # at. b"\xff\xda" (start of scan) never occurs inside entropy-coded data, so more than
+        # one means several scans (an APP segment holding those bytes only overcounts).
+        if marker in _PROGRESSIVE_SOF or data.count(b"\xff\xda") > 1:
+            h_max = max(h for h, _ in sampling) or 1
+            v_max = max(v for _, v in sampling) or 1
+            for h, v in sampling:
+                blocks_x = math.ceil(math.ceil(width * h / h_max) / 8) + h_max
+                blocks_y = math.ceil(math.ceil(height * v / v_max) / 8) + v_max
+                decoder += blocks_x * blocks_y * 128
+        decoder += 64 * width * len(sampling)  # row buffers of the full-size MCU rows
+    elif kind == "PNG":
+        bpp, convert, row_bytes, text = _png_costs(data, width)
+        decoder = 2 * row_bytes + text  # the decoder's previous and current row
+    elif kind == "GIF":
+        bpp, convert = 1, _CONVERT_ALPHA  # frame 0 stays P (or L); the LZW state is a few KB
+    else:  # WEBP
+        bpp, convert = 4, _CONVERT_ALPHA
+        decoder = (_WEBP_BYTES_PER_PIXEL - bpp) * width * height
+        copies = 2 * len(data)  # Pillow reads the whole file into one more bytes object
+    decoded = decoded_w * decoded_h * bpp
+    if max(decoded_w, decoded_h) > limits.max_side:
+        out_w, out_h = _fit((decoded_w, decoded_h), limits.max_side)
+        _, _, strip_rows = _strip_plan(decoded_w, decoded_h, out_h)
+        # A strip in flight: its crop, its conversions, and the resize's intermediate.
+        work = decoded_w * strip_rows * (bpp + max(convert, 4) + 4) + out_w * out_h * 4
+    else:
+        out_w, out_h = decoded_w, decoded_h
+        work = decoded_w * decoded_h * convert
+    output = out_w * out_h * _OUTPUT_BYTES_PER_PIXEL
+    return decoded + decoder + work + output + copies + _FIXED_BYTES
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _png_costs(data: bytes, width: int) -> tuple[int, int, int, int]:
+    """(decoded bytes per pixel, conversion bytes per pixel, raw bytes per row, worst-case
+    text chunk memory) of a PNG."""
+    _need(data, 29)
+    depth, color = data[24], data[25]
+    if color not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        raise ValueError("bad PNG colour type or bit depth")
+    if color == 0:
+        bpp = 2 if depth == 16 else 1  # I;16, or 1/L
+    else:
+        bpp = 1 if color == 3 else 4  # P, or RGB/LA/RGBA kept at 4 B/px
+    text, transparency = _png_chunks(data)
+    if color in (4, 6) or transparency or (color == 0 and depth == 16):
+        convert = _CONVERT_ALPHA
+    else:
+        convert = _CONVERT_PLAIN if color == 2 else _CONVERT_OPAQUE
+    row_bytes = (width * _PNG_CHANNELS[color] * depth + 7) // 8 + 1
+    return bpp, convert, row_bytes, text
+
+
+def _png_chunks(data: bytes) -> tuple[int, bool]:
+    """Worst-case memory of the text Pillow would unpack from a PNG's chunks, and whether it
+    has a tRNS chunk. Walks the chunk headers only.
+
+    A str takes up to 4 B per character (iTXt is UTF-8, and one character beyond U+FFFF
+    widens the whole string), Latin-1 text 1 B.
+    """
+    pos, n = 8, len(data)
+    chars = wide = 0
+    transparency = False
+    while pos + 8 <= n:
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = min(length, n - pos - 8)
+        if kind == b"tEXt":
+            chars += body
+        elif kind in (b"zTXt", b"iCCP"):
+            chars += min(_PNG_TEXT_CHUNK_MAX, body * _ZLIB_MAX_RATIO)
+        elif kind == b"iTXt":
+            wide += min(_PNG_TEXT_CHUNK_MAX, body * _ZLIB_MAX_RATIO)
+        elif kind == b"tRNS":
+            transparency = True
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    return min(chars, _PNG_TEXT_MAX) + 4 * min(wide, _PNG_TEXT_MAX), transparency
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
