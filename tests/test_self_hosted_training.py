@@ -22,22 +22,26 @@ from tests.test_finetune import ADMIN, USER, _chat, _press, _seed
 BASE = "gpt-4.1-mini"  # one of the stand-in's listed models
 
 
-@pytest.fixture
-async def trainer(shared: Path) -> AsyncIterator[FakeOpenAI]:
-    server = FakeOpenAI(OpenAISpec.load(shared / "specs" / "openai-openapi.json"), "trainer-key")
+async def _stand_in(shared: Path, key: str) -> AsyncIterator[FakeOpenAI]:
+    server = FakeOpenAI(OpenAISpec.load(shared / "specs" / "openai-openapi.json"), key)
     await server.start()
     yield server
     await server.stop()
     assert server.violations == []
+
+
+@pytest.fixture
+async def trainer(shared: Path) -> AsyncIterator[FakeOpenAI]:
+    """parley-trainer's fine-tuning API, played by a stand-in."""
+    async for server in _stand_in(shared, "trainer-key"):
+        yield server
 
 
 @pytest.fixture
 async def serve(shared: Path) -> AsyncIterator[FakeOpenAI]:
-    server = FakeOpenAI(OpenAISpec.load(shared / "specs" / "openai-openapi.json"), "serve-key")
-    await server.start()
-    yield server
-    await server.stop()
-    assert server.violations == []
+    """The serving endpoint (vLLM), played by a stand-in."""
+    async for server in _stand_in(shared, "serve-key"):
+        yield server
 
 
 def _self_hosted(
