@@ -322,25 +322,6 @@ class LocalHistory:
         await self._store.close_threads(key)
 
 
-async def forget_chat(client: AsyncOpenAI, store: Store, chat_id: int) -> int:
-    """Delete a chat's conversations on the server and close its threads; how many went.
-
-    The dialogue log is the store's to forget; this removes the copy OpenAI keeps. A
-    failure is logged and the rest carry on: the user's request is not undone by one.
-    """
-    deleted = 0
-    for conversation_id in await store.conversation_ids(chat_id):
-        try:
-            await client.conversations.delete(conversation_id)
-            deleted += 1
-        except openai.NotFoundError:
-            pass  # already gone
-        except openai.OpenAIError as exc:
-            log.warning("could not delete a conversation: %s", classify_model_error(exc).kind)
-    await store.close_threads(ChatKey(chat_id))
-    return deleted
-
-
 def _user_message(text: str, image_urls: Sequence[str]) -> ChatCompletionUserMessageParam:
     if not image_urls:
         return {"role": "user", "content": text}
