@@ -12,6 +12,7 @@ import pytest
 from bot.context import ParleyApp
 from bot.services.chat import ChatService
 from bot.services.conversations import CHARS_PER_TOKEN
+from bot.services.dataset import DatasetOptions
 from bot.settings import Settings
 from bot.texts import t
 from tests.conftest import SettingsFactory, running, settled
@@ -61,6 +62,9 @@ async def test_the_cap_is_sent_and_an_answer_cut_there_is_delivered_with_a_note(
         tg.push_message(100, "and briefly?")
         assert (await tg.wait_sent(100, 2))[1] == "echo: and briefly?"
         turns = await _turns(app)
+        # A cut answer never teaches a model to stop halfway: it stays out of datasets.
+        report = await app.bot_data.services.finetune.build(DatasetOptions())  # type: ignore[union-attr]
+        assert report.dropped["cut_off"] == 1
     assert [b[CAP_FIELD[backend]] for b in _answer_calls(oai)] == [4096, 4096]
     # The note is not part of the answer the thread keeps; the turn says it was cut.
     assert turns == [

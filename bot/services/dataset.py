@@ -339,7 +339,9 @@ class _Window:
 
 
 _TURNS_SQL = """
-SELECT t.id, t.thread_id, t.user_id, t.status, t.instructions_id,
+SELECT t.id, t.thread_id, t.user_id,
+       CASE WHEN t.status = 'ok' AND t.error_kind = 'length' THEN 'cut' ELSE t.status END,
+       t.instructions_id,
        EXISTS (SELECT 1 FROM turn_images ti WHERE ti.turn_id = t.id),
        m.role, m.content, m.sentiment_label
 FROM turns t LEFT JOIN messages m ON m.turn_id = t.id
@@ -438,6 +440,8 @@ class _Builder:
             return "opted_out"
         if (excluded := self.excluded.get(turn.id)) is not None:
             return excluded
+        if turn.status == "cut":
+            return "cut_off"  # delivered, but stopped at the length cap: not a model answer
         if turn.status != "ok":
             return "failed"
         if turn.id in self.negative:
