@@ -54,10 +54,19 @@ async def bot_process(
 
 
 async def spawn_bot(
-    tg: FakeTelegram, oai: FakeOpenAI, cwd: Path, *, quiet: bool = False, **env: str
+    tg: FakeTelegram,
+    oai: FakeOpenAI,
+    cwd: Path,
+    *,
+    quiet: bool = False,
+    output_fd: int | None = None,
+    **env: str,
 ) -> asyncio.subprocess.Process:
-    """`python -m bot` against the stand-ins; its output piped, or dropped if `quiet`."""
+    """`python -m bot` against the stand-ins; its output piped, dropped if `quiet`, or
+    written to `output_fd`."""
     output = asyncio.subprocess.DEVNULL if quiet else asyncio.subprocess.PIPE
+    if output_fd is not None:
+        output = output_fd
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

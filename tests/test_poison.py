@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,9 @@ from bot.concurrency import Isolation
 from bot.texts import catalog
 from storage.db import utf8_safe
 from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
-from tests.stubs.openai_server import API_KEY, FakeOpenAI, Reply
+from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
-from tests.test_cli import _env
+from tests.test_cli import spawn_bot
 
 EN = catalog("en")
 
@@ -39,23 +38,15 @@ async def spawn(
     """`python -m bot` against the stand-ins; its output appended to cwd/bot.log."""
     out = _log(cwd)
     try:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot",
-            cwd=cwd,
-            env=_env(
-                TELEGRAM_BOT_TOKEN=TOKEN,
-                TELEGRAM_API_URL=tg.url,
-                OPENAI_API_KEY=API_KEY,
-                OPENAI_BASE_URL=oai.url,
-                SENTIMENT_BACKEND="off",
-                TELEGRAM_MAX_RATE="0",
-                TELEGRAM_GROUP_RATE="0",
-                **env,
-            ),
-            stdout=out,
-            stderr=out,
+        return await spawn_bot(
+            tg,
+            oai,
+            cwd,
+            output_fd=out,
+            SENTIMENT_BACKEND="off",
+            TELEGRAM_MAX_RATE="0",
+            TELEGRAM_GROUP_RATE="0",
+            **env,
         )
     finally:
         os.close(out)
