@@ -44,9 +44,7 @@ async def serve(shared: Path) -> AsyncIterator[FakeOpenAI]:
         yield server
 
 
-def _self_hosted(
-    make_settings: SettingsFactory, trainer: FakeOpenAI, serve: FakeOpenAI
-) -> dict[str, object]:
+def _self_hosted(trainer: FakeOpenAI, serve: FakeOpenAI) -> dict[str, object]:
     return {
         "fine_tune_base_url": trainer.url,
         "fine_tune_api_key": "trainer-key",
@@ -86,7 +84,7 @@ async def test_openai_and_self_hosted_jobs_side_by_side_and_the_served_model_kee
     [openai_job] = oai.jobs
 
     trainer.model_extras[BASE] = {THROUGHPUT_FIELD: 50.0}
-    settings = make_settings(**_self_hosted(make_settings, trainer, serve))
+    settings = make_settings(**_self_hosted(trainer, serve))
     async with running(settings) as app:
         summary = await _train(tg)
         assert "Runs on: parley-trainer at 127.0.0.1" in summary
@@ -145,7 +143,7 @@ async def test_a_self_hosted_trainer_without_a_finished_job_gives_no_price(
     serve: FakeOpenAI,
     make_settings: SettingsFactory,
 ) -> None:
-    async with running(make_settings(**_self_hosted(make_settings, trainer, serve))) as app:
+    async with running(make_settings(**_self_hosted(trainer, serve))) as app:
         await _seed(tg, 11)
         await settled(app)
         summary = await _train(tg)
@@ -161,7 +159,7 @@ async def test_model_lists_both_endpoints_and_refuses_a_name_neither_serves(
     make_settings: SettingsFactory,
 ) -> None:
     serve.fine_tuned_models.append("tiny-parley-abc123")
-    async with running(make_settings(**_self_hosted(make_settings, trainer, serve))):
+    async with running(make_settings(**_self_hosted(trainer, serve))):
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/model", user_id=ADMIN)
         [listing] = await tg.wait_sent(ADMIN, 1)
