@@ -211,7 +211,7 @@ async def serving(
 
 
 async def wait_for(
-    client: AsyncOpenAI, job_id: str, *statuses: str, timeout: float = 120
+    client: AsyncOpenAI, job_id: str, *statuses: str, timeout: float = 300
 ) -> openai.types.fine_tuning.FineTuningJob:
     """Poll the job until it reaches one of `statuses` (default: any final one)."""
     wanted = statuses or TERMINAL
@@ -231,7 +231,7 @@ async def events_of(client: AsyncOpenAI, job_id: str) -> list[Any]:
     return [e async for e in client.fine_tuning.jobs.list_events(job_id, limit=100)][::-1]
 
 
-async def wait_for_event(client: AsyncOpenAI, job_id: str, text: str, timeout: float = 120) -> None:
+async def wait_for_event(client: AsyncOpenAI, job_id: str, text: str, timeout: float = 300) -> None:
     async with asyncio.timeout(timeout):
         while True:
             if any(text in e.message for e in await events_of(client, job_id)):
