@@ -167,6 +167,7 @@ class TurnRecord:
     latency_ms: int | None = None
     reply_message_ids: Sequence[int] = field(default_factory=tuple)
     images: Sequence[StoredImage] = field(default_factory=tuple)
+    input_kind: str = "text"  # text, photo, voice (transcribed) or document
     user_sentiment: SentimentRow | None = None
     reply_sentiment: SentimentRow | None = None
     finished_at: str = field(default_factory=utcnow)
@@ -344,8 +345,8 @@ class Store:
         turn_id = conn.execute(
             "INSERT INTO turns (thread_id, chat_id, topic_id, chat_type, user_id,"
             " user_message_id, status, error_kind, model, instructions_id, response_id,"
-            " input_tokens, output_tokens, latency_ms, started_at, finished_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " input_tokens, output_tokens, latency_ms, started_at, finished_at, input_kind)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 turn.thread_id,
                 turn.key.chat_id,
@@ -363,6 +364,7 @@ class Store:
                 turn.latency_ms,
                 turn.started_at,
                 turn.finished_at,
+                turn.input_kind,
             ),
         ).lastrowid
         assert turn_id is not None

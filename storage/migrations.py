@@ -262,4 +262,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         UPDATE inbox SET payload = '' WHERE done_at IS NOT NULL AND quarantined_at IS NULL;
         """,
     ),
+    Migration(
+        10,
+        "input kind",
+        """
+        -- What the user sent in each turn: text, photo, voice (transcribed audio) or document.
+        -- Statistics and datasets tell them apart; turns before this were text or photos.
+        ALTER TABLE turns ADD COLUMN input_kind TEXT NOT NULL DEFAULT 'text'
+            CHECK (input_kind IN ('text', 'photo', 'voice', 'document'));
+        UPDATE turns SET input_kind = 'photo'
+            WHERE id IN (SELECT DISTINCT turn_id FROM turn_images);
+        """,
+    ),
 )

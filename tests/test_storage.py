@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.db import ChatKey, Store, TurnRecord, utcnow
+from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
 from storage.migrations import MIGRATIONS, Migration
 from storage.writer import Writer, WriterClosed
 
@@ -91,6 +91,47 @@ async def test_a_turn_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
         assert await store.fetch_all("SELECT COUNT(*) FROM instructions") == [(1,)]  # stored once
     finally:
         await store.close()
+
+
+async def test_each_turn_keeps_its_input_kind(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "db.sqlite3")
+    thread = await store.create_thread(ChatKey(5), "local")
+    image = StoredImage("ab" * 32, "image/png", 1, 1, b"png")
+
+    def turn(text: str, kind: str, images: tuple[StoredImage, ...] = ()) -> TurnRecord:
+        return TurnRecord(
+            thread_id=thread.id,
+            key=ChatKey(5),
+            chat_type="private",
+            user_id=5,
+            user_message_id=None,
+            user_text=text,
+            model="m",
+            instructions="",
+            started_at=utcnow(),
+            images=images,
+            input_kind=kind,
+        )
+
+    try:
+        kinds = ("text", "photo", "voice", "document")
+        ids = {
+            await store.record_turn(turn(k, k, (image,) if k == "photo" else ())): k for k in kinds
+        }
+        rows = await store.fetch_all("SELECT id, input_kind FROM turns")
+        assert {ids[i]: kind for i, kind in rows} == {k: k for k in kinds}
+        with pytest.raises(sqlite3.IntegrityError):  # nothing else is a kind of input
+            await store.record_turn(turn("?", "sticker"))
+    finally:
+        await store.close()
+    # Turns logged before migration 10 were text or photos: those with images are photos.
+    sql = next(m for m in MIGRATIONS if m.version == 10).sql
+    backfill = sql[sql.index("UPDATE turns") :]
+    with sqlite3.connect(tmp_path / "db.sqlite3") as raw:
+        raw.execute("UPDATE turns SET input_kind = 'text'")
+        raw.execute(backfill)
+        rows = raw.execute("SELECT input_kind FROM turns ORDER BY input_kind").fetchall()
+    assert [kind for (kind,) in rows] == ["photo", "text", "text", "text"]
 
 
 async def test_concurrent_writes_land_in_order_and_a_failing_one_is_undone_alone(

@@ -45,6 +45,7 @@ class Incoming:
     text: str
     images: Sequence[StoredImage] = field(default_factory=tuple)
     lang: str | None = None  # the user's Telegram language_code, for the bot's own words
+    kind: str = ""  # text, photo, voice or document; "" = photo if it has images, else text
 
     @property
     def private(self) -> bool:
@@ -133,6 +134,7 @@ class ChatService:
             instructions=profile.instructions,
             started_at=utcnow(),
             images=tuple(msg.images),
+            input_kind=msg.kind or ("photo" if msg.images else "text"),
         )
         streamer = ReplyStreamer(
             bot,
