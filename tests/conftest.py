@@ -15,6 +15,7 @@ from bot.app import ALLOWED_UPDATES, build_application
 from bot.context import ParleyApp
 from bot.settings import Settings
 from tests.stubs.openai_server import API_KEY, FakeOpenAI
+from tests.stubs.spec_source import Located, SpecsRefused, SpecsUnavailable, session_specs
 from tests.stubs.specs import OpenAISpec, TelegramSpec, require_shared_dir
 from tests.stubs.telegram_server import FakeTelegram
 
@@ -43,7 +44,43 @@ def _no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
+    """The folder holding specs/ (see tests/stubs/spec_source.py for where it comes from)."""
     return require_shared_dir()
+
+
+def _needs_specs(item: pytest.Item) -> bool:
+    return "shared" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m have deselected what this session won't run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Locate (on a user's machine: fetch once) the API specs if any selected test needs them.
+
+    A wrong PARLEY_SHARED_DIR, CI without the specs, or a fetched file failing its sha256
+    stop the session here, once, with the reason.
+    """
+    if not any(_needs_specs(item) for item in items):
+        return
+    found = session_specs()
+    if isinstance(found, SpecsRefused):
+        pytest.exit(str(found), returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str]:
+    """One line under the header: where the specs came from, or why tests needing them skip."""
+    if not any(_needs_specs(item) for item in items):
+        return []
+    found = session_specs()
+    if isinstance(found, SpecsUnavailable):
+        return [f"{found} ({sum(map(_needs_specs, items))} of {len(items)} tests)"]
+    return [found.origin] if isinstance(found, Located) else []
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Offline, every test that needs the specs skips here, from this one line, so pytest's
+    summary folds them into a single line instead of one per test."""
+    if _needs_specs(item) and isinstance(reason := session_specs(), SpecsUnavailable):
+        pytest.skip(str(reason))
 
 
 @pytest.fixture

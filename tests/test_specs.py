@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -26,7 +27,6 @@ from tests.stubs.specs import (
     UPLOAD_FILE,
     OpenAISpec,
     TelegramSpec,
-    require_shared_dir,
 )
 
 MESSAGE = {
@@ -40,13 +40,13 @@ MESSAGE = {
 
 
 @pytest.fixture(scope="module")
-def telegram_spec() -> TelegramSpec:
-    return TelegramSpec.load(require_shared_dir() / "specs" / "telegram-bot-api.json")
+def telegram_spec(shared: Path) -> TelegramSpec:
+    return TelegramSpec.load(shared / "specs" / "telegram-bot-api.json")
 
 
 @pytest.fixture(scope="module")
-def openai_spec() -> OpenAISpec:
-    return OpenAISpec.load(require_shared_dir() / "specs" / "openai-openapi.json")
+def openai_spec(shared: Path) -> OpenAISpec:
+    return OpenAISpec.load(shared / "specs" / "openai-openapi.json")
 
 
 # --------------------------------------------------------------------------- Telegram
@@ -396,8 +396,8 @@ def test_openai_paths_and_strictness(openai_spec: OpenAISpec) -> None:
     assert errors == ["POST /responses: unsupported content type 'text/plain'"]
 
 
-def test_loaders_are_cached() -> None:
-    specs = require_shared_dir() / "specs"
+def test_loaders_are_cached(shared: Path) -> None:
+    specs = shared / "specs"
     oa = specs / "openai-openapi.json"
     assert OpenAISpec.load(oa) is OpenAISpec.load(oa)
     tg = specs / "telegram-bot-api.json"
