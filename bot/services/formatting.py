@@ -20,10 +20,12 @@ Offsets and lengths are UTF-16 code units throughout, as Telegram counts them.
 from __future__ import annotations
 
 import bisect
+import html
 import itertools
 import logging
 import re
 import unicodedata
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyromark
@@ -39,9 +41,15 @@ __all__ = [
     "TEXT_LIMIT",
     "Formatted",
     "MarkdownTail",
+    "escape_rich",
+    "link_list",
+    "needs_rich",
     "plain_parts",
     "render",
     "render_parts",
+    "rich_fits",
+    "rich_link_list",
+    "to_rich",
     "utf16_len",
 ]
 
@@ -481,6 +489,238 @@ def plain_parts(text: str, limit: int = TEXT_LIMIT) -> list[Formatted]:
         raise ValueError("limit must be positive")
     text = _clean_surrogates(text)
     return _Splitter(text, [], limit).parts()
+
+
+# --- rich messages (Bot API 10.1) -------------------------------------------------------------
+#
+# sendRichMessage takes the answer as Markdown (`rich_message.markdown`) and Telegram renders
+# it: GitHub-flavoured Markdown plus $inline$ and $$display$$ LaTeX, ||spoilers||, ==marks==,
+# footnotes and a few HTML tags (<details>/<summary> for a collapsible block, <sub>, <sup>,
+# <br>, ...). Entities can't show a table or a formula, so an answer with one goes out that
+# way; everything else stays on entities, which every client renders the same.
+
+# Telegram's limits on one rich message (Bot API, "Rich Message Limits").
+RICH_TEXT_LIMIT = 32_768  # characters of text, formula sources included
+RICH_MAX_BLOCKS = 500  # blocks, nested ones, list items and table rows included
+RICH_MAX_DEPTH = 16  # levels of nested blocks and formatting
+RICH_MAX_COLUMNS = 20  # columns of a table
+
+# LaTeX's own delimiters, which models often write: \(inline\) and \[display\].
+_LATEX = re.compile(r"(?<!\\)((?:\\\\)*)\\\((.+?)\\\)|(?<!\\)((?:\\\\)*)\\\[(.+?)\\\]", re.DOTALL)
+# A "formula" of digits, separators and dashes between two dollar signs is money ($5-$10).
+_MONEY = re.compile(r"[\d\s.,'\u2019\u2013-]*")
+# The HTML tags let through to a rich message: a collapsible block and a few inline marks.
+_RICH_TAGS = frozenset({"details", "summary", "br", "sub", "sup"})
+_RICH_PROSE = re.compile(
+    rf"(?P<auto>{_AUTOLINK})"
+    r"|(?<!\\)(?P<bs>(?:\\\\)*)(?:(?P<dollar>\$)|<(?=(?P<tag>/?[A-Za-z][A-Za-z0-9-]*|[!?])))"
+)
+_DETAILS = re.compile(r"\s*<details[\s>]", re.IGNORECASE)
+_BLOCK_STARTS = frozenset(
+    {"Paragraph", "Item", "TableHead", "TableRow", "HtmlBlock", "CodeBlock", "FootnoteDefinition"}
+)
+
+
+def _is_math(payload: Mapping[str, object]) -> bool:
+    for kind in ("InlineMath", "DisplayMath"):
+        formula = payload.get(kind)
+        if isinstance(formula, str):
+            return kind == "DisplayMath" or _MONEY.fullmatch(formula) is None
+    return False
+
+
+def _latex_to_dollars(markdown: str) -> str:
+    """\\(x\\) and \\[x\\] outside code as $x$ and $$x$$: the delimiters Telegram reads."""
+
+    def swap(match: re.Match[str]) -> str:
+        if match.group(2) is not None:
+            formula = match.group(2).strip()
+            return f"{match.group(1)}${formula}$" if formula else match.group(0)
+        formula = match.group(4).strip()
+        return f"{match.group(3)}$${formula}$$" if formula else match.group(0)
+
+    if "\\(" not in markdown and "\\[" not in markdown:
+        return markdown
+    return _map_outside(markdown, lambda prose: _LATEX.sub(swap, prose), _is_code)
+
+
+def _is_code(payload: Mapping[str, object]) -> bool:
+    start = payload.get("Start")
+    return (isinstance(start, dict) and "CodeBlock" in start) or "Code" in payload
+
+
+def _map_outside(
+    markdown: str, fn: Callable[[str], str], keep: Callable[[Mapping[str, object]], bool]
+) -> str:
+    """`markdown` with `fn` applied to everything outside the elements `keep` picks."""
+    data = markdown.encode("utf-8")
+    pieces: list[str] = []
+    cursor = 0
+    for payload, source_range in pyromark.events_with_range(markdown, options=_OPTIONS):
+        if not isinstance(payload, dict) or not keep(payload):
+            continue
+        start, end = source_range["start"], source_range["end"]
+        if start < cursor:  # inside an element already kept
+            continue
+        pieces.append(fn(data[cursor:start].decode("utf-8")))
+        pieces.append(data[start:end].decode("utf-8"))
+        cursor = end
+    pieces.append(fn(data[cursor:].decode("utf-8")))
+    return "".join(pieces)
+
+
+def needs_rich(markdown: str) -> bool:
+    """Whether `markdown` has what message entities can't show: a table, a formula (LaTeX,
+    as $..$, $$..$$, \\(..\\) or \\[..\\]) or a collapsible <details> block."""
+    if not ("|" in markdown or "$" in markdown or "\\" in markdown or "<" in markdown):
+        return False  # nothing that could start a table, a formula or a tag: no parsing
+    markdown = _latex_to_dollars(_clean_surrogates(markdown))
+    for payload in pyromark.events(markdown, options=_OPTIONS):
+        if not isinstance(payload, dict):
+            continue
+        start = payload.get("Start")
+        if (isinstance(start, dict) and "Table" in start) or _is_math(payload):
+            return True
+        html = payload.get("Html", payload.get("InlineHtml"))
+        if isinstance(html, str) and _DETAILS.match(html):
+            return True
+    return False
+
+
+def _escape_rich_match(match: re.Match[str]) -> str:
+    if match.group("auto"):
+        return match.group(0)
+    if match.group("dollar"):
+        return match.group("bs") + "\\$"
+    tag = (match.group("tag") or "").lstrip("/").lower()
+    if tag in _RICH_TAGS:
+        return match.group(0)
+    return match.group("bs") + "\\<"
+
+
+def _keep_in_rich(payload: Mapping[str, object]) -> bool:
+    return _is_code(payload) or _is_math(payload)
+
+
+def to_rich(markdown: str) -> str:
+    """The model's Markdown as a rich message's: LaTeX delimiters made Telegram's, and
+    outside code and formulas every other dollar sign escaped (money, not maths) and every
+    HTML-looking tag but a few harmless ones escaped (shown as written, as with entities)."""
+    markdown = _latex_to_dollars(_clean_surrogates(markdown).strip())
+    fence = None
+    for line in markdown.split("\n"):
+        fence = _fence_after(line, fence)
+    if fence is not None:  # an answer cut inside a code block: closed, so nothing joins it
+        markdown += "\n" + re.match(r" *(`+|~+)", fence).group(1)  # type: ignore[union-attr]
+    if "$" not in markdown and "<" not in markdown:
+        return markdown
+    return _map_outside(
+        markdown, lambda prose: _RICH_PROSE.sub(_escape_rich_match, prose), _keep_in_rich
+    )
+
+
+def rich_fits(markdown: str) -> bool:
+    """Whether `markdown` keeps within a rich message's limits (text counted as its source,
+    which is never shorter than what Telegram counts)."""
+    if not markdown.strip() or len(markdown) > RICH_TEXT_LIMIT:
+        return False
+    blocks = depth = deepest = columns = 0
+    for payload in pyromark.events(markdown, options=_OPTIONS):
+        if payload == "Rule":
+            blocks += 1
+        if not isinstance(payload, dict):
+            continue
+        if "DisplayMath" in payload:
+            blocks += 1
+        start: object = payload.get("Start")
+        if start is not None:
+            depth += 1
+            deepest = max(deepest, depth)
+            kind = start if isinstance(start, str) else next(iter(_mapping(start)), "")
+            if kind in _BLOCK_STARTS or kind in ("Heading", "BlockQuote", "List", "Table"):
+                blocks += 1
+            if kind == "Table":
+                alignments = _mapping(start).get("Table")
+                columns = max(columns, len(alignments) if isinstance(alignments, tuple) else 0)
+        elif "End" in payload:
+            depth -= 1
+    return blocks <= RICH_MAX_BLOCKS and deepest <= RICH_MAX_DEPTH and columns <= RICH_MAX_COLUMNS
+
+
+def _mapping(value: object) -> Mapping[str, object]:
+    return value if isinstance(value, Mapping) else {}
+
+
+_RICH_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def escape_rich(text: str) -> str:
+    """Plain text as rich-message Markdown that shows it as written (a paragraph a line)."""
+    lines = (_RICH_PUNCTUATION.sub(r"\\\1", line) for line in text.splitlines() if line.strip())
+    return "\n\n".join(lines)
+
+
+# --- links under an answer (a web search's sources) -------------------------------------------
+
+MAX_LINKS = 10
+_TITLE_LIMIT = 100
+
+
+def _links(links: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(title, url) pairs: safe URLs only, each once, titles tidied; at most MAX_LINKS."""
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for title, url in links:
+        safe = _safe_url(url)
+        if safe is None or safe in seen:
+            continue
+        seen.add(safe)
+        name = " ".join(_clean_surrogates(title).split()) or _host(safe)
+        if len(name) > _TITLE_LIMIT:
+            name = name[: _TITLE_LIMIT - 1].rstrip() + "…"
+        out.append((name, safe))
+        if len(out) == MAX_LINKS:
+            break
+    return out
+
+
+def _host(url: str) -> str:
+    """The host of a URL, or the URL itself."""
+    match = re.match(r"(?i)^[a-z]+://([^/?#:]+)", url)
+    return match.group(1) if match else url
+
+
+def link_list(heading: str, links: Sequence[tuple[str, str]]) -> Formatted | None:
+    """`heading` over a numbered list of links (title as a text link), in a block quote that
+    folds away when long; None if no link is safe to show."""
+    kept = _links(links)
+    if not kept:
+        return None
+    text = heading
+    ents = [MessageEntity("bold", 0, utf16_len(heading))]
+    for n, (title, url) in enumerate(kept, 1):
+        text += f"\n{n}. "
+        ents.append(MessageEntity("text_link", utf16_len(text), utf16_len(title), url=url))
+        text += title
+    quote = MessageEntity("expandable_blockquote", 0, utf16_len(text))
+    return Formatted(text, (quote, *ents))
+
+
+def rich_link_list(heading: str, links: Sequence[tuple[str, str]]) -> str | None:
+    """The same list as rich-message Markdown, in a collapsible block; None if no link."""
+    kept = _links(links)
+    if not kept:
+        return None
+    items = "\n".join(
+        f"{n}. [{escape_rich(title)}]({_encode_url(url)})" for n, (title, url) in enumerate(kept, 1)
+    )
+    summary = html.escape(" ".join(heading.split()), quote=False)
+    return f"<details>\n<summary>{summary}</summary>\n\n{items}\n\n</details>"
+
+
+def _encode_url(url: str) -> str:
+    """A URL safe inside a Markdown link's parentheses."""
+    return url.replace("\\", "%5C").replace("(", "%28").replace(")", "%29").replace("<", "%3C")
 
 
 # --- drafts: the end of a growing text --------------------------------------------------------

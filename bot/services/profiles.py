@@ -1,7 +1,7 @@
 """Assistant profiles: what the retired Assistants API called assistants, as a config file.
 
-PROFILES_FILE (TOML) names profiles, each with instructions, model, temperature and whether
-it looks at images:
+PROFILES_FILE (TOML) names profiles, each with instructions, model, temperature, whether
+it looks at images, and the built-in tools it may use (OpenAI backend only):
 
     [profiles.coder]
     title = "Code reviewer"
@@ -9,6 +9,7 @@ it looks at images:
     model = "gpt-5.4"
     temperature = 0.2
     vision = false
+    tools = ["web_search"]
 
 A "default" profile always exists, built from the settings. Each chat (or forum topic)
 picks one with /assistant; the choice is stored, and switching starts a new thread.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,6 +37,8 @@ class _ProfileSpec(BaseModel):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     vision: bool = True
+    # Built-in tools of the Responses API the model may call; web search is the one offered.
+    tools: list[Literal["web_search"]] = Field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,14 +49,21 @@ class Profile:
     model: str | None  # None: the bot's model (so /model applies)
     temperature: float | None
     vision: bool
+    tools: tuple[str, ...] = ()  # built-in tools of the Responses API, e.g. "web_search"
 
 
 class ProfileError(ValueError):
     """PROFILES_FILE can't be used; the message says where and why, in one line."""
 
 
-def load_profiles(path: Path | None, default_instructions: str) -> dict[str, Profile]:
-    """The profiles in `path` plus "default"; raises ProfileError on any problem."""
+def load_profiles(
+    path: Path | None, default_instructions: str, backend: str = "openai"
+) -> dict[str, Profile]:
+    """The profiles in `path` plus "default"; raises ProfileError on any problem.
+
+    `backend` is the conversation backend: a profile with tools needs "openai", as only the
+    Responses API runs them; on "local" it is refused here, not at its first question.
+    """
     profiles = {
         DEFAULT: Profile(DEFAULT, "Default", default_instructions, None, None, True),
     }
@@ -76,6 +87,11 @@ def load_profiles(path: Path | None, default_instructions: str) -> dict[str, Pro
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ProfileError(f"profile {name}: {where} {first['msg']}") from None
+        if spec.tools and backend != "openai":
+            raise ProfileError(
+                f"profile {name}: tools {spec.tools} need CONVERSATION_BACKEND=openai"
+                f" (the {backend} backend's Chat Completions servers have no built-in tools)"
+            )
         base = profiles.get(name)
         profiles[name] = Profile(
             name=name,
@@ -84,6 +100,7 @@ def load_profiles(path: Path | None, default_instructions: str) -> dict[str, Pro
             model=spec.model,
             temperature=spec.temperature,
             vision=spec.vision,
+            tools=tuple(dict.fromkeys(spec.tools)),
         )
     return profiles
 

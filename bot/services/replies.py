@@ -6,21 +6,29 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any
 
 from telegram import Bot, Message, MessageEntity, ReplyParameters
 from telegram.constants import ChatAction
-from telegram.error import BadRequest, NetworkError, TelegramError, TimedOut
+from telegram.error import BadRequest, EndPointNotFound, NetworkError, TelegramError, TimedOut
 
 from bot.services.formatting import (
     TEXT_LIMIT,
     Formatted,
     MarkdownTail,
+    escape_rich,
+    link_list,
+    needs_rich,
     plain_parts,
     render_parts,
+    rich_fits,
+    rich_link_list,
+    to_rich,
     utf16_len,
 )
 from bot.telegram_http import Dispatch, watch
@@ -85,6 +93,49 @@ class ProgressGate:
             self.lag = max(0.0, loop.time() - start - self.tick)
 
 
+class RichMessages:
+    """Whether answers may go out as rich messages (Bot API 10.1), remembered per process.
+
+    An answer with what entities can't show (a table, a formula) is sent with
+    `sendRichMessage`, and streamed with `sendRichMessageDraft`; python-telegram-bot 22
+    predates both, so they go through `Bot.do_api_request`. When Telegram refuses one (a
+    400, or a 404 from a Bot API server older than 10.1), that answer goes out with
+    entities, and so do all answers for the next `pause` seconds: not every answer pays a
+    failed call first. After the pause the next answer that needs one tries again, as the
+    refusal may have been about that answer's Markdown alone, or the server upgraded since.
+    """
+
+    def __init__(self, enabled: bool = True, pause: float = 3600.0) -> None:
+        self.enabled = enabled
+        self.pause = pause
+        self.refusals = 0
+        self._off_until = 0.0
+
+    def allowed(self) -> bool:
+        return self.enabled and time.monotonic() >= self._off_until
+
+    def refused(self, method: str, exc: TelegramError) -> None:
+        self.refusals += 1
+        self._off_until = time.monotonic() + self.pause
+        log.warning(
+            "Telegram refused %s (%s); answers use entities for the next %.0f s",
+            method,
+            exc.message,
+            self.pause,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Links:
+    """Links shown under an answer (a web search's sources): a heading, (title, url) pairs."""
+
+    heading: str
+    items: Sequence[tuple[str, str]]
+
+
+RICH_REFUSALS = (BadRequest, EndPointNotFound)
+
+
 class ReplyStreamer:
     """Shows progress while the model writes, then sends the final reply.
 
@@ -103,9 +154,12 @@ class ReplyStreamer:
         reply_to: int | None,
         interval: float,
         gate: ProgressGate | None = None,
+        rich: RichMessages | None = None,
     ) -> None:
         self._bot = bot
         self._gate = gate
+        self._rich = rich
+        self._rich_drafts = False  # the answer needed a rich draft: the rest follow suit
         self._key = key
         self._private = private
         self._draft_id = draft_id or 1  # must be non-zero
@@ -176,6 +230,34 @@ class ReplyStreamer:
         await asyncio.shield(self._call)
         self._call = None
 
+    def _rich_draft(self, markdown: str) -> Callable[[], Coroutine[Any, Any, object]]:
+        api_kwargs: dict[str, Any] = {
+            "chat_id": self._key.chat_id,
+            "draft_id": self._draft_id,
+            "rich_message": {"markdown": markdown},
+        }
+        if self._topic is not None:
+            api_kwargs["message_thread_id"] = self._topic
+        return partial(self._bot.do_api_request, "sendRichMessageDraft", api_kwargs=api_kwargs)
+
+    async def _try_rich_draft(self, view: str) -> bool:
+        """Show `view` as a rich draft if it needs one and Telegram takes it; whether it did."""
+        rich = self._rich
+        if rich is None or not rich.allowed():
+            return False
+        if not self._rich_drafts and not needs_rich(view):
+            return False
+        markdown = to_rich(view)
+        if not rich_fits(markdown):
+            return False
+        self._rich_drafts = True
+        try:
+            await self._telegram(self._rich_draft(markdown))
+        except RICH_REFUSALS as exc:
+            rich.refused("sendRichMessageDraft", exc)
+            return False
+        return True
+
     def _draft(
         self, text: str, entities: list[MessageEntity] | None = None
     ) -> Callable[[], Coroutine[Any, Any, object]]:
@@ -208,10 +290,12 @@ class ReplyStreamer:
                 self._changed.clear()
                 # The draft shows the part being written, formatted as the final one will be
                 # (rendered from the answer's last few thousand characters, not all of it).
-                parts = render_parts(self._tail.view())
-                if not parts:
-                    continue
-                await self._telegram(self._draft(parts[-1].text, list(parts[-1].entities)))
+                view = self._tail.view()
+                if not await self._try_rich_draft(view):
+                    parts = render_parts(view)
+                    if not parts:
+                        continue
+                    await self._telegram(self._draft(parts[-1].text, list(parts[-1].entities)))
                 await asyncio.sleep(self._interval)
         except TelegramError as exc:
             # Drafts are a nicety: if Telegram refuses them, the final message still comes.
@@ -233,23 +317,75 @@ class ReplyStreamer:
                 log.debug("typing action failed for chat %s: %s", self._key, type(exc).__name__)
             await asyncio.sleep(TYPING_EVERY)
 
-    async def send(self, markdown: str, footer: str | None = None) -> list[int]:
-        """Stop the progress display and send the model's Markdown (+ `footer`); the ids."""
+    async def send(
+        self, markdown: str, footer: str | None = None, links: Links | None = None
+    ) -> list[int]:
+        """Stop the progress display and send the model's Markdown, then `links` and
+        `footer` (plain text) under it; the ids of the messages sent.
+
+        An answer with a table or a formula goes as one rich message while Telegram takes
+        them (see RichMessages); any other, or one refused, as messages with entities.
+        """
         await self._stop()
+        rich = self._rich
+        if rich is not None and rich.allowed() and (self._rich_drafts or needs_rich(markdown)):
+            document = rich_answer(markdown, footer, links)
+            if document is not None:
+                try:
+                    return [await send_rich(self._bot, self._key, document, self._reply_to)]
+                except RICH_REFUSALS as exc:
+                    rich.refused("sendRichMessage", exc)
         parts = render_parts(markdown) or plain_parts(markdown)
-        return await send_parts(
-            self._bot, self._key, with_footer(parts, footer), reply_to=self._reply_to
-        )
+        if links is not None and (listed := link_list(links.heading, links.items)):
+            parts = with_footer(parts, listed)
+        parts = with_footer(parts, footer)
+        return await send_parts(self._bot, self._key, parts, reply_to=self._reply_to)
 
 
-def with_footer(parts: list[Formatted], footer: str | None) -> list[Formatted]:
-    """Put `footer` (plain text) under the last part, or in a part of its own if it is full."""
+def rich_answer(markdown: str, footer: str | None, links: Links | None) -> str | None:
+    """The answer, its links and `footer` as one rich message's Markdown; None if that is
+    over a rich message's limits."""
+    pieces = [to_rich(markdown)]
+    if links is not None and (listed := rich_link_list(links.heading, links.items)):
+        pieces.append(listed)
+    if footer:
+        pieces.append(escape_rich(footer))
+    document = "\n\n".join(pieces)
+    return document if rich_fits(document) else None
+
+
+def with_footer(parts: list[Formatted], footer: str | Formatted | None) -> list[Formatted]:
+    """Put `footer` (plain, or with entities) under the last part, or in a part of its own
+    if it doesn't fit there."""
     if not footer:
         return parts
+    if isinstance(footer, str):
+        footer = Formatted(footer, ())
     last = parts[-1]
-    if utf16_len(last.text) + 2 + utf16_len(footer) <= TEXT_LIMIT:
-        return [*parts[:-1], Formatted(f"{last.text}\n\n{footer}", last.entities)]
-    return [*parts, Formatted(footer, ())]
+    shift = utf16_len(last.text) + 2
+    if shift + utf16_len(footer.text) > TEXT_LIMIT:
+        return [*parts, footer]
+    moved = tuple(
+        MessageEntity(e.type, e.offset + shift, e.length, url=e.url, language=e.language)
+        for e in footer.entities
+    )
+    return [*parts[:-1], Formatted(f"{last.text}\n\n{footer.text}", (*last.entities, *moved))]
+
+
+async def send_rich(bot: Bot, key: ChatKey, markdown: str, reply_to: int | None) -> int:
+    """Send `markdown` as one rich message (sendRichMessage, through PTB's raw request);
+    its id. Telegram's refusal is raised (BadRequest, or EndPointNotFound before 10.1)."""
+    api_kwargs: dict[str, Any] = {"chat_id": key.chat_id, "rich_message": {"markdown": markdown}}
+    if key.topic_id:
+        api_kwargs["message_thread_id"] = key.topic_id
+    if reply_to is not None:
+        api_kwargs["reply_parameters"] = ReplyParameters(
+            message_id=reply_to, allow_sending_without_reply=True
+        )
+    message = await _with_retries(
+        bot.do_api_request, "sendRichMessage", api_kwargs=api_kwargs, return_type=Message
+    )
+    return int(message.message_id)
 
 
 async def send_parts(
