@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from telegram.error import BadRequest
+from telegram.error import BadRequest, EndPointNotFound
 
 from bot.context import ParleyApp
 from bot.services.formatting import (
@@ -150,13 +150,20 @@ def test_escape_rich_shows_plain_text_as_written() -> None:
     ]
 
 
-async def test_a_refusal_turns_rich_messages_off_for_the_pause_only() -> None:
-    rich = RichMessages(pause=0.2)
+async def test_refusals_in_a_row_turn_rich_messages_off_for_the_pause_only() -> None:
+    rich = RichMessages(pause=0.2, streak=2)
     assert rich.allowed()
     rich.refused("sendRichMessage", BadRequest("can't parse rich message"))
-    assert not rich.allowed() and rich.refusals == 1
+    assert rich.allowed()  # one answer's Markdown may be all that was wrong
+    rich.accepted()  # the next was taken: the count starts again
+    rich.refused("sendRichMessage", BadRequest("can't parse rich message"))
+    assert rich.allowed()
+    rich.refused("sendRichMessage", BadRequest("can't parse rich message"))
+    assert not rich.allowed() and rich.refusals == 3
     await asyncio.sleep(0.25)
     assert rich.allowed()
+    rich.refused("sendRichMessage", EndPointNotFound("Not Found"))  # no such method: at once
+    assert not rich.allowed()
     assert not RichMessages(enabled=False).allowed()
 
 
@@ -203,22 +210,26 @@ async def test_formulas_go_rich_written_in_telegrams_delimiters(
     assert markdown == "The area of a circle is $\\pi r^2$, so for $r = 2$ it is $4\\pi$."
 
 
-async def test_a_refused_rich_message_falls_back_to_entities_and_is_not_retried(
+async def test_refused_rich_messages_fall_back_to_entities_and_stop_after_three_in_a_row(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:
     tg.refuse_rich = 400
     tg.chat(GROUP, "supergroup")
-    oai.enqueue(TABLE, TABLE)
+    oai.enqueue(TABLE, TABLE, TABLE, TABLE)
     async with running(make_settings(sentiment_backend="lexicon")) as app:
         asked = tg.push_message(
             GROUP, "@parley_test_bot compare", user_id=7, chat_type="supergroup"
         )
         [first] = await tg.wait_sent(GROUP, 1)
-        tg.push_message(GROUP, "@parley_test_bot again", user_id=7, chat_type="supergroup")
-        await tg.wait_sent(GROUP, 2)
+        for n in range(2, 5):
+            tg.push_message(GROUP, f"@parley_test_bot again {n}", user_id=7, chat_type="supergroup")
+            await tg.wait_sent(GROUP, n)
         await settled(app)
-    [refused] = tg.calls_of("sendRichMessage")  # one failed call, not one per answer
-    assert refused.status == 400
+    # Three refusals in a row (each answer tried once, in case its own Markdown was at fault)
+    # turn rich messages off: the fourth answer doesn't pay a failed call first.
+    refusals = tg.calls_of("sendRichMessage")
+    assert [c.status for c in refusals] == [400, 400, 400]
+    refused = refusals[0]
     assert tg.rich_sent(GROUP) == []
     # The first answer still came, as text with entities, replying to the question, with
     # its sentiment tag under it.

@@ -98,24 +98,35 @@ class RichMessages:
 
     An answer with what entities can't show (a table, a formula) is sent with
     `sendRichMessage`, and streamed with `sendRichMessageDraft`; python-telegram-bot 22
-    predates both, so they go through `Bot.do_api_request`. When Telegram refuses one (a
-    400, or a 404 from a Bot API server older than 10.1), that answer goes out with
-    entities, and so do all answers for the next `pause` seconds: not every answer pays a
-    failed call first. After the pause the next answer that needs one tries again, as the
-    refusal may have been about that answer's Markdown alone, or the server upgraded since.
+    predates both, so they go through `Bot.do_api_request`. When Telegram refuses one, that
+    answer goes out with entities. A 400 may be about that answer's Markdown alone, so only
+    `streak` refusals in a row (no rich message taken between them) turn rich messages off;
+    a 404 (a Bot API server older than 10.1) does at once. Off, all answers use entities
+    for the next `pause` seconds, so not every answer pays a failed call first; after it,
+    the next answer that needs one tries again (the server may have been upgraded).
     """
 
-    def __init__(self, enabled: bool = True, pause: float = 3600.0) -> None:
+    def __init__(self, enabled: bool = True, pause: float = 3600.0, streak: int = 3) -> None:
         self.enabled = enabled
         self.pause = pause
+        self.streak = streak
         self.refusals = 0
+        self._in_a_row = 0
         self._off_until = 0.0
 
     def allowed(self) -> bool:
         return self.enabled and time.monotonic() >= self._off_until
 
+    def accepted(self) -> None:
+        self._in_a_row = 0
+
     def refused(self, method: str, exc: TelegramError) -> None:
         self.refusals += 1
+        self._in_a_row += 1
+        if not isinstance(exc, EndPointNotFound) and self._in_a_row < self.streak:
+            log.warning("Telegram refused %s (%s); this answer uses entities", method, exc.message)
+            return
+        self._in_a_row = 0
         self._off_until = time.monotonic() + self.pause
         log.warning(
             "Telegram refused %s (%s); answers use entities for the next %.0f s",
@@ -160,6 +171,7 @@ class ReplyStreamer:
         self._gate = gate
         self._rich = rich
         self._rich_drafts = False  # the answer needed a rich draft: the rest follow suit
+        self._rich_refused = False  # Telegram refused this answer's rich draft: entities now
         self._key = key
         self._private = private
         self._draft_id = draft_id or 1  # must be non-zero
@@ -243,7 +255,7 @@ class ReplyStreamer:
     async def _try_rich_draft(self, view: str) -> bool:
         """Show `view` as a rich draft if it needs one and Telegram takes it; whether it did."""
         rich = self._rich
-        if rich is None or not rich.allowed():
+        if rich is None or self._rich_refused or not rich.allowed():
             return False
         if not self._rich_drafts and not needs_rich(view):
             return False
@@ -254,6 +266,7 @@ class ReplyStreamer:
         try:
             await self._telegram(self._rich_draft(markdown))
         except RICH_REFUSALS as exc:
+            self._rich_refused = True
             rich.refused("sendRichMessageDraft", exc)
             return False
         return True
@@ -328,13 +341,17 @@ class ReplyStreamer:
         """
         await self._stop()
         rich = self._rich
-        if rich is not None and rich.allowed() and (self._rich_drafts or needs_rich(markdown)):
+        wanted = self._rich_drafts or needs_rich(markdown)
+        if rich is not None and wanted and not self._rich_refused and rich.allowed():
             document = rich_answer(markdown, footer, links)
             if document is not None:
                 try:
-                    return [await send_rich(self._bot, self._key, document, self._reply_to)]
+                    sent = await send_rich(self._bot, self._key, document, self._reply_to)
                 except RICH_REFUSALS as exc:
                     rich.refused("sendRichMessage", exc)
+                else:
+                    rich.accepted()
+                    return [sent]
         parts = render_parts(markdown) or plain_parts(markdown)
         if links is not None and (listed := link_list(links.heading, links.items)):
             parts = with_footer(parts, listed)
