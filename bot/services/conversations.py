@@ -23,6 +23,7 @@ from openai.types.chat import (
 )
 from openai.types.responses import (
     EasyInputMessageParam,
+    ResponseInputFileParam,
     ResponseInputImageParam,
     ResponseInputItemParam,
     ResponseInputMessageContentListParam,
@@ -49,11 +50,30 @@ CUT_LENGTH = "length"
 
 
 @dataclass(frozen=True, slots=True)
+class InputFile:
+    """A document for the model. `data` (a PDF) goes as a file to a backend that takes
+    files (Responses `input_file`); `text`, its text form (a header naming it, its text
+    within the budget, a note of what was cut), goes everywhere else. No `data`: text only."""
+
+    filename: str
+    mime_type: str
+    data: bytes
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class UserContent:
-    """What the user sent in one turn: text, plus prepared images as data URLs."""
+    """What the user sent in one turn: text, plus prepared images as data URLs, plus files."""
 
     text: str
     image_urls: Sequence[str] = field(default_factory=tuple)
+    files: Sequence[InputFile] = field(default_factory=tuple)
+
+    @property
+    def full_text(self) -> str:
+        """The turn as text alone: the files' text forms, then the user's words. What a
+        backend without file inputs sends, and what the log keeps."""
+        return "\n\n".join([*(f.text for f in self.files), self.text])
 
 
 @dataclass(slots=True)
@@ -67,12 +87,23 @@ class ReplyResult:
     # Why the answer stopped before its end, if it did: CUT_LENGTH (the output cap, or the
     # bot's own bound on what it reads), or the server's reason (e.g. "content_filter").
     cut: str | None = None
+    # The web pages the answer cites (a web search's url_citation annotations), each once.
+    sources: tuple[Source, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A web page an answer cites."""
+
+    url: str
+    title: str
 
 
 class ConversationBackend(Protocol):
     """Get or create a chat's thread, run a turn on it, start over."""
 
     name: str
+    takes_files: bool  # sends an InputFile's data as a file (else its text form)
 
     async def open_thread(self, key: ChatKey) -> Thread: ...
 
@@ -86,6 +117,7 @@ class ConversationBackend(Protocol):
         on_delta: OnDelta,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        tools: Sequence[str] = (),
     ) -> ReplyResult: ...
 
     async def reset(self, key: ChatKey) -> None: ...
@@ -95,6 +127,7 @@ class OpenAIConversations:
     """Threads as OpenAI conversations; each turn is a streamed `responses.create`."""
 
     name = "openai"
+    takes_files = True
 
     def __init__(self, client: AsyncOpenAI, store: Store, seed_tokens: int = 12_000) -> None:
         self._client = client
@@ -145,17 +178,15 @@ class OpenAIConversations:
         on_delta: OnDelta,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        tools: Sequence[str] = (),
     ) -> ReplyResult:
         request_input: str | list[ResponseInputItemParam]
-        if content.image_urls:
-            parts: ResponseInputMessageContentListParam = [
-                {"type": "input_text", "text": content.text},
-                *(
-                    ResponseInputImageParam(type="input_image", image_url=url, detail="auto")
-                    for url in content.image_urls
-                ),
-            ]
-            message: EasyInputMessageParam = {"type": "message", "role": "user", "content": parts}
+        if content.image_urls or content.files:
+            message: EasyInputMessageParam = {
+                "type": "message",
+                "role": "user",
+                "content": _input_parts(content),
+            }
             request_input = [message]
         else:
             # A plain string is the same user message to the API, and the SDK transforms it
@@ -172,6 +203,10 @@ class OpenAIConversations:
             body["temperature"] = temperature
         if max_tokens is not None:
             body["max_output_tokens"] = max_tokens
+        if tools:
+            # Built-in tools (web search): the model calls them on the server side, and the
+            # answer's text cites what it found (url_citation annotations).
+            body["tools"] = [{"type": tool} for tool in tools]
         started = time.perf_counter()
         answer = _Answer(on_delta, max_tokens)
         created: Mapping[str, Any] = {}
@@ -183,6 +218,8 @@ class OpenAIConversations:
                     if kind == "response.output_text.delta":
                         if not await answer.add(event.get("delta")):
                             return answer.result(created, model, started)  # read enough
+                    elif kind == "response.output_text.annotation.added":
+                        answer.cite(event.get("annotation"))
                     elif kind == "response.created":
                         created = _mapping(event.get("response"))  # its id, should we stop early
                     elif kind == "response.completed" or (
@@ -213,6 +250,7 @@ class LocalHistory:
     """Threads kept in SQLite; each turn sends the trimmed history through Chat Completions."""
 
     name = "local"
+    takes_files = False
 
     def __init__(self, client: AsyncOpenAI, store: Store, history_tokens: int) -> None:
         self._client = client
@@ -233,9 +271,10 @@ class LocalHistory:
         self, thread: Thread, content: UserContent, instructions: str
     ) -> list[ChatCompletionMessageParam]:
         """Instructions, then as much recent history as fits the budget, then the new message."""
-        user = _user_message(content.text, content.image_urls)
+        text = content.full_text  # files go as their text forms
+        user = _user_message(text, content.image_urls)
         # The instructions and the new message are always sent; history gets what is left.
-        left = self._budget - estimate_tokens(instructions) - estimate_tokens(content.text)
+        left = self._budget - estimate_tokens(instructions) - estimate_tokens(text)
         history = await self._store.history(thread.id, max(left, 0), estimate_tokens)
         return [{"role": "system", "content": instructions}, *map(_chat_message, history), user]
 
@@ -249,7 +288,10 @@ class LocalHistory:
         on_delta: OnDelta,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        tools: Sequence[str] = (),
     ) -> ReplyResult:
+        if tools:  # profiles with tools are refused at start on this backend (profiles.py)
+            raise ModelError("bad_request", f"tools {list(tools)} need the OpenAI backend")
         messages = await self.build_messages(thread, content, instructions)
         started = time.perf_counter()
         answer = _Answer(on_delta, max_tokens)
@@ -320,6 +362,26 @@ class LocalHistory:
 
     async def reset(self, key: ChatKey) -> None:
         await self._store.close_threads(key)
+
+
+def _input_parts(content: UserContent) -> ResponseInputMessageContentListParam:
+    """A Responses user message's parts: files with data as `input_file`s (a base64 data
+    URL and the name), then the text (with the text forms of the other files), then images."""
+    as_files = [f for f in content.files if f.data]
+    text = UserContent(content.text, files=[f for f in content.files if not f.data]).full_text
+    return [
+        *(
+            ResponseInputFileParam(
+                type="input_file", filename=f.filename, file_data=data_url(f.mime_type, f.data)
+            )
+            for f in as_files
+        ),
+        {"type": "input_text", "text": text},
+        *(
+            ResponseInputImageParam(type="input_image", image_url=url, detail="auto")
+            for url in content.image_urls
+        ),
+    ]
 
 
 def _user_message(text: str, image_urls: Sequence[str]) -> ChatCompletionUserMessageParam:
@@ -397,7 +459,7 @@ class _Answer:
     the server sends: past that the answer is cut (`cut`) and the stream should be left.
     """
 
-    __slots__ = ("chunks", "cut", "limit", "on_delta", "size")
+    __slots__ = ("chunks", "cut", "limit", "on_delta", "size", "sources")
 
     def __init__(self, on_delta: OnDelta, max_tokens: int | None) -> None:
         self.on_delta = on_delta
@@ -405,6 +467,14 @@ class _Answer:
         self.chunks: list[str] = []
         self.size = 0
         self.cut: str | None = None
+        self.sources: dict[str, Source] = {}  # by URL, in the order first cited
+
+    def cite(self, annotation: object) -> None:
+        """Keep a url_citation annotation's page (any other annotation is ignored)."""
+        note = _mapping(annotation)
+        url = _str(note.get("url"))
+        if note.get("type") == "url_citation" and url and url not in self.sources:
+            self.sources[url] = Source(url, utf8_safe(_str(note.get("title")) or ""))
 
     async def add(self, piece: object) -> bool:
         """Take one delta (anything but text is ignored); False once no more may be read."""
@@ -422,6 +492,8 @@ class _Answer:
     def result(self, response: Mapping[str, Any], model: str, started: float) -> ReplyResult:
         """The turn's result; `response` holds the id, model and usage (Responses' names)."""
         usage = _mapping(response.get("usage"))
+        for note in _annotations(response):  # the full list, should an event have been missed
+            self.cite(note)
         return ReplyResult(
             # Text UTF-8 can't carry (a lone surrogate) would lose the turn: cleaned here.
             text=utf8_safe("".join(self.chunks) or _output_text(response)),
@@ -431,6 +503,7 @@ class _Answer:
             output_tokens=_int(usage.get("output_tokens")),
             latency_ms=int((time.perf_counter() - started) * 1000),
             cut=self.cut,
+            sources=tuple(self.sources.values()),
         )
 
 
@@ -469,6 +542,18 @@ def _output_text(response: Mapping[str, Any]) -> str:
         for part in map(_mapping, item.get("content") or ())
         if part.get("type") == "output_text" and isinstance(part.get("text"), str)
     )
+
+
+def _annotations(response: Mapping[str, Any]) -> list[object]:
+    """The annotations on the response's output text (its citations)."""
+    return [
+        note
+        for item in response.get("output") or ()
+        if _mapping(item).get("type") == "message"
+        for part in map(_mapping, item.get("content") or ())
+        if part.get("type") == "output_text"
+        for note in part.get("annotations") or ()
+    ]
 
 
 def _failed_kind(response: Mapping[str, Any]) -> str:
