@@ -7,9 +7,17 @@ from telegram.ext import CallbackQueryHandler, CommandHandler
 
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
+from bot.services.profiles import DEFAULT, DEFAULT_TITLE, Profile
 from bot.texts import tr
 from handlers.common import edit_or_send
 from storage.db import ChatKey
+
+
+def title(profile: Profile, update: Update) -> str:
+    """A profile's title; the built-in default's in the reader's language."""
+    if profile.name == DEFAULT and profile.title == DEFAULT_TITLE:
+        return tr(update, "assistant.default_title")
+    return profile.title
 
 
 async def _switch(context: CustomContext, key: ChatKey, name: str) -> None:
@@ -29,20 +37,22 @@ async def assistant(update: Update, context: CustomContext) -> None:
             await message.reply_text(tr(update, "assistant.unknown", name=name))
             return
         await _switch(context, key, name)
-        await message.reply_text(tr(update, "assistant.switched", name=profiles.all[name].title))
+        await message.reply_text(
+            tr(update, "assistant.switched", name=title(profiles.all[name], update))
+        )
         return
     current = await profiles.for_chat(key)
     lines = "\n".join(
-        f"• {p.title} ({p.name})" + (f", {p.model}" if p.model else "")
+        f"• {title(p, update)} ({p.name})" + (f", {p.model}" if p.model else "")
         for p in profiles.all.values()
     )
     keyboard = InlineKeyboardMarkup(
         [
-            [InlineKeyboardButton(p.title, callback_data=f"profile:{p.name}")]
+            [InlineKeyboardButton(title(p, update), callback_data=f"profile:{p.name}")]
             for p in profiles.all.values()
         ]
     )
-    text = tr(update, "assistant.list", profiles=lines, current=current.title)
+    text = tr(update, "assistant.list", profiles=lines, current=title(current, update))
     await message.reply_text(text, reply_markup=keyboard)
 
 
@@ -58,7 +68,9 @@ async def choose(update: Update, context: CustomContext) -> None:
         await edit_or_send(query, tr(update, "assistant.unknown", name=name))
         return
     await _switch(context, key, name)
-    await edit_or_send(query, tr(update, "assistant.switched", name=profiles.all[name].title))
+    await edit_or_send(
+        query, tr(update, "assistant.switched", name=title(profiles.all[name], update))
+    )
 
 
 def register(app: ParleyApp) -> None:

@@ -7,9 +7,11 @@ import asyncio
 from telegram import ReactionTypeEmoji, Update
 from telegram.ext import CommandHandler, MessageReactionHandler
 
-from bot.access import admin_only
 from bot.context import CustomContext, ParleyApp
 from bot.services import feedback
+from bot.texts import language_of, t
+from handlers.admin import admin_command
+from handlers.evaluation import canary_stats
 
 
 async def on_reaction(update: Update, context: CustomContext) -> None:
@@ -26,17 +28,22 @@ async def on_reaction(update: Update, context: CustomContext) -> None:
     )
 
 
-@admin_only
+@admin_command
 async def stats(update: Update, context: CustomContext) -> None:
-    """Sentiment of replies and user messages, overall and for the last 7 days."""
+    """Sentiment of replies and user messages, overall and for the last 7 days, in the
+    admin's language; the top users and chats by name where Telegram gives one."""
     message = update.effective_message
     if message is None:
         return
+    lang = language_of(update)
     report = await feedback.collect(context.services.store)
-    await message.reply_text(feedback.render_text(report))
+    ids = [u for u, _ in report.top_users] + [c for c, _ in report.top_chats]
+    names = await context.services.names.of(context.bot, ids)
+    await message.reply_text(feedback.render_text(report, lang, names))
     if report.tagged >= feedback.CHART_MIN_MESSAGES:
-        chart = await asyncio.to_thread(feedback.render_chart, report)
-        await message.reply_photo(chart, caption="Sentiment share, all time")
+        chart = await asyncio.to_thread(feedback.render_chart, report, lang)
+        await message.reply_photo(chart, caption=t("stats.chart_caption", lang=lang))
+    await canary_stats(update, context)  # while a canary runs: both models compared
 
 
 def register(app: ParleyApp) -> None:

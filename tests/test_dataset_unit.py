@@ -383,14 +383,14 @@ async def test_too_few_examples_is_a_problem_but_files_are_written(
         await log.turn(None, f"question {n}", f"answer {n}")
     report = log.build(tmp_path / "out", DatasetOptions(), model="some-unknown-model")
     assert not report.ok
-    assert report.problems == ["only 7 examples; at least 10 are needed"]
+    assert (report.problems, report.examples, report.needed) == (["too_few"], 7, 10)
     assert (report.train_examples, report.validation_examples) == (6, 1)
     assert report.estimated_cost_usd is None  # unknown base model
 
 
 async def test_no_examples_writes_nothing(log: Log, tmp_path: Path) -> None:
     report = log.build(tmp_path / "out", DatasetOptions())
-    assert report.problems == ["only 0 examples; at least 10 are needed"]
+    assert (report.problems, report.examples, report.needed) == (["too_few"], 0, 10)
     assert report.train_path is None and list((tmp_path / "out").iterdir()) == []
 
 

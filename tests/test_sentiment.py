@@ -259,8 +259,8 @@ async def test_stats_is_refused_to_non_admins_and_shows_report_and_chart_to_admi
     assert "Bot replies:" in report and "User messages:" in report
     assert "🙂 positive: 2 (40%)" in report and "🙁 negative: 3 (60%)" in report
     # Token usage per user and chat, from the logged turns (the stand-in reports usage).
-    assert "Tokens used: " in report and "Top users (7 days): 100: " in report
-    assert "Top chats (7 days): 100: " in report
+    assert "Tokens used: " in report and "Top users (7 days): User100 (100): " in report
+    assert "Top chats (7 days): User100 (100): " in report  # a private chat is its user
     [photo_call] = tg.calls_of("sendPhoto")
     assert photo_call.params["chat_id"] == "42"  # only the admin got the chart
 

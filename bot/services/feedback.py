@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from bot.services.charts import chart_font
+from bot.texts import t
 from storage.db import Store
 
 # Telegram sends these without the variation selector (e.g. "❤", not "❤️").
@@ -16,6 +19,7 @@ NEGATIVE_REACTIONS = frozenset({"👎", "💩", "😡", "🤬", "🤮"})
 LABELS = ("positive", "neutral", "negative")
 EMOJI = {"positive": "🙂", "neutral": "😐", "negative": "🙁"}
 CHART_MIN_MESSAGES = 10  # below this a chart shows noise, not a distribution
+CHART_TITLE_AT = (20, 16)  # where render_chart writes its title
 
 
 def reaction_polarity(emoji: str) -> int:
@@ -62,47 +66,74 @@ def _line(counts: dict[str, int], label: str) -> str:
     return f"{counts[label]}{share}"
 
 
-def render_text(stats: Stats) -> str:
-    """The /stats report: label counts (share) for all time and the last 7 days."""
-    lines = ["Sentiment, all time / last 7 days"]
-    for role, title in (("assistant", "Bot replies"), ("user", "User messages")):
-        lines.append(f"\n{title}:")
+def _who(chat_id: int, names: Mapping[int, str]) -> str:
+    """A user or chat as admins read it: its name with the id (for /train chat=ID), or the id."""
+    name = names.get(chat_id)
+    return f"{name} ({chat_id})" if name else str(chat_id)
+
+
+def render_text(stats: Stats, lang: str | None = None, names: Mapping[int, str] = {}) -> str:
+    """The /stats report in `lang`: label counts (share) for all time and the last 7 days.
+
+    `names`: display names for the top users' and chats' ids, where known.
+    """
+    lines = [t("stats.title", lang=lang)]
+    for role, title in (("assistant", "stats.replies"), ("user", "stats.user_messages")):
+        lines.append(f"\n{t(title, lang=lang)}:")
         for label in LABELS:
             lines.append(
-                f"{EMOJI[label]} {label}: {_line(stats.all_time[role], label)}"
-                f" / {_line(stats.week[role], label)}"
+                f"{EMOJI[label]} {t(f'sentiment.{label}', lang=lang)}:"
+                f" {_line(stats.all_time[role], label)} / {_line(stats.week[role], label)}"
             )
     ra, rw = stats.reactions_all, stats.reactions_week
     lines.append(
-        f"\nReactions on replies: 👍 {ra[1]} / {rw[1]}, 👎 {ra[-1]} / {rw[-1]},"
-        f" other {ra[0]} / {rw[0]}"
+        "\n"
+        + t(
+            "stats.reactions",
+            lang=lang,
+            up=ra[1],
+            up_week=rw[1],
+            down=ra[-1],
+            down_week=rw[-1],
+            other=ra[0],
+            other_week=rw[0],
+        )
     )
-    lines.append(f"\nTokens used: {stats.tokens_all:,} / {stats.tokens_week:,}")
+    lines.append(
+        "\n" + t("stats.tokens", lang=lang, total=stats.tokens_all, week=stats.tokens_week)
+    )
     if stats.top_users:
-        users = ", ".join(f"{u}: {n:,}" for u, n in stats.top_users)
-        lines.append(f"Top users (7 days): {users}")
+        users = ", ".join(f"{_who(u, names)}: {n:,}" for u, n in stats.top_users)
+        lines.append(t("stats.top_users", lang=lang, users=users))
     if stats.top_chats:
-        chats = ", ".join(f"{c}: {n:,}" for c, n in stats.top_chats)
-        lines.append(f"Top chats (7 days): {chats}")
+        chats = ", ".join(f"{_who(c, names)}: {n:,}" for c, n in stats.top_chats)
+        lines.append(t("stats.top_chats", lang=lang, chats=chats))
     if stats.tagged == 0:
-        lines.append("\nNo tagged messages yet.")
+        lines.append("\n" + t("stats.none", lang=lang))
     return "\n".join(lines)
 
 
 COLORS = {"positive": (76, 175, 80), "neutral": (158, 158, 158), "negative": (229, 57, 53)}
 
 
-def render_chart(stats: Stats) -> bytes:
-    """A PNG of stacked bars (share of each label) for replies and user messages.
+def render_chart(stats: Stats, lang: str | None = None) -> bytes:
+    """A PNG of stacked bars (share of each label) for replies and user messages, in `lang`.
 
     CPU-bound (Pillow): call it through asyncio.to_thread.
     """
-    width, height, left, bar_h = 720, 300, 170, 56
+    width, height, bar_h = 720, 300, 56
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=18)
-    draw.text((20, 16), "Sentiment share (all time)", fill="black", font=font)
-    rows = [("Bot replies", stats.all_time["assistant"]), ("User messages", stats.all_time["user"])]
+    font = chart_font(18)
+    draw.text(CHART_TITLE_AT, t("stats.chart_title", lang=lang), fill="black", font=font)
+    rows = [
+        (t("stats.replies", lang=lang), stats.all_time["assistant"]),
+        (t("stats.user_messages", lang=lang), stats.all_time["user"]),
+    ]
+    # The bars start past the longer row title (titles differ in length between languages).
+    left = min(
+        width // 2, max(170, 40 + round(max(draw.textlength(r, font=font) for r, _ in rows)))
+    )
     for i, (title, counts) in enumerate(rows):
         y = 70 + i * (bar_h + 40)
         draw.text((20, y + bar_h // 2 - 10), title, fill="black", font=font)
@@ -117,11 +148,12 @@ def render_chart(stats: Stats) -> bytes:
                         (x + 6, y + bar_h // 2 - 10), str(counts[label]), fill="white", font=font
                     )
             x += w
-    x = left
+    x = 20  # the legend, under the row titles: its words fit in every language
     for label in LABELS:
+        name = t(f"sentiment.{label}", lang=lang)
         draw.rectangle((x, height - 34, x + 16, height - 18), fill=COLORS[label])
-        draw.text((x + 22, height - 38), label, fill="black", font=font)
-        x += 150
+        draw.text((x + 22, height - 38), name, fill="black", font=font)
+        x += 22 + round(draw.textlength(name, font=font)) + 40
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
     return out.getvalue()

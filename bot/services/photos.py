@@ -375,8 +375,9 @@ class PhotoService:
             )
             return
         try:
+            # The bot is about to write about the photo, not send one: "typing…".
             await bot.send_chat_action(
-                key.chat_id, ChatAction.UPLOAD_PHOTO, message_thread_id=key.topic_id or None
+                key.chat_id, ChatAction.TYPING, message_thread_id=key.topic_id or None
             )
         except TelegramError:
             pass  # only a progress hint

@@ -17,6 +17,8 @@ from openai.types.chat.completion_create_params import ResponseFormat
 from openai.types.responses import ResponseTextConfigParam
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from bot.texts import t
+
 __all__ = [
     "ChatModelAnalyzer",
     "FallbackAnalyzer",
@@ -102,9 +104,9 @@ class Sentiment:
     source: str  # "model" | "lexicon" | "keywords" | "off"
 
 
-def format_tag(s: Sentiment) -> str:
-    """Render a sentiment as a short tag, e.g. "🙂 positive"."""
-    return f"{_EMOJI[s.label]} {s.label}"
+def format_tag(s: Sentiment, lang: str | None = None) -> str:
+    """Render a sentiment as a short tag in the reader's language, e.g. "🙂 positive"."""
+    return f"{_EMOJI[s.label]} {t(f'sentiment.{s.label}', lang=lang)}"
 
 
 def _label_for(score: float) -> Label:

@@ -66,7 +66,7 @@ class Estimate:
     that has not finished a job on that base model yet).
     """
 
-    where: str
+    where: str  # "OpenAI", or the host of one's own trainer (self_hosted)
     usd: float | None = None
     gpu_seconds: float | None = None
     self_hosted: bool = False
@@ -236,7 +236,7 @@ class SelfHostedTrainer(OpenAITrainer):
     async def estimate(
         self, *, base_model: str, tokens: int, epochs: int, usd: float | None
     ) -> Estimate:
-        where = f"parley-trainer at {self.client.base_url.host}"
+        where = str(self.client.base_url.host)  # the reader's words are added when shown
         try:
             models = (await self.client.models.list()).data
         except openai.OpenAIError as exc:
