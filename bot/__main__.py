@@ -1,37 +1,65 @@
-"""`python -m bot`: load settings, set up logging, run the bot with long polling."""
+"""`python -m bot` (or `parley`): load settings, set up logging, run the bot.
+
+Long polling, or a webhook server when WEBHOOK_URL is set; `check` checks a deployment.
+Whatever stops the start is one line on stderr: exit 2 for a configuration the bot refuses,
+1 for a start that failed (see bot/startup.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from secrets import token_urlsafe
 from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
-from bot.settings import ConfigError, Settings, load_settings
+from bot.settings import ConfigError, Settings, load_settings, validate
 
 if TYPE_CHECKING:
     from bot.context import ParleyApp
 
+log = logging.getLogger("bot")
 
-def _validate(settings: Settings) -> None:
-    """Checks beyond single variables, so misconfiguration fails at start in one line."""
-    from bot.services.profiles import ProfileError, load_profiles
+HELP = """\
+usage: {prog} [check]
 
-    try:
-        load_profiles(settings.profiles_file, settings.assistant_instructions)
-    except ProfileError as exc:
-        raise ConfigError(f"PROFILES_FILE: {exc}") from None
-    if settings.openai_api_key is None and settings.openai_base_url is None:
-        raise ConfigError(
-            "OPENAI_API_KEY is not set"
-            " (or set OPENAI_BASE_URL for a local OpenAI-compatible server)"
-        )
+{run}run the bot: long polling, or a webhook server when WEBHOOK_URL is set;
+{pad}it stops cleanly on Ctrl-C or SIGTERM
+{check}check the configuration (as the bot does at start), reach Telegram and
+{pad}the model API, look at the database; one line per check
+
+Settings come from environment variables or a .env file in the current folder. The main ones:
+  TELEGRAM_BOT_TOKEN  the bot's token from @BotFather (required)
+  OPENAI_API_KEY      the model API key; or OPENAI_BASE_URL for an OpenAI-compatible server
+  OPENAI_MODEL        the chat model (default gpt-5.4-mini)
+  ADMIN_USER_IDS      numeric Telegram user ids of the admins; send /id to the bot to see yours
+  DATABASE_URL        the SQLite file (default sqlite:///data/parley.sqlite3)
+  WEBHOOK_URL         the public https URL to receive updates at, instead of long polling
+
+Exit status: 0 stopped normally (check: all is well), 1 the start or a check failed,
+2 the configuration is invalid.
+Every setting, and the whole guide: {readme}
+"""
 
 
-USAGE = "usage: python -m bot [check]"
+def _usage(prog: str) -> str:
+    return f"usage: {prog} [check]  ({prog} --help for the commands and settings)"
+
+
+def _help(prog: str) -> str:
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    where = str(readme) if readme.is_file() else "README.md in Parley's source"
+    width = len(prog) + 10
+    return HELP.format(
+        prog=prog,
+        run=f"  {prog}".ljust(width),
+        check=f"  {prog} check".ljust(width),
+        pad=" " * width,
+        readme=where,
+    )
 
 
 def new_event_loop(choice: str = "auto") -> asyncio.AbstractEventLoop:
@@ -51,25 +79,30 @@ def new_event_loop(choice: str = "auto") -> asyncio.AbstractEventLoop:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the bot until SIGINT/SIGTERM; exit 2 with a one-line error on bad configuration."""
+    """Run the bot until SIGINT/SIGTERM; a one-line error and exit 2 or 1 if it can't start."""
     args = sys.argv[1:] if argv is None else argv
+    prog = "parley" if Path(sys.argv[0]).name == "parley" else "python -m bot"
+    if args and args[0] in ("-h", "--help", "help"):
+        print(_help(prog), end="")
+        return 0
     if args == ["check"]:
         from bot.check import main as check
 
         return check()
     if args:
-        print(USAGE, file=sys.stderr)
+        print(_usage(prog), file=sys.stderr)
         return 2
     try:
         settings = load_settings()
-        _validate(settings)
+        validate(settings)
     except ConfigError as exc:
         print(f"parley: configuration error: {exc}", file=sys.stderr)
         return 2
 
     # Imported after the settings check so a configuration error stays fast and quiet.
-    from bot.app import ALLOWED_UPDATES, build_application
+    from bot.app import build_application
     from bot.logs import setup_logging
+    from bot.startup import describe
 
     if settings.webhook_url and settings.webhook_secret is None:
         # Made here, not when the webhook is set, so the log filter knows it from the start.
@@ -77,15 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level, settings.secrets())
     app = build_application(settings)
     loop = new_event_loop(settings.event_loop)
-    logging.getLogger("bot").info("event loop: %s", type(loop).__module__.split(".")[0])
+    try:
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            runner.run(run(app, settings))
+    except KeyboardInterrupt:  # Ctrl-C before the bot's own stop handling was set up
+        return 130
+    except Exception as exc:
+        # Everything opened is closed by now; what is left to say fits on one line.
+        log.debug("the bot stopped on this error", exc_info=True)
+        print(f"parley: {describe(exc, settings)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def run(app: ParleyApp, settings: Settings) -> None:
+    """Check the model endpoints take their keys, then poll or serve the webhook."""
+    from bot.app import ALLOWED_UPDATES
+    from bot.startup import check_model_keys
+
+    await check_model_keys(settings)
     if settings.webhook_url:
         from bot import webhook
 
-        webhook.run(app, settings, ALLOWED_UPDATES, loop)
+        await webhook.serve(app, settings, ALLOWED_UPDATES)
     else:
-        with asyncio.Runner(loop_factory=lambda: loop) as runner:
-            runner.run(poll(app, settings, ALLOWED_UPDATES))
-    return 0
+        await poll(app, settings, ALLOWED_UPDATES)
 
 
 async def poll(app: ParleyApp, settings: Settings, allowed_updates: list[str]) -> None:
@@ -96,27 +145,30 @@ async def poll(app: ParleyApp, settings: Settings, allowed_updates: list[str]) -
     the grace period whatever state storage or the network are in.
     """
     from bot.durability import drain_updates, handle_stop_signals
+    from bot.startup import initialize, log_started
 
     stop = asyncio.Event()
     handle_stop_signals(stop, settings.shutdown_grace)
-    await app.initialize()
+    await initialize(app)
+    assert app.updater is not None
     try:
         if app.post_init:
             await app.post_init(app)
-        assert app.updater is not None
         await app.updater.start_polling(allowed_updates=allowed_updates)
         await app.start()
+        log_started(app, settings)
         try:
             await stop.wait()
         finally:
             drain_updates(app, settings.shutdown_grace)
-            if app.updater.running:
-                await app.updater.stop()
-            if app.running:
-                await app.stop()
-                if app.post_stop:
-                    await app.post_stop(app)
     finally:
+        if app.updater.running:
+            await app.updater.stop()
+        if app.running:
+            await app.stop()
+        # Also when the start failed after post_init: it cancels what post_init started.
+        if app.post_stop:
+            await app.post_stop(app)
         await app.shutdown()
         if app.post_shutdown:
             await app.post_shutdown(app)

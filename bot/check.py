@@ -1,17 +1,22 @@
-"""`python -m bot check`: validate the configuration and reach both APIs; report, exit 0 or 1."""
+"""`python -m bot check`: validate the configuration as the bot does at start, reach
+Telegram and the model endpoints, look at the database (without creating or changing it);
+one line per check, exit 0 or 1."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
+from pathlib import Path
 
-from pydantic import SecretStr
 from telegram import Bot
 from telegram.error import InvalidToken, TelegramError
 from telegram.request import HTTPXRequest
 
 from bot.errors import classify_model_error
-from bot.settings import ConfigError, Settings, load_settings
-from storage.db import Store
+from bot.settings import ConfigError, Settings, load_settings, validate
+from bot.startup import Endpoint, list_models, model_endpoints, redact, unreachable, where
+from storage.migrations import MIGRATIONS
 
 Result = tuple[bool, str]
 
@@ -32,85 +37,107 @@ async def _telegram(settings: Settings) -> Result:
     except InvalidToken:
         return False, "Telegram: TELEGRAM_BOT_TOKEN was rejected (check it with @BotFather)"
     except TelegramError as exc:
-        return False, f"Telegram: could not reach {api} ({type(exc).__name__})"
+        if unreachable(exc):
+            return False, f"Telegram: could not reach {api} ({exc.message})"
+        return False, f"Telegram: {api} refused getMe ({exc.message})"
 
 
 async def _endpoint(
-    settings: Settings,
-    label: str,
-    base_url: str | None,
-    key: SecretStr | None,
-    key_var: str,
-    wanted: tuple[tuple[str, str], ...],
+    settings: Settings, endpoint: Endpoint, wanted: tuple[tuple[str, str], ...]
 ) -> list[Result]:
     """List an endpoint's models and say whether each (setting, model) in `wanted` is there."""
-    from bot.app import make_openai_client
-
-    client = make_openai_client(settings, base_url, key)
-    where = base_url or settings.openai_base_url or "OpenAI"
+    at = where(settings, endpoint)
+    if at == "OpenAI" and settings.openai_api_key is None:  # nothing to ask OpenAI with
+        return [(False, f"{endpoint.label}: not asked, OPENAI_API_KEY is not set")]
     try:
-        models = {m.id for m in (await client.models.list(timeout=10)).data}
+        models = await list_models(settings, endpoint)
     except Exception as exc:
         kind = classify_model_error(exc).kind
-        hint = f" (check {key_var})" if kind == "auth" else ""
-        return [(False, f"{label}: could not list models at {where}: {kind}{hint}")]
-    finally:
-        await client.close()
-    results: list[Result] = [(True, f"{label}: reached {where}, {len(models)} models")]
+        hint = f" (check {endpoint.key_var})" if kind == "auth" else ""
+        return [(False, f"{endpoint.label}: could not list models at {at}: {kind}{hint}")]
+    results: list[Result] = [(True, f"{endpoint.label}: reached {at}, {len(models)} models")]
     for name, model in wanted:
         ok = model in models
         results.append((ok, f"{name} {model} is {'available' if ok else 'not available there'}"))
     return results
 
 
-async def _openai(settings: Settings) -> list[Result]:
-    wanted = (("OPENAI_MODEL", settings.openai_model),
-              ("OPENAI_VISION_MODEL", settings.vision_model))  # fmt: skip
-    return await _endpoint(settings, "OpenAI", None, None, "OPENAI_API_KEY", wanted)
-
-
-async def _own_endpoints(settings: Settings) -> list[Result]:
-    """The trainer (with FINE_TUNE_BASE_MODEL among its base models) and the serving endpoint."""
-    results: list[Result] = []
-    if settings.fine_tune_base_url:
-        results += await _endpoint(
-            settings,
-            "Trainer",
-            settings.fine_tune_base_url,
-            settings.fine_tune_api_key,
-            "FINE_TUNE_API_KEY",
-            (("FINE_TUNE_BASE_MODEL", settings.fine_tune_base_model),),
-        )
-    if settings.serve_base_url:
-        results += await _endpoint(
-            settings,
-            "Serving",
-            settings.serve_base_url,
-            settings.serve_api_key,
-            "SERVE_API_KEY",
-            (),
-        )
-    return results
+async def _models(settings: Settings) -> list[Result]:
+    """The chat endpoint (with the chat and vision models), the trainer (with
+    FINE_TUNE_BASE_MODEL among its base models) and the serving endpoint, as configured."""
+    wanted = {
+        "OpenAI": (("OPENAI_MODEL", settings.openai_model),
+                   ("OPENAI_VISION_MODEL", settings.vision_model)),
+        "Trainer": (("FINE_TUNE_BASE_MODEL", settings.fine_tune_base_model),),
+    }  # fmt: skip
+    reports = await asyncio.gather(
+        *(_endpoint(settings, e, wanted.get(e.label, ())) for e in model_endpoints(settings))
+    )
+    return [result for report in reports for result in report]
 
 
 async def _database(settings: Settings) -> Result:
+    """Whether the bot can open its database, without creating or changing it."""
+    return await asyncio.to_thread(inspect_database, settings.database_path)
+
+
+def inspect_database(path: Path) -> Result:
+    """Look at the database file read-only: its schema, or whether it can be created."""
+    latest = max(m.version for m in MIGRATIONS)
+    if not path.exists():
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            return False, (
+                f"Database: cannot create {path}: {folder} is not a folder this user may"
+                " write to (check DATABASE_URL)"
+            )
+        return True, f"Database: {path} does not exist yet; the bot creates it when it starts"
+    if not path.is_file():
+        return False, f"Database: {path} is not a file (check DATABASE_URL)"
+    if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+        return False, f"Database: {path} or its folder is not writable by this user"
+    # Read-only; with no write-ahead log beside it (the bot is not running and closed it
+    # cleanly) as an immutable file, or SQLite would leave a new -wal and -shm behind.
+    wal = path.with_name(path.name + "-wal").exists()
+    uri = f"{path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
     try:
-        store = await Store.open(settings.database_path)
-    except Exception as exc:
-        return False, f"Database: cannot open {settings.database_path} ({type(exc).__name__})"
-    try:
-        version = await store.schema_version()
-    finally:
-        await store.close()
-    return True, f"Database: {settings.database_path} (schema {version})"
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            version = 0
+            if "schema_migrations" in tables:
+                row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+                version = int(row[0] or 0)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return False, f"Database: {path} cannot be read ({exc})"
+    if tables and not version:
+        return False, f"Database: {path} is not a Parley database (check DATABASE_URL)"
+    if version > latest:
+        return False, (
+            f"Database: {path} has schema {version}, newer than this version of Parley"
+            f" knows ({latest})"
+        )
+    pending = f", {latest - version} migrations to apply at start" if version < latest else ""
+    return True, f"Database: {path} (schema {version}{pending})"
 
 
 async def run_checks(settings: Settings) -> list[Result]:
-    telegram, openai, own, database = await asyncio.gather(
-        _telegram(settings), _openai(settings), _own_endpoints(settings), _database(settings)
+    """Every check, the configuration first; the same validation the bot runs at start."""
+    try:
+        validate(settings)
+    except ConfigError as exc:
+        config: Result = (False, f"Configuration: {exc}")
+    else:
+        backend = f"backend {settings.conversation_backend}, model {settings.openai_model}"
+        config = (True, f"Configuration: valid ({backend})")
+    telegram, models, database = await asyncio.gather(
+        _telegram(settings), _models(settings), _database(settings)
     )
-    backend = f"backend {settings.conversation_backend}, model {settings.openai_model}"
-    return [(True, f"Configuration: valid ({backend})"), telegram, *openai, *own, database]
+    return [config, telegram, *models, database]
 
 
 def main() -> int:
@@ -122,5 +149,5 @@ def main() -> int:
         return 1
     results = asyncio.run(run_checks(settings))
     for ok, line in results:
-        print(f"{'✓' if ok else '✗'} {line}")
+        print(f"{'✓' if ok else '✗'} {redact(line, settings)}")
     return 0 if all(ok for ok, _ in results) else 1

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,11 +18,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from telegram import Bot, Update
+from telegram.error import InvalidToken, TelegramError
 
 from bot.context import ParleyApp
 from bot.durability import MAX_UPDATE_ID, DurableBot, drain_updates, handle_stop_signals
 from bot.logs import LogThrottle
 from bot.settings import Settings
+from bot.startup import StartupError, initialize, log_started, redact, unreachable
 from storage.writer import StorageUnavailable, WriterClosed
 
 log = logging.getLogger(__name__)
@@ -117,7 +120,7 @@ async def serving(
         else secrets.token_urlsafe(32)
     )
     path = urlsplit(settings.webhook_url).path or "/"
-    await app.initialize()
+    await initialize(app)
     runner: web.AppRunner | None = None
     try:
         if app.post_init:
@@ -125,27 +128,58 @@ async def serving(
         runner = web.AppRunner(make_server(app, path, secret), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.webhook_listen, settings.webhook_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                "webhook_listen",
+                f"cannot listen on {settings.webhook_listen}:{settings.webhook_port}"
+                f" ({os.strerror(exc.errno) if exc.errno else exc}): check WEBHOOK_LISTEN and"
+                " WEBHOOK_PORT",
+            ) from exc
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        await app.bot.set_webhook(
-            settings.webhook_url, secret_token=secret, allowed_updates=allowed_updates
-        )
+        try:
+            await app.bot.set_webhook(
+                settings.webhook_url, secret_token=secret, allowed_updates=allowed_updates
+            )
+        except TelegramError as exc:
+            if isinstance(exc, InvalidToken) or unreachable(exc):
+                raise  # said as at any other call
+            raise StartupError(
+                "webhook_refused",
+                f"Telegram refused the webhook {settings.webhook_url}"
+                f" ({redact(exc.message, settings)}): check WEBHOOK_URL",
+            ) from exc
         await app.start()
         log.info("webhook mode: listening on %s:%s%s", settings.webhook_listen, port, path)
+        log_started(app, settings)
         try:
             yield port
         finally:
             await runner.cleanup()
             runner = None
             await app.stop()
-            if app.post_stop:
-                await app.post_stop(app)
     finally:
         if runner is not None:
             await runner.cleanup()
+        if app.running:
+            await app.stop()
+        # Also when the start failed after post_init: it cancels what post_init started.
+        if app.post_stop:
+            await app.post_stop(app)
         await app.shutdown()
         if app.post_shutdown:
             await app.post_shutdown(app)
+
+
+async def serve(app: ParleyApp, settings: Settings, allowed_updates: list[str]) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    handle_stop_signals(stop, settings.shutdown_grace)
+    async with serving(app, settings, allowed_updates):
+        await stop.wait()
+        # Replies in flight finish (within the grace period); the rest wait in the inbox.
+        drain_updates(app, settings.shutdown_grace)
 
 
 def run(
@@ -155,14 +189,5 @@ def run(
     loop: asyncio.AbstractEventLoop | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, on `loop` (a new asyncio loop if None)."""
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        handle_stop_signals(stop, settings.shutdown_grace)
-        async with serving(app, settings, allowed_updates):
-            await stop.wait()
-            # Replies in flight finish (within the grace period); the rest wait in the inbox.
-            drain_updates(app, settings.shutdown_grace)
-
     with asyncio.Runner(loop_factory=(lambda: loop) if loop is not None else None) as runner:
-        runner.run(main())
+        runner.run(serve(app, settings, allowed_updates))

@@ -60,10 +60,11 @@ async def spawn_bot(
     *,
     quiet: bool = False,
     output_fd: int | None = None,
+    user: int | None = None,
     **env: str,
 ) -> asyncio.subprocess.Process:
     """`python -m bot` against the stand-ins; its output piped, dropped if `quiet`, or
-    written to `output_fd`."""
+    written to `output_fd`; run as `user` (a uid) if given."""
     output = asyncio.subprocess.DEVNULL if quiet else asyncio.subprocess.PIPE
     if output_fd is not None:
         output = output_fd
@@ -73,14 +74,17 @@ async def spawn_bot(
         "bot",
         cwd=cwd,
         env=_env(
-            TELEGRAM_BOT_TOKEN=TOKEN,
-            TELEGRAM_API_URL=tg.url,
-            OPENAI_API_KEY=API_KEY,
-            OPENAI_BASE_URL=oai.url,
-            **env,
+            **{
+                "TELEGRAM_BOT_TOKEN": TOKEN,
+                "TELEGRAM_API_URL": tg.url,
+                "OPENAI_API_KEY": API_KEY,
+                "OPENAI_BASE_URL": oai.url,
+                **env,  # these may replace the ones above
+            }
         ),
         stdout=output,
         stderr=output,
+        user=user,
     )
 
 
@@ -116,6 +120,10 @@ def test_missing_token_exits_with_one_line_naming_it(tmp_path: Path) -> None:
             "DATABASE_URL",
         ),
         ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "EVENT_LOOP": "trio"}, "EVENT_LOOP"),
+        (
+            {"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "PROFILES_FILE": "absent.toml"},
+            "PROFILES_FILE",
+        ),
         (
             {
                 "TELEGRAM_BOT_TOKEN": "x",
@@ -223,3 +231,57 @@ async def test_python_m_bot_in_webhook_mode_answers_and_stops_cleanly_on_sigterm
         log = await sigterm(proc)
     assert "webhook mode: listening" in log and "Traceback" not in log
     assert f"event loop: {EXPECTED_LOOP}" in log
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_gives_the_commands_the_main_settings_and_the_readme(
+    tmp_path: Path, flag: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", flag],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    out = result.stdout
+    assert out.startswith("usage: python -m bot [check]\n")
+    assert "python -m bot check" in out
+    for setting in ("TELEGRAM_BOT_TOKEN", "OPENAI_API_KEY", "ADMIN_USER_IDS", "WEBHOOK_URL"):
+        assert f"  {setting} " in out
+    assert "/id" in out  # how an admin finds their id
+    assert f"{ROOT / 'README.md'}\n" in out
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_unknown_argument_is_one_usage_line_pointing_at_help(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "serve"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("usage: python -m bot [check]") and "--help" in line
+
+
+def test_the_parley_console_script_is_the_same_entry_point(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "parley"
+    if not script.exists():
+        pytest.skip("the package is not installed here (pip install -e . makes `parley`)")
+    env = _env()
+    env.pop("PYTHONPATH")  # the installed package, as a user runs it
+    result = subprocess.run(
+        [str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: parley [check]\n") and "parley check" in result.stdout
+    result = subprocess.run(
+        [str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "TELEGRAM_BOT_TOKEN is not set" in result.stderr

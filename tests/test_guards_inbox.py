@@ -16,7 +16,7 @@ from telegram import Update
 
 from bot.app import ALLOWED_UPDATES, build_application
 from bot.durability import Inbox
-from bot.texts import t
+from bot.texts import command_help, t
 from bot.webhook import SECRET_HEADER, serving
 from storage.db import Store
 from tests.conftest import SettingsFactory, running, settled
@@ -25,7 +25,7 @@ from tests.stubs.telegram_server import FakeTelegram, private_text_update
 
 USER = 100
 KEPT = t("forget.kept")
-HELP = t("help", commands=t("commands"))
+HELP = t("help", commands=command_help())
 
 
 def _command(tg: FakeTelegram, text: str) -> dict[str, Any]:

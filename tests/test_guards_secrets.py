@@ -70,8 +70,16 @@ async def _run(shared: Path, probe_dir: Path, cwd: Path, *, webhook: bool) -> di
     """One run of `python -m bot` at DEBUG: a message in, its answer out, SIGTERM."""
     tg = FakeTelegram(TOKEN, TelegramSpec.load(shared / "specs" / "telegram-bot-api.json"))
     oai = FakeOpenAI(OpenAISpec.load(shared / "specs" / "openai-openapi.json"))
+    # The trainer and the serving endpoint, each taking its own key: the bot checks at
+    # start that every endpoint accepts its key.
+    trainer, serving = (
+        FakeOpenAI(OpenAISpec.load(shared / "specs" / "openai-openapi.json"), SECRETS[key])
+        for key in ("FINE_TUNE_API_KEY", "SERVE_API_KEY")
+    )
     await tg.start()
     await oai.start()
+    await trainer.start()
+    await serving.start()
     env = _env(
         TELEGRAM_BOT_TOKEN=TOKEN,
         TELEGRAM_API_URL=tg.url,
@@ -79,9 +87,9 @@ async def _run(shared: Path, probe_dir: Path, cwd: Path, *, webhook: bool) -> di
         OPENAI_BASE_URL=oai.url,
         LOG_LEVEL="DEBUG",
         SENTIMENT_BACKEND="off",
-        FINE_TUNE_BASE_URL=oai.url,
+        FINE_TUNE_BASE_URL=trainer.url,
         FINE_TUNE_API_KEY=SECRETS["FINE_TUNE_API_KEY"],
-        SERVE_BASE_URL=oai.url,
+        SERVE_BASE_URL=serving.url,
         SERVE_API_KEY=SECRETS["SERVE_API_KEY"],
         PARLEY_PROBE=",".join(SECRETS),
     )
@@ -132,6 +140,8 @@ async def _run(shared: Path, probe_dir: Path, cwd: Path, *, webhook: bool) -> di
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        await serving.stop()
+        await trainer.stop()
         await oai.stop()
         await tg.stop()
     return {"log": output.decode(), "secrets": secrets}

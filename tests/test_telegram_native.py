@@ -38,7 +38,7 @@ async def test_command_menus_per_language_and_admin_scope(
         for c in calls
     }
     everyone = menus[("default", None, None)]
-    assert everyone == ["start", "help", "reset", "forget", "assistant"]
+    assert everyone == ["start", "help", "reset", "forget", "assistant", "id"]
     assert menus[("default", None, "ru")] == everyone and menus[("default", None, "es")] == everyone
     for admin in (42, 43):
         assert "train" in menus[("chat", admin, None)] and "stats" in menus[("chat", admin, "ru")]
