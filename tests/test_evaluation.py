@@ -1,0 +1,446 @@
+"""Did training help? The test split, the judged comparison, its resumption, and Wilson's
+interval, through the real bot and the spec-checked stand-ins with a scripted judge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.context import ParleyApp
+from bot.services.dataset import TEST_FILE, DatasetOptions, build_dataset
+from bot.services.evaluation import Verdict, outcome_of, parse_verdict
+from bot.services.intervals import mean_interval, wilson
+from storage.db import ChatKey, Store, TurnRecord
+from tests.conftest import SettingsFactory, eventually, running, settled
+from tests.stubs.openai_server import API_KEY, FakeOpenAI, Reply
+from tests.stubs.telegram_server import FakeTelegram
+
+ADMIN = 42
+CHATS = range(1000, 1014)  # 14 conversations: 4 held out (30%), 10 to train on
+HELD_OUT = [1013, 1012, 1011, 1010]  # the most recent ones, most recent first
+BETTER = "better"
+
+
+# -- Wilson's interval and the verdict arithmetic ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "low", "high"),
+    [
+        # Newcombe (1998), "Two-sided confidence intervals for the single proportion",
+        # Statistics in Medicine 17:857-872, table I, method 3 (score, no continuity correction).
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+        (29, 29, 0.8830, 1.0),
+        # z²/(n + z²) for none of ten; the symmetric case by hand.
+        (0, 10, 0.0, 0.2775),
+        (5, 10, 0.2366, 0.7634),
+    ],
+)
+def test_wilson_interval_matches_published_values(
+    successes: int, n: int, low: float, high: float
+) -> None:
+    interval = wilson(successes, n)
+    assert interval.value == pytest.approx(successes / n)
+    assert (round(interval.low, 4), round(interval.high, 4)) == (low, high)
+    assert interval.n == n
+
+
+def test_wilson_takes_half_successes_and_knows_nothing_of_no_data() -> None:
+    assert wilson(0, 0).low == 0.0 and wilson(0, 0).high == 1.0  # nothing known
+    half = wilson(5.5, 10)  # 5 wins, 1 tie, 4 losses
+    assert half.value == 0.55 and half.low < 0.55 < half.high
+    with pytest.raises(ValueError):
+        wilson(11, 10)
+
+
+def test_mean_interval_is_mean_plus_minus_z_s_over_root_n() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    interval = mean_interval(len(values), sum(values), sum(v * v for v in values))
+    spread = 1.959963984540054 * math.sqrt(2.5 / 5)  # sample variance 2.5
+    assert interval.value == 3.0
+    assert interval.low == pytest.approx(3.0 - spread) and interval.high == pytest.approx(
+        3.0 + spread
+    )
+    assert math.isnan(mean_interval(0, 0, 0).value)
+    assert mean_interval(1, 7, 49).low == mean_interval(1, 7, 49).high == 7
+
+
+def test_a_verdict_counts_only_when_both_orders_agree() -> None:
+    said = {w: Verdict(w, "high", "") for w in ("a", "b", "tie")}
+    # "ab": the model in use shown as a; "ba": the candidate shown as a.
+    assert outcome_of(said["b"], said["a"]) == "win"
+    assert outcome_of(said["a"], said["b"]) == "loss"
+    assert outcome_of(said["a"], said["a"]) == "tie"  # position bias: a disagreement
+    assert outcome_of(said["b"], said["tie"]) == "tie"
+    assert outcome_of(said["tie"], said["tie"]) == "tie"
+
+
+def test_a_judge_answer_outside_the_schema_is_an_error_not_a_tie() -> None:
+    from bot.services.evaluation import JudgeError
+
+    assert parse_verdict('{"winner": "a", "confidence": "low", "reason": " ok\\n"}').reason == "ok"
+    for raw in ("", "not json", '{"winner": "c", "confidence": "low", "reason": ""}', "[]"):
+        with pytest.raises(JudgeError):
+            parse_verdict(raw)
+
+
+# -- the test split in the dataset -------------------------------------------------------------
+
+
+async def _log(store: Store, chat: int, exchanges: list[tuple[str, str]], clock: list[int]) -> None:
+    thread = await store.create_thread(ChatKey(chat), "openai")
+    for user, answer in exchanges:
+        clock[0] += 1
+        await store.record_turn(
+            TurnRecord(
+                thread_id=thread.id,
+                key=ChatKey(chat),
+                chat_type="private",
+                user_id=chat,
+                user_message_id=clock[0],
+                user_text=user,
+                model="m",
+                instructions="Be nice.",
+                started_at=f"2026-11-01T00:{clock[0] // 60:02d}:{clock[0] % 60:02d}.000+00:00",
+                assistant_text=answer,
+            )
+        )
+
+
+async def test_the_test_split_is_the_latest_conversations_and_stays_out_of_both_files(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "log.sqlite3")
+    clock = [0]
+    try:
+        # The oldest conversation says word for word what the newest (held-out) one says:
+        # it must not reach training either.
+        await _log(store, 1, [("twin question", "twin answer")], clock)
+        for chat in range(2, 12):
+            exchanges = [(f"chat {chat} asks", f"answer {chat}"), (f"more {chat}", "ok")]
+            await _log(store, chat, exchanges, clock)
+        await _log(store, 12, [("twin question", "twin answer")], clock)
+    finally:
+        await store.close()
+    options = DatasetOptions(min_examples=1, validation_fraction=0.2, test_share=0.4, test_min=2)
+    report = build_dataset(tmp_path / "log.sqlite3", tmp_path / "out", options, base_model="x")
+    # 12 conversations, 40%: the 5 with the latest turns (12, 11, 10, 9, 8) are held out.
+    assert report.test_conversations == 5 and report.test_items == 5
+    assert report.test_path == tmp_path / "out" / TEST_FILE
+    items = [json.loads(line) for line in report.test_path.read_text().splitlines()]
+    contexts = [item["messages"] for item in items]
+    assert [c[-1]["content"] for c in contexts] == [
+        "more 8",
+        "more 9",
+        "more 10",
+        "more 11",
+        "twin question",
+    ]
+    assert items[0]["reference"] == "ok" and len(items[0]["turns"]) == 2
+    assert contexts[0][0] == {"role": "system", "content": "Be nice."}
+    assert contexts[0][1:3] == [
+        {"role": "user", "content": "chat 8 asks"},
+        {"role": "assistant", "content": "answer 8"},
+    ]
+    trained = "".join(
+        p.read_text() for p in (report.train_path, report.validation_path) if p is not None
+    )
+    for held in ("chat 8 ", "chat 9 ", "chat 10 ", "more 11", "twin question"):
+        assert held not in trained
+    assert "chat 7 asks" in trained and "chat 2 asks" in trained  # the older ones train
+    assert report.train_examples + report.validation_examples == report.examples == 6
+    assert report.dropped["test_split_twin"] == 1
+
+
+async def test_too_few_conversations_for_a_test_split_hold_nothing_out(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "log.sqlite3")
+    try:
+        for chat in range(1, 13):
+            await _log(store, chat, [(f"q {chat}", f"a {chat}")], [chat * 10])
+    finally:
+        await store.close()
+    # 10% of 12 conversations is one: below the minimum of five, so no split at all.
+    options = DatasetOptions(min_examples=1, test_share=0.1, test_min=5)
+    report = build_dataset(tmp_path / "log.sqlite3", tmp_path / "out", options, base_model="x")
+    assert report.test_items == 0 and report.test_path is None and report.examples == 12
+    assert not (tmp_path / "out" / TEST_FILE).exists()
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+def _settings(make_settings: SettingsFactory, **extra: Any) -> Any:
+    return make_settings(job_poll_interval=0.1, eval_test_share=0.3, eval_test_min=3, **extra)
+
+
+async def _seed(tg: FakeTelegram) -> None:
+    for chat in CHATS:
+        tg.chat(chat)
+        for n, text in enumerate([f"q {chat}: hello", f"q {chat}: tell me more"], 1):
+            tg.push_message(chat, text, user_id=chat)
+            await tg.wait_sent(chat, n)
+
+
+async def _train(tg: FakeTelegram, app: ParleyApp) -> None:
+    """Seed the conversations, /train, press start: the job runs to success on its own."""
+    await _seed(tg)
+    await settled(app)
+    tg.chat(ADMIN)
+    tg.push_message(ADMIN, "/train", user_id=ADMIN)
+    await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+    mid, _, data = next(b for b in tg.buttons(ADMIN) if b[2].startswith("ft:start:"))
+    summary = tg.messages[(ADMIN, mid)]["text"]
+    assert "Kept out of training to evaluate the new model: 4 recent conversations" in summary
+    tg.push_callback(ADMIN, ADMIN, mid, data)
+
+
+def _candidate_answers_better(oai: FakeOpenAI) -> None:
+    oai.answers_by_model["ft:"] = lambda call: f"{BETTER}: a fuller reply to {call.last_user_text}"
+
+
+def _report(tg: FakeTelegram) -> str:
+    return next((t for t in tg.texts(ADMIN) if "conversations judged by" in t), "")
+
+
+async def _rows(app: ParleyApp, sql: str) -> list[tuple[Any, ...]]:
+    assert app.bot_data.services is not None
+    return await app.bot_data.services.store.fetch_all(sql)
+
+
+def prefer_better(answer_a: str, answer_b: str) -> dict[str, Any]:
+    winner = "a" if BETTER in answer_a else "b" if BETTER in answer_b else "tie"
+    return {"winner": winner, "confidence": "high", "reason": "it says more"}
+
+
+async def test_a_candidate_that_wins_is_reported_beside_the_switch_button(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    _candidate_answers_better(oai)
+    oai.judge = prefer_better
+    async with running(_settings(make_settings)) as app:
+        await _train(tg, app)
+        await tg.wait_for(lambda: any("new model is" in t for t in tg.texts(ADMIN)), timeout=10)
+        notice = next(t for t in tg.texts(ADMIN) if "new model is" in t)
+        assert "evaluated against gpt-5.4-mini on 4 conversations kept out of training" in notice
+        await tg.wait_for(lambda: bool(_report(tg)), timeout=20)
+        report = _report(tg)
+        assert "Wins 4, ties 0, losses 0." in report and "Win rate 100%" in report
+        assert "The candidate answers better" in report
+        # The switch button sits under the result, as under the success notice.
+        job_id = (await _rows(app, "SELECT job_id FROM fine_tune_jobs"))[0][0]
+        [(mid, _, _)] = [b for b in tg.buttons(ADMIN) if b[2] == f"ft:use:{job_id}"][-1:]
+        assert tg.messages[(ADMIN, mid)]["text"] == report
+
+        # Each pair was judged in both orders, through the Responses API with a schema.
+        assert len(oai.judge_calls) == 8
+        for _, _, body in oai.judge_calls:
+            assert body["text"]["format"]["type"] == "json_schema" and body["store"] is False
+        firsts = {(a, b) for a, b, _ in oai.judge_calls}
+        assert all((b, a) in firsts for a, b in firsts)
+        # Both models answered each held-out context, on the record per item.
+        rows = await _rows(
+            app,
+            "SELECT r.outcome, r.verdict_ab, r.verdict_ba, r.current_answer, r.candidate_answer,"
+            " i.context FROM eval_results r JOIN eval_items i ON i.id = r.item_id"
+            " ORDER BY i.position",
+        )
+        assert [r[:3] for r in rows] == [("win", "b", "a")] * 4
+        for (_, _, _, current, candidate, context), chat in zip(rows, HELD_OUT, strict=True):
+            assert json.loads(context)[-1]["content"] == f"q {chat}: tell me more"
+            assert current == f"echo: q {chat}: tell me more"
+            assert candidate.startswith(BETTER)
+
+        # No held-out conversation went into the files uploaded for training.
+        uploaded = b"".join(f["data"] for f in oai.files.values()).decode()
+        assert uploaded.count('"role":"assistant"') >= 10
+        for chat in HELD_OUT:
+            assert f"q {chat}:" not in uploaded
+        assert "q 1009:" in uploaded
+
+        # /eval JOB shows the last result again, with its chart and example pairs.
+        sent = len(tg.texts(ADMIN))
+        tg.push_message(ADMIN, f"/eval {job_id}", user_id=ADMIN)
+        await tg.wait_for(lambda: any(t.startswith("The clearest win") for t in tg.texts(ADMIN)))
+        shown = tg.texts(ADMIN)[sent:]
+        assert shown[0] == report
+        assert tg.calls_of("sendPhoto") and "win rate" in shown[1]
+        assert "User: q 1013: tell me more" in shown[2] and "Judge: it says more" in shown[2]
+    assert not any("clearest loss" in t for t in tg.texts(ADMIN))  # there is no loss
+
+
+async def test_a_candidate_that_loses_is_called_worse(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    _candidate_answers_better(oai)  # it says "better", and the judge holds that against it
+    oai.judge = lambda a, b: {
+        "winner": "b" if BETTER in a else "a",
+        "confidence": "medium",
+        "reason": "plainer",
+    }
+    async with running(_settings(make_settings)) as app:
+        await _train(tg, app)
+        await tg.wait_for(lambda: bool(_report(tg)), timeout=20)
+        assert "Wins 0, ties 0, losses 4." in _report(tg)
+        assert "The candidate answers worse" in _report(tg)
+        outcomes = await _rows(app, "SELECT outcome FROM eval_results")
+        assert outcomes == [("loss",)] * 4
+
+
+async def test_a_judge_that_contradicts_itself_across_the_orders_gives_ties(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    _candidate_answers_better(oai)
+    oai.judge = lambda a, b: {"winner": "a", "confidence": "high", "reason": "the first one"}
+    # The judge on another endpoint (any OpenAI-compatible server): Chat Completions.
+    settings = _settings(make_settings, eval_base_url=oai.url, eval_api_key=API_KEY)
+    async with running(settings) as app:
+        await _train(tg, app)
+        await tg.wait_for(lambda: bool(_report(tg)), timeout=20)
+        assert "Wins 0, ties 4, losses 0." in _report(tg)
+        assert "No clear difference" in _report(tg) and "Win rate 50%" in _report(tg)
+        rows = await _rows(app, "SELECT outcome, verdict_ab, verdict_ba FROM eval_results")
+        assert rows == [("tie", "a", "a")] * 4
+    assert len(oai.judge_calls) == 8
+    for _, _, body in oai.judge_calls:
+        assert body["response_format"]["type"] == "json_schema" and "text" not in body
+
+
+async def test_a_judge_that_fails_is_an_error_never_a_tie(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    _candidate_answers_better(oai)
+
+    def judge(a: str, b: str) -> dict[str, Any] | Reply:
+        # Only the order that shows the candidate first fails: one failure is enough.
+        return Reply(status=500) if BETTER in a else prefer_better(a, b)
+
+    oai.judge = judge
+    async with running(_settings(make_settings)) as app:
+        await _train(tg, app)
+        await tg.wait_for(lambda: bool(_report(tg)), timeout=20)
+        report = _report(tg)
+        assert "Wins 0, ties 0, losses 0." in report and "Nothing could be judged" in report
+        assert "4 conversations could not be judged: judge:server_error 4" in report
+        rows = await _rows(app, "SELECT outcome, error, verdict_ab FROM eval_results")
+        assert rows == [("error", "judge:server_error", "b")] * 4
+
+
+async def test_an_evaluation_cut_off_by_a_restart_resumes_where_it_was(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    _candidate_answers_better(oai)
+    stuck = asyncio.Event()
+    judged: list[str] = []
+
+    def judge(a: str, b: str) -> dict[str, Any] | Reply:
+        judged.append(a)
+        return prefer_better(a, b) if len(judged) <= 2 else Reply(hold=stuck)
+
+    oai.judge = judge
+    settings = _settings(make_settings, eval_concurrency=1)
+    try:
+        async with running(settings) as app:
+            await _train(tg, app)
+            await eventually(lambda: _rows(app, "SELECT item_id FROM eval_results"), timeout=20)
+            await eventually(lambda: len(judged) >= 3)
+            done = await _rows(app, "SELECT item_id FROM eval_results")
+        assert len(done) == 1 and not _report(tg)
+        calls_before = len(oai.calls)
+        oai.judge = prefer_better
+        async with running(settings) as app:
+            await tg.wait_for(lambda: bool(_report(tg)), timeout=20)
+            assert "Wins 4, ties 0, losses 0." in _report(tg)
+            assert len(await _rows(app, "SELECT 1 FROM eval_results")) == 4
+            first_item = await _rows(app, f"SELECT context FROM eval_items WHERE id = {done[0][0]}")
+        # The item judged before the restart was not asked again; the three others were.
+        asked_again = {c.last_user_text for c in oai.calls[calls_before:]}
+        assert json.loads(first_item[0][0])[-1]["content"] not in asked_again
+        assert len(asked_again) == 3
+    finally:
+        stuck.set()
+
+
+async def test_forget_removes_the_test_items_made_from_a_users_words(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    oai.judge = prefer_better
+    async with running(_settings(make_settings)) as app:
+        await _train(tg, app)
+        await tg.wait_for(lambda: bool(_report(tg)), timeout=20)
+        before = await _rows(
+            app, "SELECT i.context FROM eval_items i JOIN eval_results r ON r.item_id = i.id"
+        )
+        assert any("q 1012:" in c for (c,) in before)
+        tg.push_message(1012, "/forget", user_id=1012)
+        await tg.wait_for(lambda: any(b[2] == "forget:yes:1012" for b in tg.buttons(1012)))
+        mid, _, data = next(b for b in tg.buttons(1012) if b[2] == "forget:yes:1012")
+        tg.push_callback(1012, 1012, mid, data)
+        await eventually(lambda: _rows(app, "SELECT 1 FROM opted_out_users WHERE user_id = 1012"))
+        await settled(app)
+        left = await _rows(app, "SELECT context FROM eval_items")
+        answers = await _rows(app, "SELECT current_answer FROM eval_results")
+    assert len(left) == 3 and not any("q 1012:" in c for (c,) in left)
+    assert len(answers) == 3 and not any("q 1012:" in a for (a,) in answers)
+
+
+# -- giving way to users -----------------------------------------------------------------------
+
+
+async def test_users_turns_take_the_slots_first_and_background_calls_the_rest() -> None:
+    from bot.services.priority import Background, UserTurns
+
+    users = UserTurns()
+    slots = Background(users, limit=3, patience=5.0)
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def call(n: int) -> None:
+        async with slots.slot():
+            started.append(n)
+            await release.wait()
+
+    async with users.turn(), users.turn():  # two users' turns in flight: room for one call
+        calls = [asyncio.create_task(call(n)) for n in range(5)]
+        await asyncio.sleep(0.05)
+        assert len(started) == 1 and slots.in_flight == 1
+    await asyncio.sleep(0.05)  # the turns ended: the limit's worth run, the others wait
+    assert len(started) == 3 and slots.in_flight == 3
+    async with users.turn():  # a user arriving now is never held back...
+        release.set()
+        await asyncio.gather(*calls)
+    assert len(started) == 5 and slots.max_in_flight == 3 and slots.deferred == 4
+
+
+async def test_a_background_call_goes_anyway_one_at_a_time_when_users_fill_every_slot() -> None:
+    from bot.services.priority import Background, UserTurns
+
+    users = UserTurns()
+    slots = Background(users, limit=2, patience=0.05)
+    running: list[int] = []
+    peak = 0
+
+    async def call() -> None:
+        nonlocal peak
+        async with slots.slot():
+            running.append(1)
+            peak = max(peak, len(running))
+            await asyncio.sleep(0.02)
+            running.pop()
+
+    async with users.turn(), users.turn():  # users keep both slots for longer than patience
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(asyncio.gather(*(call() for _ in range(4))), timeout=2)
+        # One patience of waiting, then one call after another without waiting again.
+        assert loop.time() - started < 0.05 + 4 * 0.02 + 0.1
+    assert peak == 1
+    await asyncio.gather(*(call() for _ in range(4)))
+    assert peak == 2  # with the users gone, up to the limit
