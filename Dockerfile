@@ -14,6 +14,12 @@ RUN groupadd --gid 10001 parley \
     && useradd --uid 10001 --gid parley --create-home parley \
     && mkdir /data && chown parley:parley /data
 
+# Charts carry words in Russian and Spanish too: DejaVu Sans has their letters, Pillow's
+# built-in font has no Cyrillic (bot/services/charts.py).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends fonts-dejavu-core=2.37-8 \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY bot ./bot

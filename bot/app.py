@@ -16,19 +16,28 @@ from telegram.ext import ContextTypes as PTBContextTypes
 from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
 from bot.durability import DurableBot, Inbox, InboxSlot
+from bot.health import keep_heartbeat
 from bot.services.albums import Albums
-from bot.services.chat import ChatService
+from bot.services.alerts import AdminAlerts
+from bot.services.canary import Canary
+from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE, ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
+from bot.services.documents import DocumentLimits, DocumentService
+from bot.services.evaluation import ChatJudge, Evaluation, Replayer, ResponsesJudge
 from bot.services.finetune import FineTuner
 from bot.services.forgetting import Forgetting
 from bot.services.images import ImageLimits
 from bot.services.models import ModelRouter
+from bot.services.names import Names
 from bot.services.photos import PhotoService
-from bot.services.profiles import Profiles, load_profiles
-from bot.services.replies import ProgressGate
+from bot.services.priority import Background
+from bot.services.profiles import Profile, Profiles, load_profiles
+from bot.services.replies import ProgressGate, RichMessages
 from bot.services.sentiment import build_analyzer
 from bot.services.trainer import JobInfo, OpenAITrainer, SelfHostedTrainer, Trainer
+from bot.services.voice import Transcriber, VoiceService
 from bot.settings import Settings
+from bot.startup import open_store
 from bot.telegram_http import AiohttpRequest
 from bot.texts import DEFAULT_LANGUAGE, LANGUAGES, command_descriptions
 from handlers import (
@@ -37,13 +46,17 @@ from handlers import (
     assistant,
     chat,
     commands,
+    documents,
     errors,
+    evaluation,
     fallback,
     feedback,
     forget,
     photos,
+    voice,
 )
 from storage.db import JobRecord, Store
+from storage.evals import EvalRun, EvalStore
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +89,24 @@ async def start_services(
     settings: Settings, albums: Albums, openai_client: AsyncOpenAI | None = None
 ) -> Services:
     """Open the database (applying migrations) and build the services on top of it."""
-    profiles = load_profiles(settings.profiles_file, settings.assistant_instructions)
-    store = await Store.open(settings.database_path)
+    profiles = load_profiles(
+        settings.profiles_file, settings.assistant_instructions, settings.conversation_backend
+    )
+    store = await open_store(settings.database_path)
+    try:
+        return await _build_services(settings, albums, store, profiles, openai_client)
+    except BaseException:
+        await store.close()  # the clients made on the way have made no connection yet
+        raise
+
+
+async def _build_services(
+    settings: Settings,
+    albums: Albums,
+    store: Store,
+    profiles: dict[str, Profile],
+    openai_client: AsyncOpenAI | None,
+) -> Services:
     client = openai_client or make_openai_client(settings)
     # Clients of one's own trainer and serving endpoint; unset, the chat endpoint does both.
     extra: list[AsyncOpenAI] = []
@@ -97,6 +126,7 @@ async def start_services(
         timeout=settings.sentiment_timeout,
         conversation_backend=settings.conversation_backend,
     )
+    alerts = AdminAlerts(store, settings.admin_user_ids)
     chat = ChatService(
         store,
         backend,
@@ -111,6 +141,8 @@ async def start_services(
         served=LocalHistory(serve_client or client, store, settings.local_history_tokens),
         max_answer_tokens=settings.max_answer_tokens,
         answer_deadline=settings.answer_deadline,
+        rich=RichMessages(settings.rich_messages),
+        alerts=alerts,
     )
     models = ModelRouter(store, chat, client, serve_client)
     # A model chosen with /model (or "use this model") outlives restarts.
@@ -136,6 +168,9 @@ async def start_services(
         suffix=settings.fine_tune_suffix,
         epochs=settings.fine_tune_epochs,
     )
+    evaluator, canary = await _evaluation(
+        settings, store, chat, models, finetune, client, serve_client, extra
+    )
     return Services(
         settings=settings,
         store=store,
@@ -143,12 +178,77 @@ async def start_services(
         backend=backend,
         chat=chat,
         photos=PhotoService(chat, limits),
+        documents=DocumentService(
+            chat,
+            DocumentLimits(
+                max_bytes=settings.document_max_bytes,
+                max_pages=settings.document_max_pages,
+                max_chars=settings.document_max_chars,
+                max_tokens=settings.document_max_tokens,
+                parse_seconds=settings.document_parse_seconds,
+                parse_memory_mb=settings.document_parse_memory_mb,
+            ),
+        ),
+        voice=VoiceService(
+            chat,
+            Transcriber(
+                client,
+                settings.transcribe_model,
+                max_bytes=settings.voice_max_bytes,
+                max_seconds=settings.voice_max_seconds,
+            ),
+        ),
         albums=albums,
         finetune=finetune,
         models=models,
+        alerts=alerts,
+        names=Names(),
         forgetting=Forgetting(store, client, finetune),
+        evaluation=evaluator,
+        canary=canary,
         clients=extra,
     )
+
+
+async def _evaluation(
+    settings: Settings,
+    store: Store,
+    chat: ChatService,
+    models: ModelRouter,
+    finetune: FineTuner,
+    client: AsyncOpenAI,
+    serve_client: AsyncOpenAI | None,
+    extra: list[AsyncOpenAI],
+) -> tuple[Evaluation, Canary]:
+    """The evaluation of fine-tuned models (test splits, replays, the judge) and the canary."""
+    judge_client, on_openai = client, settings.conversation_backend == "openai"
+    if settings.eval_base_url:
+        judge_client = make_openai_client(settings, settings.eval_base_url, settings.eval_api_key)
+        extra.append(judge_client)
+        on_openai = "api.openai.com" in settings.eval_base_url
+    # The Responses API with a json_schema text format on OpenAI (and servers that copy
+    # it, as the openai backend needs); Chat Completions' response_format elsewhere.
+    judge_kind = ResponsesJudge if on_openai else ChatJudge
+    evals = EvalStore(store)
+    replayer = Replayer(
+        {CHAT_ROUTE: client, SERVE_ROUTE: serve_client or client},
+        responses_on_chat=settings.conversation_backend == "openai",
+        max_tokens=settings.max_answer_tokens,
+    )
+    evaluator = Evaluation(
+        evals,
+        models,
+        replayer,
+        judge_kind(judge_client, settings.eval_judge_model, settings.openai_timeout),
+        Background(chat.users, settings.eval_concurrency, settings.eval_yield_seconds),
+    )
+    finetune.test_split = (settings.eval_test_share, settings.eval_test_max, settings.eval_test_min)
+    finetune.keep_test_split = evaluator.keep_test_split
+    finetune.forget_test_split = evals.forget_items
+    canary = Canary(store, evals, models)
+    await canary.restore()  # a canary in force outlives restarts
+    chat.canary = canary.pick
+    return evaluator, canary
 
 
 async def set_command_menus(bot: Bot, admins: frozenset[int]) -> None:
@@ -187,24 +287,30 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         for update in await inbox.replay(bot):
             await app.update_queue.put(update)
 
-        async def notify(record: JobRecord, info: JobInfo) -> None:
-            lang = await services.store.get_setting(admin.notice_language_key(record.started_by))
-            text, keyboard = admin.job_notice(record, info, lang)
-            await app.bot.send_message(record.started_by, text, reply_markup=keyboard)
+        async def notify(record: JobRecord, info: JobInfo) -> int | None:
+            lang = await services.alerts.language_of(record.started_by)
+            # A success starts the evaluation of the new model (once), said in its notice.
+            run = await services.evaluation.on_success(record, info)
+            testing = evaluation.running_note(run, lang) if run is not None else None
+            return await admin.tell_job_status(app.bot, record, info, lang, testing)
+
+        async def report(run: EvalRun) -> None:
+            await evaluation.send_report(app.bot, services, run)
 
         await set_command_menus(app.bot, settings.admin_user_ids)
         # Following fine-tuning jobs resumes after a restart: unfinished ones are in the db.
         services.background.append(
             asyncio.create_task(services.finetune.run(notify, settings.job_poll_interval))
         )
+        # Evaluations under way when the bot stopped resume where they were.
+        services.background.append(asyncio.create_task(services.evaluation.run(report)))
         if settings.progress_shed_lag > 0:
             services.background.append(asyncio.create_task(services.chat.gate.watch_lag()))
-        log.info(
-            "Parley started: backend=%s model=%s database=%s",
-            settings.conversation_backend,
-            services.models.current,
-            settings.database_path,
-        )
+        if settings.heartbeat_file is not None:  # the container's liveness (bot/health.py)
+            services.background.append(
+                asyncio.create_task(keep_heartbeat(app, settings.heartbeat_file))
+            )
+        # "Parley started" is logged once polling or the webhook is up (bot/startup.py).
 
     async def post_stop(app: ParleyApp) -> None:
         services = app.bot_data.services
@@ -261,8 +367,11 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     assistant.register(app)
     forget.register(app)
     feedback.register(app)
+    evaluation.register(app)
     chat.register(app, settings.group_trigger)
     photos.register(app, settings.group_trigger)
+    documents.register(app, settings.group_trigger)
+    voice.register(app, settings.group_trigger)
     fallback.register(app)
     errors.register(app)
     return app

@@ -10,12 +10,18 @@ from openai import AsyncOpenAI
 from telegram.ext import Application, CallbackContext, ExtBot
 
 from bot.services.albums import Albums
+from bot.services.alerts import AdminAlerts
+from bot.services.canary import Canary
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend
+from bot.services.documents import DocumentService
+from bot.services.evaluation import Evaluation
 from bot.services.finetune import FineTuner
 from bot.services.forgetting import Forgetting
 from bot.services.models import ModelRouter
+from bot.services.names import Names
 from bot.services.photos import PhotoService
+from bot.services.voice import VoiceService
 from bot.settings import Settings
 from storage.db import Store
 
@@ -30,10 +36,16 @@ class Services:
     backend: ConversationBackend
     chat: ChatService
     photos: PhotoService
+    documents: DocumentService
+    voice: VoiceService
     albums: Albums
     finetune: FineTuner
     models: ModelRouter
+    alerts: AdminAlerts
+    names: Names
     forgetting: Forgetting
+    evaluation: Evaluation
+    canary: Canary
     # Clients of the trainer and serving endpoints, closed at shutdown.
     clients: list[AsyncOpenAI] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)

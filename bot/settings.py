@@ -47,6 +47,25 @@ class Settings(BaseSettings):
     album_wait: float = Field(default=1.0, ge=0, le=10)
     image_max_mb: float | None = Field(default=None, gt=0, le=200)
 
+    # Documents (PDFs; plain text, Markdown, CSV, JSON, source files): the largest file
+    # downloaded (unset: Telegram's 20 MB; 50 MB with a self-hosted Bot API server), the most
+    # pages a PDF and characters a text file may have, and the tokens of document text sent
+    # to a model that reads text (the local backend; text files always), the rest cut with a
+    # note. A PDF is read in a child process limited to DOCUMENT_PARSE_SECONDS (wall clock)
+    # and DOCUMENT_PARSE_MEMORY_MB (address space).
+    document_max_mb: float | None = Field(default=None, gt=0, le=200)
+    document_max_pages: int = Field(default=100, ge=1, le=10_000)
+    document_max_chars: int = Field(default=2_000_000, ge=1_000)
+    document_max_tokens: int = Field(default=8_000, ge=100)
+    document_parse_seconds: float = Field(default=30.0, gt=0, le=600)
+    document_parse_memory_mb: int = Field(default=512, ge=128, le=65_536)
+
+    # Voice notes, audio files and video notes: transcribed with TRANSCRIBE_MODEL through the
+    # chat endpoint's /audio/transcriptions (a local server offering it works the same), then
+    # answered as text. Longer recordings are refused before anything is downloaded.
+    transcribe_model: str = "gpt-transcribe"
+    voice_max_seconds: int = Field(default=600, ge=1, le=24 * 3600)
+
     assistant_instructions: str = DEFAULT_INSTRUCTIONS
     # Optional TOML file of assistant profiles (see bot/services/profiles.py).
     profiles_file: Path | None = None
@@ -87,6 +106,22 @@ class Settings(BaseSettings):
     # routed there keep their history in the bot (as with the local backend).
     serve_base_url: str | None = None
     serve_api_key: SecretStr | None = None
+    # Evaluating a fine-tuned model before the switch (bot/services/evaluation.py): /train
+    # keeps EVAL_TEST_SHARE of the conversations (the most recent, at most EVAL_TEST_MAX; none
+    # below EVAL_TEST_MIN) out of training as a test split; a judge model compares the answers
+    # of the model in use and the candidate. EVAL_BASE_URL/EVAL_API_KEY: any OpenAI-compatible
+    # endpoint for the judge (unset: the chat endpoint). Its model calls and users' turns in
+    # flight stay under EVAL_CONCURRENCY together (users' turns first; the evaluation takes
+    # what is left); when users keep that full for EVAL_YIELD_SECONDS, the evaluation goes
+    # on one call at a time, so a busy bot still finishes it.
+    eval_judge_model: str = "gpt-5.4"
+    eval_base_url: str | None = None
+    eval_api_key: SecretStr | None = None
+    eval_test_share: float = Field(default=0.1, ge=0, lt=1)
+    eval_test_max: int = Field(default=200, ge=0, le=10_000)
+    eval_test_min: int = Field(default=5, ge=1)
+    eval_concurrency: int = Field(default=4, ge=1, le=64)
+    eval_yield_seconds: float = Field(default=1.0, ge=0, le=600)
 
     # Webhook mode: with WEBHOOK_URL set (the public https URL Telegram should call), the bot
     # serves it on WEBHOOK_LISTEN:WEBHOOK_PORT instead of polling, with /healthz beside it.
@@ -95,12 +130,18 @@ class Settings(BaseSettings):
     webhook_listen: str = "0.0.0.0"
     webhook_port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port
     webhook_secret: SecretStr | None = None
+    # Liveness for containers (bot/health.py): while the bot runs and its storage takes
+    # updates, it touches this file every few seconds; `python -m bot.health` checks its age.
+    heartbeat_file: Path | None = None
 
     database_url: str = "sqlite:///data/parley.sqlite3"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     # Streaming: minimum seconds between two draft updates of one reply (Telegram throttles edits).
     draft_interval: float = Field(default=0.8, ge=0.05)
+    # Answers with a table or a formula go out as rich messages (Bot API 10.1) unless off;
+    # Telegram refusing them also turns them off for an hour (see replies.RichMessages).
+    rich_messages: bool = True
     # Drafts and "typing..." are skipped while this many are already under way, or while the
     # event loop runs more than PROGRESS_SHED_LAG seconds late (0: never for lag): replies first.
     # PROGRESS_MAX_IN_FLIGHT=0 turns progress off altogether.
@@ -150,12 +191,18 @@ class Settings(BaseSettings):
             raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
         return value
 
-    @field_validator("telegram_api_url", "openai_base_url", "fine_tune_base_url", "serve_base_url")
+    @field_validator(
+        "telegram_api_url",
+        "openai_base_url",
+        "fine_tune_base_url",
+        "serve_base_url",
+        "eval_base_url",
+    )
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
 
-    @field_validator("fine_tune_base_url", "serve_base_url")
+    @field_validator("fine_tune_base_url", "serve_base_url", "eval_base_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value and not re.match(r"https?://[^/\s]+", value):
@@ -194,6 +241,23 @@ class Settings(BaseSettings):
         return (20 if official else 50) * 1024 * 1024
 
     @property
+    def voice_max_bytes(self) -> int:
+        """Largest recording to transcribe: the transcription API's 25 MB (less room for the
+        form's other fields), and Telegram's 20 MB download limit unless self-hosted."""
+        model_limit = 25 * 1024 * 1024 - 16 * 1024
+        if self.telegram_api_url == "https://api.telegram.org":
+            return min(model_limit, 20 * 1024 * 1024)
+        return model_limit
+
+    @property
+    def document_max_bytes(self) -> int:
+        """Largest document to download: Telegram's 20 MB unless a self-hosted server is used."""
+        if self.document_max_mb is not None:
+            return int(self.document_max_mb * 1024 * 1024)
+        official = self.telegram_api_url == "https://api.telegram.org"
+        return (20 if official else 50) * 1024 * 1024
+
+    @property
     def uses_openai(self) -> bool:
         """True when requests go to OpenAI itself rather than a compatible server."""
         return self.openai_base_url is None or "api.openai.com" in self.openai_base_url
@@ -213,6 +277,7 @@ class Settings(BaseSettings):
             self.webhook_secret,
             self.fine_tune_api_key,
             self.serve_api_key,
+            self.eval_api_key,
         )
         return [s.get_secret_value() for s in held if s is not None and s.get_secret_value()]
 
@@ -247,3 +312,27 @@ def load_settings(**overrides: object) -> Settings:
             else:
                 problems.append(f"{name} {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("; ".join(problems)) from None
+
+
+def validate(settings: Settings) -> None:
+    """Checks beyond single variables; a ConfigError naming the variables if one fails.
+
+    The bot runs these before it starts and `python -m bot check` reports them, so a
+    configuration `check` calls valid is one the bot accepts.
+    """
+    from bot.services.profiles import ProfileError, load_profiles
+
+    problems = []
+    if settings.openai_api_key is None and settings.openai_base_url is None:
+        problems.append(
+            "OPENAI_API_KEY is not set"
+            " (or set OPENAI_BASE_URL for a local OpenAI-compatible server)"
+        )
+    try:
+        load_profiles(
+            settings.profiles_file, settings.assistant_instructions, settings.conversation_backend
+        )
+    except ProfileError as exc:
+        problems.append(f"PROFILES_FILE: {exc}")
+    if problems:
+        raise ConfigError("; ".join(problems))

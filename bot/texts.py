@@ -22,8 +22,20 @@ DEFAULT_LANGUAGE = "en"
 LANGUAGES: tuple[str, ...] = ("en", "ru", "es")
 
 # Commands for Telegram's command menu; each has a `cmd.<name>` description in every catalog.
-USER_COMMANDS: tuple[str, ...] = ("start", "help", "reset", "forget", "assistant")
-ADMIN_COMMANDS: tuple[str, ...] = ("train", "jobs", "job", "cancel", "model", "export", "stats")
+USER_COMMANDS: tuple[str, ...] = ("start", "help", "reset", "forget", "assistant", "id")
+ADMIN_COMMANDS: tuple[str, ...] = (
+    "train",
+    "jobs",
+    "job",
+    "cancel",
+    "model",
+    "export",
+    "stats",
+    "eval",
+    "canary",
+    "promote",
+    "rollback",
+)
 
 _FALLBACK_KEY = "error.unknown"
 
@@ -70,6 +82,34 @@ def command_descriptions(lang: str | None = None, *, admin: bool = False) -> lis
     With `admin`, the admin commands follow the user ones."""
     names = USER_COMMANDS + (ADMIN_COMMANDS if admin else ())
     return [(name, t(f"cmd.{name}", lang=lang)) for name in names]
+
+
+def known(key: str) -> bool:
+    """Whether the catalogs have `key` (English has every key)."""
+    return key in catalog(DEFAULT_LANGUAGE)
+
+
+def command_help(lang: str | None = None, *, admin: bool = False) -> str:
+    """The command list for /start and /help: every command of the menu (the admin ones too
+    with `admin`), each with its menu description and, where it takes some, its arguments."""
+
+    def lines(names: tuple[str, ...]) -> list[str]:
+        return [
+            t(
+                "help.line",
+                lang=lang,
+                command=f"{name} {t(f'help.args.{name}', lang=lang)}"
+                if known(f"help.args.{name}")
+                else name,
+                description=t(f"cmd.{name}", lang=lang),
+            )
+            for name in names
+        ]
+
+    text = "\n".join([t("commands", lang=lang), *lines(USER_COMMANDS)])
+    if admin:
+        text += "\n\n" + "\n".join([t("admin_commands", lang=lang), *lines(ADMIN_COMMANDS)])
+    return text
 
 
 def language_of(update: object) -> str:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
-from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram.error import BadRequest, TelegramError
 from telegram.ext import CallbackQueryHandler, CommandHandler
 
-from bot.access import admin_only
+from bot.access import Handler, admin_only
 from bot.context import CustomContext, ParleyApp
 from bot.services.charts import loss_chart
 from bot.services.chat import CHAT_ROUTE
 from bot.services.dataset import DatasetOptions, DatasetReport
-from bot.services.finetune import describe, served_route
+from bot.services.finetune import served_route
 from bot.services.trainer import Estimate, JobInfo, TrainerError
-from bot.texts import t, tr
+from bot.texts import known, language_of, t, tr
 from handlers.common import edit_or_send
 from storage.db import JobRecord
 
@@ -25,6 +29,83 @@ log = logging.getLogger(__name__)
 
 class BadArgs(ValueError):
     pass
+
+
+def admin_command(handler: Handler) -> Handler:
+    """`admin_only`, and the admin's language is remembered for what the bot tells them
+    unasked (job notices, alerts)."""
+
+    @functools.wraps(handler)
+    async def remembering(update: Update, context: CustomContext) -> Any:
+        user = update.effective_user
+        if user is not None:
+            await context.services.alerts.remember_language(user.id, user.language_code)
+        return await handler(update, context)
+
+    return admin_only(remembering)
+
+
+def job_status(status: str, lang: str | None) -> str:
+    """A job status in words (a status the catalogs don't know is shown as the trainer said it)."""
+    key = f"job.status.{status}"
+    return t(key, lang=lang) if known(key) else status
+
+
+def problem(kind: str, lang: str | None) -> str:
+    """What went wrong, in words, for a TrainerError or ModelError kind."""
+    key = f"problem.{kind}"
+    return t(key if known(key) else "problem.unknown", lang=lang)
+
+
+def trainer_problem(exc: TrainerError, lang: str | None) -> str:
+    """What went wrong with a trainer call, in words: for "unavailable", what the call met
+    (its detail is then the ModelError kind: timeout, server_error...)."""
+    if exc.kind == "unavailable" and known(f"problem.{exc.detail}"):
+        return problem(exc.detail, lang)
+    return problem(exc.kind, lang)
+
+
+def describe(
+    lang: str | None,
+    *,
+    examples: int,
+    since: str | None,
+    chat_id: int | None,
+    photos: bool,
+) -> str:
+    """One line saying what went into a dataset, e.g. "12 examples, since 2026-01-01, text only"."""
+    parts = [t("dataset.examples", lang=lang, count=examples)]
+    if since:
+        parts.append(t("dataset.since", lang=lang, date=since[:10]))
+    if chat_id is not None:
+        parts.append(t("dataset.chat", lang=lang, chat=chat_id))
+    parts.append(t("dataset.with_photos" if photos else "dataset.text_only", lang=lang))
+    return ", ".join(parts)
+
+
+def _describe_report(lang: str | None, options: DatasetOptions, report: DatasetReport) -> str:
+    return describe(
+        lang,
+        examples=report.examples,
+        since=options.since,
+        chat_id=options.chat_id,
+        photos=options.include_photos,
+    )
+
+
+def _counts(counts: Mapping[str, int], prefix: str, lang: str | None) -> str:
+    """Counts by code in words, "label: n; ...": drop reasons (`prefix` "reason") or
+    redactions ("redaction"). A code the catalogs don't know is shown as it is."""
+    merged: dict[str, int] = {}
+    for code, n in counts.items():
+        code = code.split(":", 1)[0]  # invalid:<rule> -> invalid
+        merged[code] = merged.get(code, 0) + n
+    parts = [
+        f"{t(f'{prefix}.{code}', lang=lang) if known(f'{prefix}.{code}') else code}: {n}"
+        for code, n in sorted(merged.items(), key=lambda item: -item[1])
+        if n
+    ]
+    return "; ".join(parts) or t("train.nothing", lang=lang)
 
 
 def parse_options(args: list[str]) -> DatasetOptions:
@@ -56,22 +137,42 @@ def summary(
     estimate: Estimate,
 ) -> str:
     """The dataset summary shown before anything is uploaded: where it trains, at what cost."""
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(report.dropped.items())) or "nothing"
-    redacted = ", ".join(f"{k} {v}" for k, v in sorted(report.redactions.items())) or "nothing"
+    lang = language_of(update)
+    where = estimate.where
+    if estimate.self_hosted:
+        where = t("train.where_self_hosted", lang=lang, host=estimate.where)
     return tr(
         update,
         "train.summary",
-        description=describe(options, report),
+        description=_describe_report(lang, options, report),
         examples=report.examples,
         train=report.train_examples,
         validation=report.validation_examples,
         tokens=report.tokens,
         model=model,
-        where=estimate.where,
+        where=where,
         cost=_cost(update, estimate, model),
-        dropped=dropped,
-        redacted=redacted,
+        dropped=_counts(report.dropped, "reason", lang),
+        redacted=_counts(report.redactions, "redaction", lang),
     )
+
+
+def not_enough(update: Update, report: DatasetReport) -> str:
+    """Why a dataset can't start a job (too few examples): how many more it needs, and why
+    turns were left out."""
+    lang = language_of(update)
+    text = t(
+        "train.too_few",
+        lang=lang,
+        examples=report.examples,
+        needed=report.needed,
+        missing=max(report.needed - report.examples, 0),
+    )
+    if report.dropped:
+        text += "\n\n" + t(
+            "train.left_out", lang=lang, dropped=_counts(report.dropped, "reason", lang)
+        )
+    return text
 
 
 def _cost(update: Update, estimate: Estimate, model: str) -> str:
@@ -85,7 +186,7 @@ def _cost(update: Update, estimate: Estimate, model: str) -> str:
     return f"~${estimate.usd:.2f}"
 
 
-@admin_only
+@admin_command
 async def train(update: Update, context: CustomContext) -> None:
     """Build a curated dataset and offer to start a fine-tuning job with it."""
     message = update.effective_message
@@ -100,12 +201,14 @@ async def train(update: Update, context: CustomContext) -> None:
     await message.reply_text(tr(update, "train.building"))
     tuner = context.services.finetune
     report = await tuner.build(options)
-    text = summary(update, report, options, tuner.base_model, await tuner.estimate(report))
-    if not report.ok:
-        await message.reply_text(
-            f"{text}\n\n{tr(update, 'train.problems', problems='; '.join(report.problems))}"
-        )
+    if not report.ok:  # too few examples: the only problem a dataset has
+        await message.reply_text(not_enough(update, report))
         return
+    text = summary(update, report, options, tuner.base_model, await tuner.estimate(report))
+    if report.voice_turns:
+        text += "\n" + tr(update, "train.voice_turns", count=report.voice_turns)
+    if report.test_items:  # kept out of training for the evaluation (handlers/evaluation.py)
+        text += "\n" + tr(update, "train.test_split", count=report.test_items)
     token = tuner.hold(report, options, user.id)
     keyboard = InlineKeyboardMarkup(
         [
@@ -122,7 +225,7 @@ async def train(update: Update, context: CustomContext) -> None:
     await message.reply_text(f"{text}\n\n{tr(update, 'train.confirm')}", reply_markup=keyboard)
 
 
-@admin_only
+@admin_command
 async def train_button(update: Update, context: CustomContext) -> None:
     """Start or cancel the held dataset (callback data ft:start:TOKEN / ft:drop:TOKEN)."""
     query = update.callback_query
@@ -147,34 +250,36 @@ async def train_button(update: Update, context: CustomContext) -> None:
         elif exc.kind == "invalid" and exc.detail:
             text = tr(update, "train.refused", reason=exc.detail)
         else:
-            text = tr(update, "train.failed_to_start", kind=exc.kind)
+            text = tr(
+                update, "train.failed_to_start", kind=trainer_problem(exc, language_of(update))
+            )
         await edit_or_send(query, text)
         return
-    if lang := update.effective_user.language_code:
-        # The poller tells this admin how the job ends, outside any update: in this language.
-        await context.services.store.set_setting(notice_language_key(job.started_by), lang)
-    await edit_or_send(query, tr(update, "train.started", job_id=job.job_id, model=job.base_model))
+    started = tr(update, "train.started", job_id=job.job_id, model=job.base_model)
+    # This message follows the job: the poller edits it as the status moves.
+    if (message_id := await edit_or_send(query, started)) is not None:
+        await tuner.follow_with(job, message_id)
 
 
-def _age(created: int | str) -> str:
+def _age(created: int | str, lang: str | None) -> str:
     if isinstance(created, str):
         seconds = (datetime.now(UTC) - datetime.fromisoformat(created)).total_seconds()
     else:
         seconds = datetime.now(UTC).timestamp() - created
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+    for key, size in (("age.days", 86400), ("age.hours", 3600), ("age.minutes", 60)):
         if seconds >= size:
-            return f"{int(seconds // size)}{unit} ago"
-    return "just now"
+            return t(key, lang=lang, count=int(seconds // size))
+    return t("age.now", lang=lang)
 
 
-def _job_line(record: JobRecord | None, info: JobInfo | None) -> str:
+def _job_line(record: JobRecord | None, info: JobInfo | None, lang: str | None) -> str:
     """One line per job; the trainer's live view wins over the bot's own record."""
     if info is not None:
         job_id, status, base, age, result = (
             info.id,
             info.status,
             info.base_model,
-            _age(info.created_at),
+            _age(info.created_at, lang),
             info.fine_tuned_model,
         )
     elif record is not None:
@@ -182,16 +287,23 @@ def _job_line(record: JobRecord | None, info: JobInfo | None) -> str:
             record.job_id,
             record.status,
             record.base_model,
-            _age(record.created_at),
+            _age(record.created_at, lang),
             record.fine_tuned_model,
         )
     else:
         return ""
-    line = f"{job_id}: {status}, {base}, {age}"
-    return f"{line} → {result}" if result else line
+    return t(
+        "job.line_result" if result else "job.line",
+        lang=lang,
+        job_id=job_id,
+        status=job_status(status, lang),
+        model=base,
+        age=age,
+        result=result,
+    )
 
 
-@admin_only
+@admin_command
 async def jobs(update: Update, context: CustomContext) -> None:
     """List fine-tuning jobs: the trainer's view merged with the bot's own records."""
     message = update.effective_message
@@ -201,7 +313,8 @@ async def jobs(update: Update, context: CustomContext) -> None:
     if not merged:
         await message.reply_text(tr(update, "jobs.none") if online else tr(update, "jobs.offline"))
         return
-    lines = [_job_line(record, info) for record, info in merged[:20]]
+    lang = language_of(update)
+    lines = [_job_line(record, info, lang) for record, info in merged[:20]]
     if not online:
         lines.append(tr(update, "jobs.offline"))
     await message.reply_text("\n".join(lines))
@@ -218,40 +331,57 @@ async def _job_argument(update: Update, context: CustomContext, usage: str) -> s
     return context.args[0]
 
 
-@admin_only
+@admin_command
 async def job(update: Update, context: CustomContext) -> None:
     """Details of one job, its recent events, and a training-loss chart when there is one."""
     message = update.effective_message
     job_id = await _job_argument(update, context, "job.usage")
     if message is None or job_id is None:
         return
+    lang = language_of(update)
     record, details = await context.services.finetune.details(job_id)
     if isinstance(details, TrainerError):
         if details.kind == "not_found" and record is None:
             await message.reply_text(tr(update, "job.unknown"))
             return
-        text = tr(update, "job.unreachable", kind=details.kind)
+        text = tr(update, "job.unreachable", kind=trainer_problem(details, lang))
         if record is not None:
-            text = f"{_job_line(record, None)}\n{text}"
+            text = f"{_job_line(record, None, lang)}\n{text}"
         await message.reply_text(text)
         return
     info = details.info
-    lines = [_job_line(record, info)]
+    lines = [_job_line(record, info, lang)]
     if record is not None:
         lines.append(
-            tr(update, "job.dataset", description=record.description, tokens=record.tokens)
+            tr(update, "job.dataset", description=_job_dataset(record, lang), tokens=record.tokens)
         )
     if info.error:
         lines.append(tr(update, "job.error", error=info.error))
+    # The trainer's own event log, in the trainer's words.
     lines += [f"• {e.message}" for e in details.events]
     await message.reply_text("\n".join(lines))
     if len(details.losses) >= 2:
         points = [(p.step, p.train_loss) for p in details.losses]
-        png = await asyncio.to_thread(loss_chart, points)
+        png = await asyncio.to_thread(
+            loss_chart, points, t("chart.loss_title", lang=lang), t("chart.step", lang=lang)
+        )
         await message.reply_photo(png, caption=tr(update, "job.loss_caption", job_id=job_id))
 
 
-@admin_only
+def _job_dataset(record: JobRecord, lang: str | None) -> str:
+    """What a job's dataset was built from; jobs from before migration 12 kept a description."""
+    if record.dataset_photos is None:
+        return record.description
+    return describe(
+        lang,
+        examples=record.train_examples + record.validation_examples,
+        since=record.dataset_since,
+        chat_id=record.dataset_chat_id,
+        photos=record.dataset_photos,
+    )
+
+
+@admin_command
 async def cancel(update: Update, context: CustomContext) -> None:
     """Cancel a fine-tuning job."""
     message = update.effective_message
@@ -262,12 +392,13 @@ async def cancel(update: Update, context: CustomContext) -> None:
         info = await context.services.finetune.cancel(job_id)
     except TrainerError as exc:
         key = "job.unknown" if exc.kind == "not_found" else "job.unreachable"
-        await message.reply_text(tr(update, key, kind=exc.kind))
+        await message.reply_text(tr(update, key, kind=trainer_problem(exc, language_of(update))))
         return
-    await message.reply_text(tr(update, "job.cancelled", job_id=info.id, status=info.status))
+    status = job_status(info.status, language_of(update))
+    await message.reply_text(tr(update, "job.cancelled", job_id=info.id, status=status))
 
 
-@admin_only
+@admin_command
 async def model(update: Update, context: CustomContext) -> None:
     """Show the model in use and the available ones; `/model NAME` switches (persisted)."""
     message = update.effective_message
@@ -288,13 +419,15 @@ async def model(update: Update, context: CustomContext) -> None:
     text = tr(update, "model.current", model=models.current)
     available = sorted({*(catalog.chat or ()), *(catalog.serve or ())})
     if catalog.problem is not None:
-        text += "\n" + tr(update, "model.unreachable", kind=catalog.problem)
+        text += "\n" + tr(
+            update, "model.unreachable", kind=problem(catalog.problem, language_of(update))
+        )
     if available:
         text += "\n\n" + tr(update, "model.available", models="\n".join(available))
     await message.reply_text(text)
 
 
-@admin_only
+@admin_command
 async def use_model(update: Update, context: CustomContext) -> None:
     """The button under a success notice: switch the bot to the fine-tuned model."""
     query = update.callback_query
@@ -310,7 +443,7 @@ async def use_model(update: Update, context: CustomContext) -> None:
     await edit_or_send(query, tr(update, "model.switched", model=record.fine_tuned_model))
 
 
-@admin_only
+@admin_command
 async def export(update: Update, context: CustomContext) -> None:
     """Send the curated dataset as JSONL documents, to train elsewhere."""
     message = update.effective_message
@@ -325,35 +458,75 @@ async def export(update: Update, context: CustomContext) -> None:
     if report.examples == 0 or report.train_path is None:
         await message.reply_text(tr(update, "export.empty"))
         return
-    caption = tr(
-        update, "export.caption", examples=report.examples, description=describe(options, report)
-    )
+    description = _describe_report(language_of(update), options, report)
+    caption = tr(update, "export.caption", examples=report.examples, description=description)
     await message.reply_document(report.train_path, filename="train.jsonl", caption=caption)
     if report.validation_path is not None:
         await message.reply_document(report.validation_path, filename="validation.jsonl")
 
 
-def notice_language_key(admin_id: int) -> str:
-    """The bot setting that holds the language an admin's job notices are written in."""
-    return f"notice_language:{admin_id}"
-
-
 def job_notice(
-    record: JobRecord, info: JobInfo, lang: str | None = None
+    record: JobRecord, info: JobInfo, lang: str | None = None, evaluation: str | None = None
 ) -> tuple[str, InlineKeyboardMarkup | None]:
-    """What the admin who started a job is told when its status changes, in `lang`."""
+    """The message that tells the admin who started a job how it ended (or, for a status
+    that isn't an end, where it is), in `lang`; a success says how its `evaluation` goes."""
     if info.status == "succeeded" and info.fine_tuned_model:
         button = InlineKeyboardButton(
             t("job.use_button", lang=lang), callback_data=f"ft:use:{info.id}"
         )
+        text = t("job.succeeded", lang=lang, job_id=info.id, model=info.fine_tuned_model)
         return (
-            t("job.succeeded", lang=lang, job_id=info.id, model=info.fine_tuned_model),
+            f"{text}\n\n{evaluation}" if evaluation else text,
             InlineKeyboardMarkup([[button]]),
         )
     if info.status == "failed":
         error = info.error or t("job.no_reason", lang=lang)
         return t("job.failed", lang=lang, job_id=info.id, error=error), None
-    return t("job.status", lang=lang, job_id=info.id, status=info.status), None
+    return t("job.status", lang=lang, job_id=info.id, status=job_status(info.status, lang)), None
+
+
+async def tell_job_status(
+    bot: Bot,
+    record: JobRecord,
+    info: JobInfo,
+    lang: str | None = None,
+    evaluation: str | None = None,
+) -> int | None:
+    """Tell the admin who started a job its new status, in `lang`; the id of the message
+    that follows the job from now on.
+
+    While the job runs, the one message that follows it is edited (a new one is sent if it
+    can't be); when it ends, that message shows the end and a new message tells it, so the
+    admin is notified once more, with the button to use the new model.
+    """
+    chat_id, live = record.started_by, record.notice_message_id
+    status = job_status(info.status, lang)
+    if not info.finished:
+        text = t("job.live", lang=lang, job_id=info.id, model=record.base_model, status=status)
+        if live is not None and await _edit(bot, chat_id, live, text):
+            return live
+        return (await bot.send_message(chat_id, text)).message_id
+    if live is not None:
+        ended = t("job.status", lang=lang, job_id=info.id, status=status)
+        try:
+            await _edit(bot, chat_id, live, ended)
+        except TelegramError as exc:  # the notice below is what counts
+            log.info("could not update the notice of job %s: %s", info.id, type(exc).__name__)
+    text, keyboard = job_notice(record, info, lang, evaluation)
+    await bot.send_message(chat_id, text, reply_markup=keyboard)
+    return live
+
+
+async def _edit(bot: Bot, chat_id: int, message_id: int, text: str) -> bool:
+    """Edit a message of the bot's; False if Telegram can't (deleted, too old...)."""
+    try:
+        await bot.edit_message_text(text, chat_id=chat_id, message_id=message_id)
+    except BadRequest as exc:
+        if "not modified" in exc.message.lower():
+            return True  # it already says this
+        log.info("could not edit job notice %s: %s", message_id, exc.message)
+        return False
+    return True
 
 
 def register(app: ParleyApp) -> None:

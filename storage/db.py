@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 
@@ -120,6 +120,10 @@ JOB_COLUMNS = (
     "fine_tuned_model",
     "error",
     "notified_status",
+    "notice_message_id",
+    "dataset_since",
+    "dataset_chat_id",
+    "dataset_photos",
 )
 
 
@@ -143,6 +147,11 @@ class JobRecord:
     fine_tuned_model: str | None = None
     error: str | None = None
     notified_status: str | None = None
+    notice_message_id: int | None = None  # the admin's message that follows the job (migration 12)
+    # The /train options its dataset was built from; None for jobs started before migration 12.
+    dataset_since: str | None = None
+    dataset_chat_id: int | None = None
+    dataset_photos: bool | None = None
 
 
 @dataclass(slots=True)
@@ -168,6 +177,7 @@ class TurnRecord:
     reply_message_ids: Sequence[int] = field(default_factory=tuple)
     images: Sequence[StoredImage] = field(default_factory=tuple)
     input_kind: str = "text"  # text, photo, voice (transcribed) or document
+    requested_model: str | None = None  # the model asked for (`model`: the one that answered)
     user_sentiment: SentimentRow | None = None
     reply_sentiment: SentimentRow | None = None
     finished_at: str = field(default_factory=utcnow)
@@ -345,8 +355,8 @@ class Store:
         turn_id = conn.execute(
             "INSERT INTO turns (thread_id, chat_id, topic_id, chat_type, user_id,"
             " user_message_id, status, error_kind, model, instructions_id, response_id,"
-            " input_tokens, output_tokens, latency_ms, started_at, finished_at, input_kind)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " input_tokens, output_tokens, latency_ms, started_at, finished_at, input_kind,"
+            " requested_model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 turn.thread_id,
                 turn.key.chat_id,
@@ -365,6 +375,7 @@ class Store:
                 turn.started_at,
                 turn.finished_at,
                 turn.input_kind,
+                turn.requested_model,
             ),
         ).lastrowid
         assert turn_id is not None
@@ -710,8 +721,8 @@ class Store:
             lambda conn: conn.execute(
                 "INSERT INTO fine_tune_jobs (job_id, trainer, base_model, training_file,"
                 " validation_file, train_examples, validation_examples, tokens, started_by,"
-                " description, status, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " description, status, created_at, updated_at, dataset_since, dataset_chat_id,"
+                " dataset_photos) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     job.trainer,
@@ -726,6 +737,9 @@ class Store:
                     job.status,
                     job.created_at,
                     job.updated_at,
+                    job.dataset_since,
+                    job.dataset_chat_id,
+                    None if job.dataset_photos is None else int(job.dataset_photos),
                 ),
             )
         )
@@ -742,10 +756,16 @@ class Store:
             )
         )
 
-    async def mark_notified(self, job_id: str, status: str) -> None:
+    async def mark_notified(
+        self, job_id: str, status: str, notice_message_id: int | None = None
+    ) -> None:
+        """The admin was told `status`; `notice_message_id`: the message that now says it
+        (None keeps the one recorded)."""
         await self.write(
             lambda conn: conn.execute(
-                "UPDATE fine_tune_jobs SET notified_status = ? WHERE job_id = ?", (status, job_id)
+                "UPDATE fine_tune_jobs SET notified_status = ?,"
+                " notice_message_id = COALESCE(?, notice_message_id) WHERE job_id = ?",
+                (status, notice_message_id, job_id),
             )
         )
 
@@ -756,14 +776,14 @@ class Store:
             " ORDER BY created_at DESC LIMIT ?",
             (limit,),
         ) as cur:
-            return [JobRecord(*row) async for row in cur]
+            return [_job(row) async for row in cur]
 
     async def job(self, job_id: str) -> JobRecord | None:
         async with self._conn.execute(
             f"SELECT {', '.join(JOB_COLUMNS)} FROM fine_tune_jobs WHERE job_id = ?", (job_id,)
         ) as cur:
             row = await cur.fetchone()
-        return JobRecord(*row) if row else None
+        return _job(row) if row else None
 
     # -- settings changed in the bot, and /forget -------------------------------------------
 
@@ -860,6 +880,13 @@ class Store:
         """Run a read query (used by stats and tests); explicit SQL, parameterised."""
         async with self._conn.execute(sql, params) as cur:
             return [tuple(row) for row in await cur.fetchall()]
+
+
+def _job(row: Sequence[Any]) -> JobRecord:
+    job = JobRecord(*row)
+    if job.dataset_photos is not None:
+        job.dataset_photos = bool(job.dataset_photos)  # stored as 0 or 1
+    return job
 
 
 def _tag(sentiment: SentimentRow | None) -> SentimentRow | tuple[None, None, None]:

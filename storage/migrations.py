@@ -274,4 +274,90 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE id IN (SELECT DISTINCT turn_id FROM turn_images);
         """,
     ),
+    Migration(
+        11,
+        "evaluation and canary",
+        """
+        -- The model the bot asked for in each turn (`model` is the one that answered, as the
+        -- server names it: an alias comes back as a dated snapshot). A canary compares
+        -- models by this. NULL for turns logged before.
+        ALTER TABLE turns ADD COLUMN requested_model TEXT;
+        CREATE INDEX turns_requested_model ON turns (requested_model, started_at);
+
+        -- A job's test split: recent conversations /train kept out of its training and
+        -- validation files. One item per conversation: the context up to a user's message
+        -- (JSON chat messages, redacted as datasets are) and the answer the bot gave then.
+        CREATE TABLE eval_items (
+            id        INTEGER PRIMARY KEY,
+            job_id    TEXT    NOT NULL REFERENCES fine_tune_jobs (job_id) ON DELETE CASCADE,
+            position  INTEGER NOT NULL,   -- 0 = the most recent conversation
+            context   TEXT    NOT NULL,
+            reference TEXT    NOT NULL,
+            UNIQUE (job_id, position)
+        );
+        -- The logged turns an item was made from: /forget removes an item whose words (or
+        -- quotes of them) it deletes. No foreign key: a deleted turn must leave its id here.
+        CREATE TABLE eval_item_turns (
+            item_id INTEGER NOT NULL REFERENCES eval_items (id) ON DELETE CASCADE,
+            turn_id INTEGER NOT NULL,
+            PRIMARY KEY (item_id, turn_id)
+        );
+        CREATE INDEX eval_item_turns_turn ON eval_item_turns (turn_id);
+
+        -- One evaluation of a job's candidate model against the model in use then.
+        CREATE TABLE eval_runs (
+            id              INTEGER PRIMARY KEY,
+            job_id          TEXT    NOT NULL REFERENCES fine_tune_jobs (job_id) ON DELETE CASCADE,
+            size            INTEGER NOT NULL,   -- items to judge (the first by position)
+            current_model   TEXT    NOT NULL,
+            current_route   TEXT    NOT NULL,
+            candidate_model TEXT    NOT NULL,
+            candidate_route TEXT    NOT NULL,
+            judge_model     TEXT    NOT NULL,
+            requested_by    INTEGER NOT NULL,   -- the admin told of the result
+            status          TEXT    NOT NULL CHECK (status IN ('running', 'done')),
+            created_at      TEXT    NOT NULL,
+            finished_at     TEXT
+        );
+        CREATE INDEX eval_runs_job ON eval_runs (job_id, id);
+
+        -- Each item's outcome in a run: both answers, and the judge's verdict in each order
+        -- ("ab": the model in use shown as answer a; "ba": the candidate as answer a).
+        CREATE TABLE eval_results (
+            run_id                  INTEGER NOT NULL REFERENCES eval_runs (id) ON DELETE CASCADE,
+            item_id                 INTEGER NOT NULL REFERENCES eval_items (id) ON DELETE CASCADE,
+            outcome                 TEXT    NOT NULL
+                CHECK (outcome IN ('win', 'loss', 'tie', 'error')),  -- the candidate's
+            error                   TEXT,   -- what failed: current:KIND, candidate:KIND, judge:KIND
+            current_answer          TEXT,
+            current_latency_ms      INTEGER,
+            current_tokens          INTEGER,
+            candidate_answer        TEXT,
+            candidate_latency_ms    INTEGER,
+            candidate_tokens        INTEGER,
+            verdict_ab              TEXT CHECK (verdict_ab IN ('a', 'b', 'tie')),
+            confidence_ab           TEXT,
+            reason_ab               TEXT,
+            verdict_ba              TEXT CHECK (verdict_ba IN ('a', 'b', 'tie')),
+            confidence_ba           TEXT,
+            reason_ba               TEXT,
+            finished_at             TEXT    NOT NULL,
+            PRIMARY KEY (run_id, item_id)
+        );
+        """,
+    ),
+    Migration(
+        12,
+        "job notices and dataset options",
+        """
+        -- The message that follows a fine-tuning job while it runs: it is edited as the
+        -- status moves (a new message comes only when the job finishes), after restarts too.
+        ALTER TABLE fine_tune_jobs ADD COLUMN notice_message_id INTEGER;
+        -- What the job's dataset was built from (the /train options), so that /job describes
+        -- it in the reader's language. NULL for jobs started before: `description` says it.
+        ALTER TABLE fine_tune_jobs ADD COLUMN dataset_since TEXT;
+        ALTER TABLE fine_tune_jobs ADD COLUMN dataset_chat_id INTEGER;
+        ALTER TABLE fine_tune_jobs ADD COLUMN dataset_photos INTEGER;
+        """,
+    ),
 )

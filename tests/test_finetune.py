@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from bot.services.finetune import FineTuner
 from bot.services.trainer import JobInfo
+from bot.texts import t
 from storage.db import JobRecord, Store, utcnow
 from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI
@@ -53,6 +55,15 @@ async def _train_and_start(tg: FakeTelegram, language_code: str = "en") -> None:
     await _press(tg, ADMIN, ADMIN, "ft:start:", language_code)
 
 
+def _said(tg: FakeTelegram, chat_id: int, fragment: str) -> bool:
+    """Whether the bot ever showed `fragment` in the chat, in a message or an edit of one."""
+    calls = tg.calls_of("sendMessage") + tg.calls_of("editMessageText")
+    return any(
+        c.status == 200 and c.params["chat_id"] == str(chat_id) and fragment in c.params["text"]
+        for c in calls
+    )
+
+
 def _uploaded_examples(oai: FakeOpenAI) -> list[dict]:  # type: ignore[type-arg]
     first = next(iter(oai.files.values()))
     return [json.loads(line) for line in first["data"].decode().splitlines()]
@@ -72,11 +83,12 @@ async def test_train_to_success_notice_to_model_switch(
         await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
         summary = tg.texts(ADMIN)[-1]
         assert "Examples: 12 " in summary and "Base model: gpt-4.1-mini-2025-04-14" in summary
-        assert "Redacted: email 2, phone 2" in summary  # the message and its echo
+        # The message and its echo; in words, not codes.
+        assert "Redacted: email addresses: 2; phone numbers: 2" in summary
         assert oai.files == {} and oai.jobs == {}  # nothing uploaded before "start"
 
         await _press(tg, ADMIN, ADMIN, "ft:start:")
-        await tg.wait_for(lambda: any("Started fine-tuning job" in t for t in tg.texts(ADMIN)))
+        await tg.wait_for(lambda: _said(tg, ADMIN, "Started fine-tuning job"))
         [job] = oai.jobs.values()
         assert job["model"] == "gpt-4.1-mini-2025-04-14" and job["suffix"] == "parley"
         assert job["method"]["type"] == "supervised"
@@ -89,8 +101,9 @@ async def test_train_to_success_notice_to_model_switch(
         assert "ada@example.com" not in dumped and "7946" not in dumped and "[email]" in dumped
 
         # The poller follows the job to the end and tells the admin, with a switch button.
-        await tg.wait_for(lambda: any("succeeded" in t for t in tg.texts(ADMIN)), timeout=10)
-        notice = next(t for t in tg.texts(ADMIN) if "succeeded" in t)
+        # (the message that followed the job shows its end too; the notice is a new message)
+        await tg.wait_for(lambda: any("succeeded" in t for t in tg.sent_texts(ADMIN)), timeout=10)
+        notice = next(t for t in tg.sent_texts(ADMIN) if "succeeded" in t)
         model = job["fine_tuned_model"]
         assert model and model in notice
         await _press(tg, ADMIN, ADMIN, "ft:use:")
@@ -114,8 +127,95 @@ async def test_job_notices_are_in_the_language_of_the_admin_who_started_the_job(
         await _seed(tg, 11)
         await settled(app)
         await _train_and_start(tg, language_code="ru")  # a Russian-speaking admin
-        await tg.wait_for(lambda: any("выполнено" in t for t in tg.texts(ADMIN)), timeout=10)
+        await tg.wait_for(lambda: any("выполнено" in t for t in tg.sent_texts(ADMIN)), timeout=10)
         assert any(b[1] == "Использовать эту модель" for b in tg.buttons(ADMIN))
+
+
+async def test_a_job_is_followed_in_one_message_and_only_its_end_is_a_new_one(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    oai.job_plan = ["validating_files", "queued", "running", "succeeded"]
+    async with running(make_settings(job_poll_interval=60)) as app:  # nothing polled yet
+        await _seed(tg, 11)
+        await settled(app)
+        await _train_and_start(tg)
+        await tg.wait_for(lambda: _said(tg, ADMIN, "Started fine-tuning job"))
+        await settled(app)
+        [job_id] = oai.jobs
+        [record] = await app.bot_data.services.store.jobs()  # type: ignore[union-attr]
+        # The summary the admin pressed "start" under now says the job started, and follows it.
+        live = record.notice_message_id
+        assert live is not None and "Started fine-tuning job" in tg.messages[(ADMIN, live)]["text"]
+        sent = len(tg.sent_texts(ADMIN))
+    # After a restart the same message goes on following the job.
+    async with running(make_settings(job_poll_interval=0.05)):
+        await tg.wait_for(lambda: len(tg.sent_texts(ADMIN)) > sent, timeout=10)
+        await asyncio.sleep(0.3)  # a notice too many would come within a few polls
+    [notice] = tg.sent_texts(ADMIN)[sent:]  # one new message: the end, with its button
+    assert notice.startswith(f"Fine-tuning job {job_id} succeeded.")
+    edits = [
+        c.params["text"]
+        for c in tg.calls_of("editMessageText")
+        if c.params["chat_id"] == str(ADMIN) and int(c.params["message_id"]) == live
+    ]
+    model = record.base_model
+
+    def live_text(status: str) -> str:
+        return t("job.live", job_id=job_id, model=model, status=t(f"job.status.{status}"))
+
+    assert edits[1:] == [
+        live_text("queued"),
+        live_text("running"),
+        t("job.status", job_id=job_id, status="succeeded"),
+    ]
+    assert edits[0].startswith(f"Started fine-tuning job {job_id}")
+
+
+async def test_train_jobs_and_job_speak_the_admins_language(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    from PIL import Image, ImageChops, ImageDraw
+
+    from bot.services.charts import LOSS_TITLE_AT, chart_font
+    from tests.test_photos import jpeg
+
+    def say(text: str) -> None:
+        sender = {"id": ADMIN, "is_bot": False, "first_name": "Admin", "language_code": "ru"}
+        tg.push_message(ADMIN, text, user_id=ADMIN, extra={"from": sender})
+
+    async with running(make_settings(job_poll_interval=0.1)) as app:
+        await _seed(tg, 11)
+        tg.push_photo(USER, jpeg(), caption="what is this?")
+        await tg.wait_sent(USER, 1)
+        await settled(app)
+        tg.chat(ADMIN)
+        say("/train")
+        await tg.wait_for(lambda: any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN)))
+        summary = tg.texts(ADMIN)[-1]
+        # Why turns were left out, in words: not the code photo_turn.
+        assert "Исключено: реплики с фото (их добавляет photos=on): 1" in summary
+        assert "photo_turn" not in summary and "text only" not in summary
+        assert summary.startswith("Датасет готов (примеров: 11, только текст).")
+        await _press(tg, ADMIN, ADMIN, "ft:start:", "ru")
+        await tg.wait_for(lambda: any("выполнено" in t for t in tg.sent_texts(ADMIN)), timeout=10)
+        [job_id] = oai.jobs
+        n = len(tg.sent_texts(ADMIN))
+        say("/jobs")
+        [listing] = (await tg.wait_sent(ADMIN, n + 1))[n:]
+        assert listing.startswith(f"{job_id}: выполнено, ") and "только что" in listing
+        assert "succeeded" not in listing and "ago" not in listing
+        say(f"/job {job_id}")
+        detail = (await tg.wait_sent(ADMIN, n + 2))[-1]
+        assert "Датасет: примеров: 11, только текст; токенов: " in detail
+        await tg.wait_for(lambda: bool(tg.calls_of("sendPhoto")))
+    photo = tg.calls_of("sendPhoto")[-1]
+    assert photo.params["caption"] == f"Потери при обучении, {job_id}"
+    png = [data for method, _, data in tg.uploads if method == "sendPhoto"][-1]
+    band = Image.open(io.BytesIO(png)).convert("RGB").crop((0, 0, 720, 40))
+    expected = Image.new("RGB", (720, 360), "white")
+    title = t("chart.loss_title", lang="ru")
+    ImageDraw.Draw(expected).text(LOSS_TITLE_AT, title, fill="black", font=chart_font(16))
+    assert ImageChops.difference(band, expected.crop((0, 0, 720, 40))).getbbox() is None
 
 
 @pytest.mark.parametrize(
@@ -202,8 +302,11 @@ async def test_fewer_than_ten_examples_cannot_start(
         await settled(app)  # every seeded turn is logged before /train
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/train", user_id=ADMIN)
-        await tg.wait_for(lambda: any("can't be used yet" in t for t in tg.texts(ADMIN)))
-    assert "at least 10" in tg.texts(ADMIN)[-1]
+        await tg.wait_for(lambda: any("Not enough" in t for t in tg.texts(ADMIN)))
+    answer = tg.texts(ADMIN)[-1]
+    # Plainly: how many there are, how many a job needs, how many more; no "ready".
+    assert answer.startswith(t("train.too_few", examples=3, needed=10, missing=7))
+    assert "ready" not in answer and "Examples:" not in answer
     assert not any(b[2].startswith("ft:start:") for b in tg.buttons(ADMIN))
 
 
@@ -239,11 +342,11 @@ async def test_failed_job_is_reported_with_its_reason_and_polling_resumes_after_
         await _seed(tg, 11)
         await settled(app)  # every seeded turn is logged before /train
         await _train_and_start(tg)
-        await tg.wait_for(lambda: any("Started" in t for t in tg.texts(ADMIN)))
+        await tg.wait_for(lambda: _said(tg, ADMIN, "Started"))
     assert not any("failed" in t for t in tg.texts(ADMIN))
     async with running(make_settings(job_poll_interval=0.1)) as app:
-        await tg.wait_for(lambda: any("failed" in t for t in tg.texts(ADMIN)), timeout=10)
-    assert "Training diverged at step 12" in next(t for t in tg.texts(ADMIN) if "failed" in t)
+        await tg.wait_for(lambda: any("failed" in t for t in tg.sent_texts(ADMIN)), timeout=10)
+    assert "Training diverged at step 12" in next(t for t in tg.sent_texts(ADMIN) if "failed" in t)
 
 
 async def test_jobs_job_and_cancel_and_offline_listing(
@@ -268,7 +371,11 @@ async def test_jobs_job_and_cancel_and_offline_listing(
         oai.fine_tuning_down = True
         tg.push_message(ADMIN, "/jobs", user_id=ADMIN)
         offline = (await tg.wait_sent(ADMIN, n + 4))[-1]
+        # What went wrong is said in words, not as the bot's internal kind ("unavailable").
+        tg.push_message(ADMIN, f"/job {job_id}", user_id=ADMIN)
+        unreachable = (await tg.wait_sent(ADMIN, n + 5))[-1]
     assert job_id in offline and "cancelled" in offline and "bot's own records" in offline
+    assert unreachable.endswith("Couldn't reach the fine-tuning API (server error).")
 
 
 async def test_job_shows_a_loss_chart_once_metrics_exist(

@@ -12,15 +12,18 @@ from telegram import Bot
 from telegram.error import TelegramError
 
 from bot.errors import ModelError
+from bot.services.alerts import ADMIN_PROBLEMS, AdminAlerts
 from bot.services.conversations import (
     CUT_LENGTH,
     ConversationBackend,
+    InputFile,
     ReplyResult,
     UserContent,
     data_url,
 )
+from bot.services.priority import UserTurns
 from bot.services.profiles import Profiles
-from bot.services.replies import ProgressGate, ReplyStreamer, send_text
+from bot.services.replies import Links, ProgressGate, ReplyStreamer, RichMessages, send_text
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.settings import DEFAULT_ANSWER_DEADLINE, DEFAULT_MAX_ANSWER_TOKENS
 from bot.texts import t
@@ -46,6 +49,8 @@ class Incoming:
     images: Sequence[StoredImage] = field(default_factory=tuple)
     lang: str | None = None  # the user's Telegram language_code, for the bot's own words
     kind: str = ""  # text, photo, voice or document; "" = photo if it has images, else text
+    files: Sequence[InputFile] = field(default_factory=tuple)  # documents, before the text
+    notes: Sequence[str] = field(default_factory=tuple)  # lines under the answer (e.g. a cut)
 
     @property
     def private(self) -> bool:
@@ -71,7 +76,13 @@ class ChatService:
         served: ConversationBackend | None = None,
         max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
         answer_deadline: float = DEFAULT_ANSWER_DEADLINE,
+        alerts: AdminAlerts | None = None,
+        rich: RichMessages | None = None,
     ) -> None:
+        # Whether answers with tables or formulas may go out as rich messages (per process).
+        self.rich = rich or RichMessages()
+        # Problems only an admin can fix (a refused key, a missing model) are told to them.
+        self.alerts = alerts
         # Every answer is bounded in length (the model's output cap) and in time: a stream
         # that trickles never holds its chat's next message for longer than the deadline.
         self.max_answer_tokens = max_answer_tokens
@@ -91,6 +102,11 @@ class ChatService:
         self.sentiment = sentiment
         self.model = model
         self.draft_interval = draft_interval
+        # Users' turns in flight: background model work (the evaluation) gives way to them.
+        self.users = UserTurns()
+        # A canary (bot/services/canary.py): the model and route of a chat it sends to the
+        # candidate, None for the others.
+        self.canary: Callable[[ChatKey], tuple[str, str] | None] = lambda _key: None
 
     async def already_answered(self, msg: Incoming) -> bool:
         """A message replayed after a crash whose answer was already logged: skip it."""
@@ -114,6 +130,12 @@ class ChatService:
         await self._tell(bot, msg, t("limit.reached", lang=msg.lang, limit=self.daily_limit))
         return True
 
+    async def takes_files(self, key: ChatKey) -> bool:
+        """Whether a chat's next turn without images goes to a backend that takes files."""
+        profile = await self.profiles.for_chat(key)
+        _, route = self._model_for(profile.model, False, bool(profile.tools), key)
+        return self.backends[route].takes_files
+
     async def answer(self, bot: Bot, msg: Incoming) -> TurnRecord | None:
         """Stream the model's answer to `msg` into its chat; the logged turn is returned."""
         if await self.already_answered(msg):
@@ -121,16 +143,22 @@ class ChatService:
         if await self.refuse_over_limit(bot, msg):
             return None
         profile = await self.profiles.for_chat(msg.key)
-        model, route = self._model_for(profile.model, bool(msg.images))
+        model, route = self._model_for(
+            profile.model, bool(msg.images), bool(profile.tools), msg.key
+        )
         backend = self.backends[route]
+        content = UserContent(
+            msg.text, tuple(data_url(i.mime_type, i.data) for i in msg.images), tuple(msg.files)
+        )
         turn = TurnRecord(
             thread_id=None,
             key=msg.key,
             chat_type=msg.chat_type,
             user_id=msg.user_id,
             user_message_id=msg.message_id,
-            user_text=msg.text,
+            user_text=content.full_text,  # a document's text form with it (not its bytes)
             model=model,
+            requested_model=model,
             instructions=profile.instructions,
             started_at=utcnow(),
             images=tuple(msg.images),
@@ -144,6 +172,7 @@ class ChatService:
             reply_to=None if msg.private else msg.message_id,
             interval=self.draft_interval,
             gate=self.gate,
+            rich=self.rich,
         )
         # The user's own sentiment is judged while the model writes: it adds no delay. Not on
         # a local server that answers this turn itself: one with a single slot
@@ -152,7 +181,7 @@ class ChatService:
         alongside = route == SERVE_ROUTE or self.backends[CHAT_ROUTE].name != "local"
         user_sentiment = asyncio.create_task(self._analyze(msg.text)) if alongside else None
         try:
-            async with streamer:
+            async with streamer, self.users.turn():
                 try:
                     # The whole model turn, however slowly its stream trickles: OPENAI_TIMEOUT
                     # bounds each read, this the answer. What came before it is not sent.
@@ -161,14 +190,13 @@ class ChatService:
                         turn.thread_id = thread.id
                         result = await backend.run_turn(
                             thread,
-                            UserContent(
-                                msg.text, tuple(data_url(i.mime_type, i.data) for i in msg.images)
-                            ),
+                            content,
                             model=model,
                             instructions=profile.instructions,
                             temperature=profile.temperature,
                             on_delta=streamer.on_delta,
                             max_tokens=self.max_answer_tokens,
+                            tools=profile.tools,
                         )
                 except TimeoutError:
                     raise ModelError(
@@ -182,16 +210,23 @@ class ChatService:
                 # the answer was cut at the length cap.
                 tag = await self._analyze(result.text)
                 turn.reply_sentiment = _row(tag)
-                notes = [t("answer.cut", lang=msg.lang)] if result.cut == CUT_LENGTH else []
+                notes = list(msg.notes)
+                if result.cut == CUT_LENGTH:
+                    notes.append(t("answer.cut", lang=msg.lang))
                 if tag:
-                    notes.append(format_tag(tag))
+                    notes.append(format_tag(tag, msg.lang))
                 footer = "\n".join(notes) or None
-                turn.reply_message_ids = await streamer.send(result.text, footer)
+                # A web search's sources: links under the answer, kept out of its text.
+                links = Links(
+                    t("answer.sources", lang=msg.lang),
+                    [(source.title, source.url) for source in result.sources],
+                )
+                turn.reply_message_ids = await streamer.send(result.text, footer, links)
         except ModelError as exc:
             log.warning("turn failed in chat %s: %s (%s)", msg.key, exc.kind, exc.detail)
             turn.status, turn.error_kind = "failed", exc.kind
             turn.reply_message_ids = await self._tell(
-                bot, msg, t(f"error.{exc.kind}", lang=msg.lang)
+                bot, msg, t(await self._error_key(bot, exc.kind, model), lang=msg.lang)
             )
         except TelegramError as exc:
             # The answer exists but could not be delivered (after the rate limiter's retries).
@@ -208,17 +243,43 @@ class ChatService:
         await self.store.record_turn(turn)
         return turn
 
-    def _model_for(self, profile_model: str | None, images: bool) -> tuple[str, str]:
+    async def _error_key(self, bot: Bot, kind: str, model: str) -> str:
+        """The message for a failed turn. One only an admin can fix says the admins know
+        only when they do (told now, or within the hour)."""
+        if kind not in ADMIN_PROBLEMS:
+            return f"error.{kind}"
+        told = False
+        if self.alerts is not None:
+            try:
+                told = await self.alerts.report(bot, kind, f"{kind}:{model}", model=model)
+            except Exception:
+                log.exception("could not alert the admins about %s", kind)
+        return f"error.{kind}" if told else f"error.{kind}_untold"
+
+    def _model_for(
+        self,
+        profile_model: str | None,
+        images: bool,
+        tools: bool = False,
+        key: ChatKey | None = None,
+    ) -> tuple[str, str]:
         """The model and route of a turn: a profile's model and photos stay on the chat API.
 
         A served fine-tune usually has no vision: photos go to the vision model (or the
         configured chat model) on the chat endpoint; the thread follows them there and back.
+        A profile with tools (web search) stays there too: only the Responses API runs them.
+        A chat a canary sends to the candidate gets it (the same chat always does).
         """
         if profile_model:
             return profile_model, CHAT_ROUTE
         if images:
             current = self.model if self.route == CHAT_ROUTE else self.default_model
             return self.vision_model or current, CHAT_ROUTE
+        picked = self.canary(key) if key is not None else None
+        if picked is not None and (not tools or picked[1] == CHAT_ROUTE):
+            return picked
+        if tools and self.route != CHAT_ROUTE:
+            return self.default_model, CHAT_ROUTE
         return self.model, self.route
 
     async def _analyze(self, text: str) -> Sentiment | None:

@@ -17,6 +17,9 @@ transaction (a consistent snapshot while the bot keeps writing), and streams it:
 Examples are written to a temporary file in `out_dir`, then split into `train.jsonl` and
 `validation.jsonl` (each also written to a temporary file and moved into place with
 `os.replace`), so a reader never sees a half-written file and a failure leaves none behind.
+
+With a test split (`DatasetOptions.test_share`), the most recent conversations go to neither
+file: each gives one evaluation item in `test.jsonl` (bot/services/evaluation.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from bot.services.tokens import MESSAGE_OVERHEAD
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"
+TEST_FILE = "test.jsonl"  # the test split: see DatasetOptions.test_share
 
 ROLES = frozenset({"system", "user", "assistant"})
 _IMAGE_URL_PREFIXES = ("data:image/", "https://", "http://")
@@ -88,6 +92,17 @@ class DatasetOptions:
     validation_fraction: float = 0.1  # 0 -> no validation file
     min_examples: int = 10  # OpenAI's minimum
     epochs: int = 3  # for the cost estimate
+    # The test split: this share of the conversations (threads), the most recent ones, kept
+    # out of both files whole, at most `test_max`; fewer than `test_min` -> none at all (a
+    # handful of items can't tell two models apart, and would only cost training data).
+    # Each gives one evaluation item in test.jsonl: its last window's context up to the
+    # last user message, and the answer the bot gave then.
+    test_share: float = 0.0
+    test_max: int = 200
+    test_min: int = 5
+
+
+TOO_FEW = "too_few"  # a problem: fewer examples than a job needs
 
 
 @dataclass(slots=True)
@@ -102,7 +117,13 @@ class DatasetReport:
     train_path: Path | None = None
     validation_path: Path | None = None
     estimated_cost_usd: float | None = None  # tokens * epochs * price; None when unknown
-    problems: list[str] = field(default_factory=list)  # blocking problems
+    voice_turns: int = 0  # turns in the examples whose user message was transcribed audio
+    # Blocking problems, as codes: "too_few" (fewer than `needed` examples).
+    problems: list[str] = field(default_factory=list)
+    needed: int = 0  # the examples a job needs at least (DatasetOptions.min_examples)
+    test_conversations: int = 0  # conversations held out as the test split
+    test_items: int = 0  # evaluation items written to test.jsonl (text-only ones)
+    test_path: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -320,6 +341,7 @@ class _Turn:
     user_text: str | None = None
     user_sentiment: str | None = None
     assistant_text: str | None = None
+    voice: bool = False  # the user's words are a transcribed recording
 
 
 @dataclass(slots=True)
@@ -329,6 +351,7 @@ class _Kept:
     images: tuple[tuple[str, str], ...]  # (sha256, mime_type)
     tokens: int
     redactions: Counter[str] | None
+    voice: bool = False
 
 
 @dataclass(slots=True)
@@ -336,6 +359,8 @@ class _Window:
     instructions_id: int | None = None
     tokens: int = 0  # the system message included
     turns: list[_Kept] = field(default_factory=list)
+    turn_ids: list[int] = field(default_factory=list)
+    held_out: bool = False  # a window of a test-split conversation: never in either file
 
 
 _TURNS_SQL = """
@@ -343,7 +368,7 @@ SELECT t.id, t.thread_id, t.user_id,
        CASE WHEN t.status = 'ok' AND t.error_kind = 'length' THEN 'cut' ELSE t.status END,
        t.instructions_id,
        EXISTS (SELECT 1 FROM turn_images ti WHERE ti.turn_id = t.id),
-       m.role, m.content, m.sentiment_label
+       m.role, m.content, m.sentiment_label, t.input_kind = 'voice'
 FROM turns t LEFT JOIN messages m ON m.turn_id = t.id
 WHERE (:since IS NULL OR +t.started_at >= :since)
   AND (:chat_id IS NULL OR +t.chat_id = :chat_id)
@@ -353,6 +378,9 @@ ORDER BY t.thread_id, t.id, m.id
 
 # Written by /forget (storage.db: dataset_exclusions, migration 9; the forget generation).
 _EXCLUSIONS_SQL = "SELECT turn_id, reason FROM dataset_exclusions"
+# The conversations the test split is drawn from (with the same filters as the examples).
+_HELD_FROM = """FROM turns WHERE thread_id IS NOT NULL
+  AND (:since IS NULL OR started_at >= :since) AND (:chat_id IS NULL OR chat_id = :chat_id)"""
 _GENERATION_SQL = "SELECT value FROM bot_settings WHERE key = 'forget_generation'"
 # A /forget that commits while a dataset is built makes it stale: built again, this often.
 MAX_BUILDS = 3
@@ -364,12 +392,14 @@ def _iter_turns(
     cur = conn.execute(_TURNS_SQL, {"since": since, "chat_id": chat_id})
     cur.arraysize = 512
     turn: _Turn | None = None
-    for tid, thread_id, user_id, status, instr_id, has_images, role, content, label in cur:
+    for tid, thread_id, user_id, status, instr_id, has_images, role, content, label, voice in cur:
         if turn is None or turn.id != tid:
             if turn is not None:
                 yield turn
             thread = ("thread", thread_id) if thread_id is not None else ("turn", tid)
-            turn = _Turn(tid, thread, user_id, status, instr_id, bool(has_images))
+            turn = _Turn(
+                tid, thread, user_id, status, instr_id, bool(has_images), voice=bool(voice)
+            )
         if role == "user":
             turn.user_text, turn.user_sentiment = content, label
         elif role == "assistant":
@@ -392,12 +422,22 @@ def _normalise_since(since: str | None) -> str | None:
 
 
 class _Builder:
-    def __init__(self, conn: sqlite3.Connection, options: DatasetOptions, out) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, options: DatasetOptions, out, test_out=None
+    ) -> None:
         self.conn = conn
         self.options = options
         self.out = out
         self.report = DatasetReport()
         self.seen: set[bytes] = set()
+        # The test split: held-out conversations, the digests of their windows (a training
+        # example identical to one is left out too), and the current one's last window.
+        self.test_out = test_out
+        self.held = self._held_threads()
+        self.report.test_conversations = len(self.held)
+        self.test_digests: set[bytes] = set()
+        self.test_last: tuple[list[dict[str, Any]], list[int]] | None = None
+        self.test_thread: int | None = None
         self.instructions: dict[int | None, tuple[str, int]] = {}
         self.window = _Window()
         self.opted_out = {r[0] for r in conn.execute("SELECT user_id FROM opted_out_users")}
@@ -430,10 +470,46 @@ class _Builder:
                 self._place(pending, negative_followup=same and turn.user_sentiment == "negative")
                 if not same:
                     self._flush()
+                    self._test_item()
             pending = turn
         if pending is not None:
             self._place(pending, negative_followup=False)
         self._flush()
+        self._test_item()
+
+    def _held_threads(self) -> set[int]:
+        """The test split: the most recently active conversations (see DatasetOptions)."""
+        o = self.options
+        if o.test_share <= 0 or o.test_max <= 0:
+            return set()
+        params = {"since": _normalise_since(o.since), "chat_id": o.chat_id}
+        row = self.conn.execute(f"SELECT COUNT(DISTINCT thread_id) {_HELD_FROM}", params)
+        k = min(o.test_max, round(row.fetchone()[0] * o.test_share))
+        if k < max(o.test_min, 1):
+            return set()
+        rows = self.conn.execute(
+            f"SELECT thread_id {_HELD_FROM} GROUP BY thread_id ORDER BY MAX(id) DESC LIMIT :k",
+            {**params, "k": k},
+        )
+        return {int(row[0]) for row in rows}
+
+    def _test_item(self) -> None:
+        """Write the item of the test-split conversation just read (its last window), if any."""
+        last, self.test_last = self.test_last, None
+        if last is None or self.test_out is None:
+            return
+        messages, turn_ids = last
+        if any(not isinstance(m["content"], str) for m in messages):
+            return  # the evaluation replays text: a context with photos gives no item
+        item = {
+            "conversation": self.test_thread,
+            "turns": turn_ids,
+            "messages": messages[:-1],
+            "reference": messages[-1]["content"],
+        }
+        self.test_out.write(json.dumps(item, ensure_ascii=False, separators=(",", ":")))
+        self.test_out.write("\n")
+        self.report.test_items += 1
 
     def _reason(self, turn: _Turn, negative_followup: bool) -> str | None:
         if turn.user_id is not None and turn.user_id in self.opted_out:
@@ -484,14 +560,18 @@ class _Builder:
             self.report.dropped["too_long"] += 1
             self._flush()
             return
-        kept = _Kept(user, assistant, images, tokens, counts)
+        kept = _Kept(user, assistant, images, tokens, counts, turn.voice)
         w = self.window
         if w.turns and (w.instructions_id != turn.instructions_id or w.tokens + tokens > limit):
             self._flush()
             w = self.window
         if not w.turns:
             w.instructions_id, w.tokens = turn.instructions_id, system_tokens
+            w.held_out = turn.thread[0] == "thread" and turn.thread[1] in self.held
+            if w.held_out:
+                self.test_thread = turn.thread[1]
         w.turns.append(kept)
+        w.turn_ids.append(turn.id)
         w.tokens += tokens
 
     def _data_url(self, sha: str, mime: str) -> str:
@@ -525,6 +605,13 @@ class _Builder:
             return
         line = json.dumps(example, ensure_ascii=False, separators=(",", ":"))
         digest = _digest(line)
+        if w.held_out:
+            self.test_digests.add(digest)
+            self.test_last = (messages, list(w.turn_ids))
+            return
+        if digest in self.test_digests:
+            self.report.dropped["test_split_twin"] += 1
+            return
         if digest in self.seen:
             self.report.dropped["duplicate"] += 1
             return
@@ -534,6 +621,7 @@ class _Builder:
         r = self.report
         r.examples += 1
         r.tokens += w.tokens
+        r.voice_turns += sum(turn.voice for turn in w.turns)
         for turn in w.turns:
             if turn.redactions:
                 r.redactions.update(turn.redactions)
@@ -557,6 +645,8 @@ def _validation_count(n: int, fraction: float, min_examples: int) -> int:
 def _check_options(o: DatasetOptions) -> None:
     if not 0 <= o.validation_fraction < 1:
         raise ValueError("validation_fraction must be in [0, 1)")
+    if not 0 <= o.test_share < 1 or o.test_max < 0 or o.test_min < 0:
+        raise ValueError("test_share must be in [0, 1), test_max and test_min >= 0")
     if o.max_tokens_per_example <= 0 or o.min_examples < 0 or o.epochs <= 0:
         raise ValueError("max_tokens_per_example and epochs must be positive")
 
@@ -600,9 +690,9 @@ def build_dataset(
     else:
         raise DatasetStale(f"/forget ran during each of {MAX_BUILDS} builds")
 
-    n = report.examples
-    if n < options.min_examples:
-        report.problems.append(f"only {n} examples; at least {options.min_examples} are needed")
+    report.needed = options.min_examples
+    if report.examples < options.min_examples:
+        report.problems.append(TOO_FEW)
     price = training_price_per_1m(base_model)
     if price is not None:
         report.estimated_cost_usd = round(report.tokens * options.epochs * price / 1_000_000, 4)
@@ -634,13 +724,28 @@ def _build(db_path: Path, out_dir: Path, options: DatasetOptions) -> DatasetRepo
             conn.execute("BEGIN")  # one snapshot for every query below
             everything = _temp(out_dir, "examples")
             temps.append(everything)
-            builder = _Builder(conn, options, everything)
+            tests = _temp(out_dir, "test")
+            temps.append(tests)
+            builder = _Builder(conn, options, everything, tests)
             builder.run()
             conn.execute("COMMIT")
         finally:
             conn.close()
         report = builder.report
         everything.close()
+        test_target = out_dir / TEST_FILE
+        if report.test_items:
+            _commit(tests, test_target)
+            report.test_path = test_target
+        else:
+            test_target.unlink(missing_ok=True)
+        # An example identical to a held-out window (written before that window was read)
+        # goes to neither file: the test split must be unseen, word for word.
+        twins = builder.seen & builder.test_digests
+        builder.seen -= twins
+        report.examples -= len(twins)
+        if twins:
+            report.dropped["test_split_twin"] += len(twins)
 
         n = report.examples
         k = _validation_count(n, options.validation_fraction, options.min_examples)
@@ -656,6 +761,12 @@ def _build(db_path: Path, out_dir: Path, options: DatasetOptions) -> DatasetRepo
                 temps.append(val)
             with open(everything.name, encoding="utf-8") as source:
                 for line in source:
+                    if twins and _digest(line[:-1]) in twins:
+                        example = json.loads(line)
+                        report.tokens -= sum(
+                            _content_tokens(m["content"]) for m in example["messages"]
+                        )
+                        continue
                     if validation and _digest(line[:-1]) in validation:
                         assert val is not None
                         val.write(line)

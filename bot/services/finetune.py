@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 PENDING_TTL = 3600.0  # a built dataset waits this long for "start"
 MAX_PENDING = 20
 
-Notify = Callable[[JobRecord, JobInfo], Awaitable[None]]
+# Tells the admin who started a job its new status; returns the id of the message that now
+# follows the job (edited while it runs), or None to keep the one recorded.
+Notify = Callable[[JobRecord, JobInfo], Awaitable[int | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,12 @@ class FineTuner:
         self.suffix = suffix
         self.epochs = epochs
         self._pending: dict[str, Pending] = {}
+        # The test split /train sets aside (share, at most, at least: see DatasetOptions),
+        # and what keeps its items when a job starts (the evaluation); unset: none.
+        self.test_split: tuple[float, int, int] = (0.0, 0, 0)
+        self.keep_test_split: Callable[[JobRecord, Path], Awaitable[int]] | None = None
+        # ... and what removes kept items that /forget took words from.
+        self.forget_test_split: Callable[[], Awaitable[int]] | None = None
 
     async def build(self, options: DatasetOptions) -> DatasetReport:
         """Build and validate a dataset from the log, off the event loop, in its own folder."""
@@ -86,7 +94,10 @@ class FineTuner:
         out_dir = self.datasets_dir / f"{stamp}-{secrets.token_hex(3)}"
         out_dir.mkdir(parents=True, exist_ok=True)
         # The cost estimate must count the epochs the job will really run.
-        options = replace(options, epochs=self.epochs)
+        share, most, least = self.test_split
+        options = replace(
+            options, epochs=self.epochs, test_share=share, test_max=most, test_min=least
+        )
         return await asyncio.to_thread(
             build_dataset, self.db_path, out_dir, options, base_model=self.base_model
         )
@@ -114,6 +125,8 @@ class FineTuner:
         uploaded to a trainer are out of the bot's reach.
         """
         self._pending.clear()
+        if self.forget_test_split is not None:
+            await self.forget_test_split()
 
         def remove(root: Path) -> int:
             removed = 0
@@ -168,11 +181,24 @@ class FineTuner:
             status=info.status,
             created_at=now,
             updated_at=now,
+            dataset_since=pending.options.since,
+            dataset_chat_id=pending.options.chat_id,
+            dataset_photos=pending.options.include_photos,
         )
         await self.store.add_job(job)
         await self.store.mark_notified(job.job_id, job.status)  # the admin sees it start
         job.notified_status = job.status
+        if self.keep_test_split is not None and report.test_path is not None:
+            try:
+                await self.keep_test_split(job, report.test_path)
+            except Exception:  # the job runs anyway; it just can't be evaluated
+                log.exception("could not keep the test split of job %s", job.job_id)
         return job
+
+    async def follow_with(self, job: JobRecord, message_id: int) -> None:
+        """The admin's message `message_id` follows `job` from now on: its notices edit it."""
+        await self.store.mark_notified(job.job_id, job.notified_status or job.status, message_id)
+        job.notice_message_id = message_id
 
     def trainer_of(self, record: JobRecord | None) -> Trainer | None:
         """The trainer a job belongs to (the current one for a job the bot has no record of)."""
@@ -264,11 +290,11 @@ class FineTuner:
 
     async def _tell(self, notify: Notify, job: JobRecord, info: JobInfo) -> None:
         try:
-            await notify(job, info)
+            message_id = await notify(job, info)
         except Exception:
             log.exception("could not notify about job %s", job.job_id)
             return
-        await self.store.mark_notified(job.job_id, info.status)
+        await self.store.mark_notified(job.job_id, info.status, message_id)
 
     async def run(self, notify: Notify, interval: float) -> None:
         """Poll until cancelled; a failing round is logged and the next one comes anyway."""
@@ -293,7 +319,9 @@ def _created(record: JobRecord | None, info: JobInfo | None) -> str:
 
 
 def describe(options: DatasetOptions, report: DatasetReport) -> str:
-    """One line saying what went into a dataset."""
+    """One line saying what went into a dataset, in English: the job record's description.
+
+    Admins read it in their own language from the options kept with the job (`/job`)."""
     parts = [f"{report.examples} examples"]
     if options.since:
         parts.append(f"since {options.since[:10]}")

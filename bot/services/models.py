@@ -66,6 +66,11 @@ class ModelRouter:
     def current(self) -> str:
         return self._chat.model
 
+    @property
+    def route(self) -> str:
+        """Where the model in use is served: the chat endpoint or the serving endpoint."""
+        return self._chat.route
+
     async def catalog(self) -> Catalog:
         """What each endpoint offers; an endpoint that can't be reached is named in `problem`."""
         chat, problem = await _list(self._client)

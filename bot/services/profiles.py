@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from storage.db import ChatKey, Store
 
 DEFAULT = "default"
+DEFAULT_TITLE = "Default"  # shown in the reader's language (assistant.default_title)
 
 
 class _ProfileSpec(BaseModel):
@@ -65,7 +66,7 @@ def load_profiles(
     Responses API runs them; on "local" it is refused here, not at its first question.
     """
     profiles = {
-        DEFAULT: Profile(DEFAULT, "Default", default_instructions, None, None, True),
+        DEFAULT: Profile(DEFAULT, DEFAULT_TITLE, default_instructions, None, None, True),
     }
     if path is None:
         return profiles

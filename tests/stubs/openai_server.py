@@ -24,6 +24,7 @@ from aiohttp import web
 from tests.stubs.specs import UPLOAD_FILE, OpenAISpec
 
 API_KEY = "sk-test-parley-0123456789abcdef"
+JUDGE_SCHEMA = "verdict"  # the evaluation's judge asks for structured output by this name
 
 
 @dataclass
@@ -41,6 +42,9 @@ class ModelCall:
     finished: float | None = None
     # Every image the model was shown (history included), decoded: (format, width, height).
     image_info: list[tuple[str, int, int]] = field(default_factory=list)
+    # Every file (Responses `input_file`) the model was shown, history included, decoded:
+    # (filename, its text as the stand-in reads it: a PDF's pages, a text file's text).
+    files: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def last_user_text(self) -> str:
@@ -65,6 +69,47 @@ class Reply:
     # After its deltas the stream stalls instead of ending: a keep-alive byte (an SSE comment
     # line) every `drip` seconds, for ever, so no single read ever times out.
     drip: float = 0.0
+    # A web search: the (url, title) pages the answer cites. With the request's web_search
+    # tool the response starts with a web_search_call, and its text carries a url_citation
+    # annotation for each page (a page the text doesn't link yet is linked at its end).
+    citations: tuple[tuple[str, str], ...] = ()
+
+
+# Transcription models OpenAI lists (whisper-1 and the gpt-4o ones until 2027-02-26).
+TRANSCRIBE_MODELS = frozenset(
+    {
+        "gpt-transcribe",
+        "gpt-4o-transcribe",
+        "gpt-4o-mini-transcribe",
+        "gpt-4o-mini-transcribe-2025-12-15",
+        "gpt-4o-transcribe-diarize",
+        "whisper-1",
+    }
+)
+TRANSCRIBE_MAX_BYTES = 25 * 1024 * 1024  # the API's request limit
+DEFAULT_TRANSCRIPT = "Hello, this is a voice note."
+
+
+@dataclass
+class Transcript:
+    """One scripted transcription result (or failure)."""
+
+    text: str = DEFAULT_TRANSCRIPT
+    status: int = 200
+    delay: float = 0.0
+
+
+@dataclass
+class TranscriptionCall:
+    """One transcription request as it arrived: the model, the file part, the form fields."""
+
+    model: str
+    filename: str
+    content_type: str
+    data: bytes
+    fields: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
 
 
 class FakeOpenAI:
@@ -90,6 +135,16 @@ class FakeOpenAI:
         # chat answer; empty, a word rule labels the text.
         self.classify_script: deque[Reply] = deque()
         self.classify_calls: list[dict[str, Any]] = []  # refused ones included
+        # The evaluation's judge: structured-output requests whose schema is named "verdict"
+        # (Responses `text.format` or Chat Completions `response_format`). `judge` is given
+        # the two answers it is shown (answer_a, answer_b) and returns the verdict object, or
+        # a Reply whose status is an error; unset, the longer answer wins. Each call is kept
+        # in `judge_calls` as (answer_a, answer_b, the request body). `latency` applies.
+        self.judge: Callable[[str, str], dict[str, Any] | Reply] | None = None
+        self.judge_calls: list[tuple[str, str, dict[str, Any]]] = []
+        # Answers by model when the script is empty, keyed by the model's name or a prefix
+        # of it ("ft:"): a candidate model that answers differently from the model in use.
+        self.answers_by_model: dict[str, Callable[[ModelCall], str]] = {}
         # Chat Completions' response_format types this server refuses, and with what status:
         # 400 as vLLM or LM Studio, 500 as llama-cpp-python's server (whose response_format
         # knows only "text" and "json_object", the latter with an optional "schema"), 422 as
@@ -114,12 +169,22 @@ class FakeOpenAI:
         # (about four characters a token) plus cap may not exceed (vLLM's 400).
         self.refused_cap_fields: set[str] = set()
         self.context_length: int | None = None
+        # Transcription (POST /audio/transcriptions): scripted transcripts, taken in order
+        # (DEFAULT_TRANSCRIPT when none is queued), and every request as it arrived.
+        self.transcripts: deque[Transcript] = deque()
+        self.transcriptions: list[TranscriptionCall] = []
+        self.transcribe_models = set(TRANSCRIBE_MODELS)
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     def enqueue(self, *replies: Reply | str) -> None:
         self.script.extend(r if isinstance(r, Reply) else Reply(r) for r in replies)
+
+    def enqueue_transcript(self, *transcripts: Transcript | str) -> None:
+        self.transcripts.extend(
+            t if isinstance(t, Transcript) else Transcript(t) for t in transcripts
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -148,6 +213,7 @@ class FakeOpenAI:
         path = "/" + request.match_info["path"]
         body: Any = None
         upload: bytes | None = None
+        upload_meta: tuple[str, str] = ("", "")  # the file part's filename and content type
         if request.can_read_body and request.content_type == "application/json":
             body = await request.json()
         elif request.can_read_body and request.content_type == "multipart/form-data":
@@ -158,6 +224,7 @@ class FakeOpenAI:
                 else:
                     body[name] = UPLOAD_FILE
                     upload = value.file.read()
+                    upload_meta = (value.filename or "", value.content_type or "")
         self.requests.append((request.method, path, body))
         if self.spec is not None:
             problems = self.spec.validate_request(
@@ -196,6 +263,8 @@ class FakeOpenAI:
                     ],
                 }
             )
+        if request.method == "POST" and parts == ["audio", "transcriptions"]:
+            return await self._transcribe(body, upload or b"", *upload_meta)
         if request.method == "POST" and parts == ["files"]:
             return self._upload(body, upload or b"")
         if parts[:2] == ["fine_tuning", "jobs"]:
@@ -387,6 +456,51 @@ class FakeOpenAI:
         )
         return job
 
+    # -- transcription ----------------------------------------------------------------------
+
+    def _next_transcript(self, call: TranscriptionCall) -> Transcript:
+        return self.transcripts.popleft() if self.transcripts else Transcript(DEFAULT_TRANSCRIPT)
+
+    async def _transcribe(
+        self, body: dict[str, Any], data: bytes, filename: str, content_type: str
+    ) -> web.Response:
+        """POST /audio/transcriptions (multipart, already checked against the spec)."""
+        call = TranscriptionCall(body["model"], filename, content_type, data, dict(body))
+        self.transcriptions.append(call)
+        try:
+            if len(data) > TRANSCRIBE_MAX_BYTES:  # the bot must refuse these itself
+                self.violations.append(f"transcription: {len(data)} bytes is over 25 MB")
+                return _error(
+                    413, "Maximum content size limit exceeded.", "invalid_request_error", None
+                )
+            if body["model"] not in self.transcribe_models:
+                return _error(
+                    404,
+                    f"The model `{body['model']}` does not exist or you do not have access to it.",
+                    "invalid_request_error",
+                    "model_not_found",
+                )
+            if problem := _audio_problem(filename, data):
+                return _error(400, problem, "invalid_request_error", "invalid_value")
+            script = self._next_transcript(call)
+            if script.delay:
+                await asyncio.sleep(script.delay)
+            if script.status != 200:
+                return _status_error(script.status)
+            if body.get("response_format") == "text":
+                return web.Response(text=script.text, content_type="text/plain")
+            audio_tokens, output_tokens = len(data) // 1000 + 1, len(script.text) // 4 + 1
+            usage = {
+                "type": "tokens",
+                "input_tokens": audio_tokens,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+                "output_tokens": output_tokens,
+                "total_tokens": audio_tokens + output_tokens,
+            }
+            return web.json_response({"text": script.text, "usage": usage})
+        finally:
+            call.finished = time.monotonic()
+
     # -- the model --------------------------------------------------------------------------
 
     def _random_fault(self) -> Reply | None:
@@ -406,6 +520,9 @@ class FakeOpenAI:
         text = reply.text
         if callable(text):
             text = text(call)
+        rule = next((r for k, r in self.answers_by_model.items() if call.model.startswith(k)), None)
+        if text is None and rule is not None:
+            text = rule(call)
         if text is None:
             text = f"echo: {call.last_user_text}"
         return reply, text
@@ -418,6 +535,16 @@ class FakeOpenAI:
                 self.violations.append(f"{call.api}: {problem}")
                 return problem
             call.image_info.append(problem)
+        return None
+
+    def _check_files(self, call: ModelCall, parts: list[dict[str, Any]]) -> str | None:
+        """Read every file the model is sent, as the real API would; a problem, or None."""
+        for part in parts:
+            problem = _decode_file(part)
+            if isinstance(problem, str):
+                self.violations.append(f"{call.api}: {problem}")
+                return problem
+            call.files.append(problem)
         return None
 
     async def _model_call(self, call: ModelCall) -> tuple[Reply, str]:
@@ -486,6 +613,8 @@ class FakeOpenAI:
 
     async def _responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         if ((body.get("text") or {}).get("format") or {}).get("type") == "json_schema":
+            if body["text"]["format"].get("name") == JUDGE_SCHEMA:
+                return await self._judge_responses(body)
             return await self._classify(body)
         conv_ref = body.get("conversation")
         conv_id = conv_ref if isinstance(conv_ref, str) else (conv_ref or {}).get("id")
@@ -520,30 +649,80 @@ class FakeOpenAI:
             return _error(
                 400, f"Invalid image: {problem}", "invalid_request_error", "invalid_image"
             )
+        all_files = [
+            p
+            for i in history + new_items
+            for p in i.get("content", [])
+            if isinstance(p, dict) and p.get("type") == "input_file"
+        ]
+        if problem := self._check_files(call, all_files):
+            return _error(400, f"Invalid file: {problem}", "invalid_request_error", "invalid_file")
         try:
             reply, text = await self._model_call(call)
             if reply.status != 200:
                 return _status_error(reply.status)
             response_id = self._new_id("resp")
             message_id = self._new_id("msg")
+            text, searches, notes = self._web_search(body, call, reply, text)
             output_item = {
                 "id": message_id,
                 "type": "message",
                 "status": "completed",
                 "role": "assistant",
                 "content": [
-                    {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+                    {"type": "output_text", "text": text, "annotations": notes, "logprobs": []}
                 ],
             }
             usage = _usage(call, text)
-            final = _response_obj(response_id, body, conv_id, "completed", [output_item], usage)
+            output = [*searches, output_item]
+            final = _response_obj(response_id, body, conv_id, "completed", output, usage)
             if conv is not None and reply.cut_after is None and reply.end == "completed":
                 conv["items"] += new_items + [output_item]
             if not body.get("stream"):
                 return web.json_response(final)
-            return await self._stream_response(request, reply, text, final, output_item)
+            return await self._stream_response(request, reply, text, final, output_item, searches)
         finally:
             self._done(call)
+
+    def _web_search(
+        self, body: dict[str, Any], call: ModelCall, reply: Reply, text: str
+    ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+        """What a reply's citations stand for: the text, linking every page it cites, the
+        web_search_call output items and the url_citation annotations (none without any)."""
+        if not reply.citations:
+            return text, [], []
+        tools = [t.get("type") for t in body.get("tools") or () if isinstance(t, dict)]
+        if not {"web_search", "web_search_2025_08_26", "web_search_preview"} & set(tools):
+            self.violations.append("responses: a web search was scripted, but no tool allows it")
+            return text, [], []
+        notes = []
+        for url, title in reply.citations:
+            link = f"]({url})"
+            if link not in text:
+                host = url.split("/")[2] if "://" in url else url
+                text += f" ([{host}]({url}))"
+            end = text.index(link) + len(link)
+            start = text.rindex("[", 0, end - len(link))
+            notes.append(
+                {
+                    "type": "url_citation",
+                    "url": url,
+                    "title": title,
+                    "start_index": start,
+                    "end_index": end,
+                }
+            )
+        search = {
+            "id": self._new_id("ws"),
+            "type": "web_search_call",
+            "status": "completed",
+            "action": {
+                "type": "search",
+                "query": call.last_user_text,
+                "sources": [{"type": "url", "url": url} for url, _ in reply.citations],
+            },
+        }
+        return text, [search], notes
 
     async def _stream_response(
         self,
@@ -552,6 +731,7 @@ class FakeOpenAI:
         text: str,
         final: dict[str, Any],
         item: dict[str, Any],
+        searches: list[dict[str, Any]] | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -564,17 +744,25 @@ class FakeOpenAI:
         pending = {**final, "status": "in_progress", "output": [], "usage": None}
         await send("response.created", response=pending)
         await send("response.in_progress", response=pending)
-        ref = {"item_id": item["id"], "output_index": 0}
+        for index, search in enumerate(searches or ()):  # the web search, before the answer
+            ws = {"item_id": search["id"], "output_index": index}
+            added = {**search, "status": "in_progress", "action": {"type": "search"}}
+            await send("response.output_item.added", output_index=index, item=added)
+            for stage in ("in_progress", "searching", "completed"):
+                await send(f"response.web_search_call.{stage}", **ws)
+            await send("response.output_item.done", output_index=index, item=search)
+        index = len(searches or ())
+        ref = {"item_id": item["id"], "output_index": index}
         await send(
             "response.output_item.added",
-            output_index=0,
+            output_index=index,
             item={**item, "status": "in_progress", "content": []},
         )
         await send(
             "response.content_part.added",
             **ref,
             content_index=0,
-            part={"type": "output_text", "text": "", "annotations": []},
+            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
         )
         for n, delta in enumerate(_chunks(text, reply.chunk_words)):
             if reply.cut_after is not None and n >= reply.cut_after:
@@ -601,20 +789,90 @@ class FakeOpenAI:
             await send(f"response.{reply.end}", response=ended)
             await resp.write_eof()
             return resp
+        notes = item["content"][0]["annotations"]
+        for n, note in enumerate(notes):
+            await send(
+                "response.output_text.annotation.added",
+                **ref,
+                content_index=0,
+                annotation_index=n,
+                annotation=note,
+            )
         await send("response.output_text.done", **ref, content_index=0, text=text, logprobs=[])
         await send(
             "response.content_part.done",
             **ref,
             content_index=0,
-            part={"type": "output_text", "text": text, "annotations": []},
+            part={"type": "output_text", "text": text, "annotations": notes, "logprobs": []},
         )
-        await send("response.output_item.done", output_index=0, item=item)
+        await send("response.output_item.done", output_index=index, item=item)
         await send("response.completed", response=final)
         await resp.write_eof()
         return resp
 
+    async def _verdict(self, body: dict[str, Any], shown: Any) -> web.Response | str:
+        """The judge's verdict on the two answers in `shown` (the evaluation's JSON input)."""
+        try:
+            pair = json.loads(shown) if isinstance(shown, str) else {}
+            answer_a, answer_b = str(pair["answer_a"]), str(pair["answer_b"])
+        except (ValueError, KeyError, TypeError):
+            self.violations.append("judge: the input is not the evaluation's JSON")
+            return _error(400, "unexpected judge input", "invalid_request_error", None)
+        self.judge_calls.append((answer_a, answer_b, body))
+        await asyncio.sleep(self.latency)
+        if self.judge is not None:
+            verdict = self.judge(answer_a, answer_b)
+        else:
+            longer = "a" if len(answer_a) > len(answer_b) else "b"
+            winner = "tie" if len(answer_a) == len(answer_b) else longer
+            verdict = {"winner": winner, "confidence": "medium", "reason": "the fuller answer"}
+        if isinstance(verdict, Reply):
+            await asyncio.sleep(verdict.delay)
+            if verdict.hold is not None:
+                await verdict.hold.wait()
+            if verdict.status != 200:
+                return _status_error(verdict.status)
+            return verdict.text if isinstance(verdict.text, str) else ""
+        return json.dumps(verdict)
+
+    async def _judge_responses(self, body: dict[str, Any]) -> web.Response:
+        answer = await self._verdict(body, body.get("input"))
+        if isinstance(answer, web.Response):
+            return answer
+        item = {
+            "id": self._new_id("msg"),
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": answer, "annotations": [], "logprobs": []}],
+        }
+        usage = {
+            "input_tokens": 200,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 30,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 230,
+        }
+        return web.json_response(
+            _response_obj(self._new_id("resp"), body, None, "completed", [item], usage)
+        )
+
+    async def _judge_chat(self, body: dict[str, Any]) -> web.Response:
+        shown = next(
+            (m.get("content") for m in reversed(body["messages"]) if m["role"] == "user"), ""
+        )
+        answer = await self._verdict(body, shown)
+        if isinstance(answer, web.Response):
+            return answer
+        base = {"id": self._new_id("chatcmpl"), "created": int(time.time()), "model": body["model"]}
+        usage = {"prompt_tokens": 200, "completion_tokens": 30, "total_tokens": 230}
+        return web.json_response(_chat_completion(base, answer, usage))
+
     async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         if (body.get("response_format") or {}).get("type") in ("json_schema", "json_object"):
+            schema = body["response_format"].get("json_schema") or {}
+            if schema.get("name") == JUDGE_SCHEMA:
+                return await self._judge_chat(body)
             return await self._classify_chat(body)
         transcript, images = [], []
         for m in body["messages"]:
@@ -826,6 +1084,69 @@ def _decode_image(url: str) -> tuple[str, int, int] | str:
     return fmt, width, height
 
 
+# How each format the transcription API reads begins (mp4 and m4a: "ftyp" at offset 4).
+_AUDIO_MAGIC: dict[str, tuple[bytes, ...]] = {
+    "ogg": (b"OggS",),
+    "flac": (b"fLaC",),
+    "wav": (b"RIFF",),
+    "webm": (b"\x1a\x45\xdf\xa3",),
+    "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"),
+}
+_AUDIO_MAGIC["mpeg"] = _AUDIO_MAGIC["mpga"] = _AUDIO_MAGIC["mp3"]
+_AUDIO_MAGIC["oga"] = _AUDIO_MAGIC["ogg"]
+
+
+def _audio_problem(filename: str, data: bytes) -> str | None:
+    """Why the transcription API would refuse this file (format by extension, then by
+    content, as the real one reads it), or None."""
+    ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    if ext not in ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm"):
+        return (
+            "Invalid file format. Supported formats: "
+            "['flac', 'm4a', 'mp3', 'mp4', 'mpeg', 'mpga', 'oga', 'ogg', 'wav', 'webm']"
+        )
+    matches = data[4:8] == b"ftyp" if ext in ("mp4", "m4a") else data.startswith(_AUDIO_MAGIC[ext])
+    if not matches:
+        return "Audio file might be corrupted or unsupported"
+    return None
+
+
+def _decode_file(part: dict[str, Any]) -> tuple[str, str] | str:
+    """(filename, text) of an `input_file` part sent inline, or what is wrong with it.
+
+    The bot sends files as `file_data`, a base64 data URL, with a `filename` (the API tells
+    file types by name); a PDF must be one the API can read (not encrypted, not broken).
+    """
+    import base64
+    import binascii
+    import io
+
+    from pypdf import PdfReader
+
+    name, url = part.get("filename"), part.get("file_data")
+    if part.get("file_id") or part.get("file_url"):
+        return "the bot sends files inline (file_data), not by id or URL"
+    if not isinstance(name, str) or not name.strip():
+        return "an input_file needs a filename"
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        return f"file_data is not a base64 data URL: {str(url)[:40]!r}"
+    mime, payload = url[5:].split(";base64,", 1)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        return "file_data is not valid base64"
+    if name.lower().endswith(".pdf") != (mime == "application/pdf"):
+        return f"{name!r} sent as {mime}"
+    if mime != "application/pdf":
+        return name, data.decode("utf-8", "replace")
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        text = "\n".join(page.extract_text() for page in reader.pages)
+    except Exception as exc:
+        return f"unreadable PDF {name!r}: {type(exc).__name__}"
+    return name, text
+
+
 def _word_rule(text: str) -> dict[str, Any]:
     """The stand-in classifier: a few words decide (real models are not this naive)."""
     lowered = text.lower()
@@ -921,7 +1242,7 @@ def _response_obj(
         "metadata": {},
         "parallel_tool_calls": True,
         "tool_choice": "auto",
-        "tools": [],
+        "tools": body.get("tools") or [],
         "temperature": 1.0,
         "top_p": 1.0,
         "text": body.get("text") or {"format": {"type": "text"}},

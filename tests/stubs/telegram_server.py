@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.stubs.entities import check_entities
+from tests.stubs.rich_markdown import read_rich
 from tests.stubs.specs import INPUT_FILE, TelegramSpec
 
 BOT_USER = {
@@ -86,6 +87,10 @@ class FakeTelegram:
         self.rng = random.Random(0)
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # what the bot sent, as now
         self.uploads: list[tuple[str, str, bytes]] = []  # (method, field, bytes) of file parts
+        # Rich messages (Bot API 10.1): refused with this status while set (400: Telegram
+        # won't take them; 404: a Bot API server older than 10.1, which lacks the methods).
+        self.refuse_rich: int | None = None
+        self.rich_markdown: dict[tuple[int, int], str] = {}  # what each rich message was sent as
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids: dict[int, itertools.count[int]] = {}
@@ -250,6 +255,98 @@ class FakeTelegram:
             extra["media_group_id"] = media_group_id
         return self.push_message(chat_id, extra=extra, **kwargs)
 
+    def push_voice(
+        self,
+        chat_id: int,
+        data: bytes,
+        *,
+        kind: str = "voice",
+        duration: int = 3,
+        mime_type: str | None = None,
+        file_name: str | None = None,
+        file_size: int | None = None,
+        caption: str | None = None,
+        extra: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Queue a recording from a user: a voice note (OGG/Opus as Telegram records them),
+        an audio file (`kind="audio"`) or a video note (`kind="video_note"`).
+
+        `file_size` overrides what Telegram reports, e.g. to claim a file is too big.
+        """
+        n = len(self.files) + 1
+        file_id = f"{kind}{n}"
+        self.add_file(file_id, data, f"{kind}s/file_{n}.bin")
+        size = file_size if file_size is not None else len(data)
+        media: dict[str, Any] = {
+            "file_id": file_id,
+            "file_unique_id": f"u{file_id}",
+            "duration": duration,
+            "file_size": size,
+        }
+        if kind == "voice":
+            media["mime_type"] = mime_type or "audio/ogg"
+        elif kind == "audio":
+            if mime_type:
+                media["mime_type"] = mime_type
+            if file_name:
+                media["file_name"] = file_name
+        elif kind == "video_note":
+            media["length"] = 384
+        else:
+            raise ValueError(f"not a recording kind: {kind}")
+        fields: dict[str, Any] = {kind: media, **(extra or {})}
+        if caption is not None:
+            fields["caption"] = caption
+        return self.push_message(chat_id, extra=fields, **kwargs)
+
+    def push_document(
+        self,
+        chat_id: int,
+        data: bytes,
+        file_name: str | None,
+        mime_type: str | None,
+        *,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        file_size: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Queue a file sent as a document (a PDF, a text file...) from a user.
+
+        `file_size` overrides what Telegram reports, e.g. to claim a file is too big;
+        `file_name` or `mime_type` None leaves the field out, as some clients do.
+        """
+        file_id = f"doc{len(self.files) + 1}"
+        self.add_file(file_id, data, f"documents/{file_id}.bin")
+        document: dict[str, Any] = {
+            "file_id": file_id,
+            "file_unique_id": f"u{file_id}",
+            "file_size": file_size if file_size is not None else len(data),
+        }
+        if file_name is not None:
+            document["file_name"] = file_name
+        if mime_type is not None:
+            document["mime_type"] = mime_type
+        extra: dict[str, Any] = {"document": document}
+        if caption is not None:
+            extra["caption"] = caption
+            # Telegram marks @mentions in captions too; the bot relies on them in groups.
+            mentions = [
+                {
+                    "type": "mention",
+                    "offset": utf16_len(caption[: caption.index(w)]),
+                    "length": utf16_len(w),
+                }
+                for w in caption.split()
+                if w.startswith("@") and len(w) > 1
+            ]
+            if mentions:
+                extra["caption_entities"] = mentions
+        if media_group_id is not None:
+            extra["media_group_id"] = media_group_id
+        return self.push_message(chat_id, extra=extra, **kwargs)
+
     def add_file(self, file_id: str, data: bytes, path: str | None = None) -> None:
         self.files[file_id] = (path or f"files/{file_id}", data)
 
@@ -283,6 +380,10 @@ class FakeTelegram:
             for c in self.calls
             if c.method == "sendMessage" and c.status == 200 and int(c.params["chat_id"]) == chat_id
         ]
+
+    def rich_sent(self, chat_id: int) -> list[str]:
+        """The Markdown of the rich messages delivered to a chat, in order."""
+        return [md for (cid, _), md in sorted(self.rich_markdown.items()) if cid == chat_id]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until `predicate()` holds after some call; fail the test on timeout."""
@@ -406,6 +507,14 @@ class FakeTelegram:
     def _m_getMe(self, params: dict[str, Any]) -> web.Response:
         return _ok(BOT_USER)
 
+    def _m_setWebhook(self, params: dict[str, Any]) -> web.Response:
+        # Telegram's refusal of a webhook it can't call over https.
+        if not str(params.get("url", "")).startswith("https://"):
+            return _error(
+                400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook"
+            )
+        return _ok(True)
+
     def _m_sendMessage(self, params: dict[str, Any]) -> web.Response:
         text = params.get("text", "")
         if not text.strip():
@@ -498,6 +607,72 @@ class FakeTelegram:
         if int(params["draft_id"]) == 0:
             return self._violation("sendMessageDraft: draft_id must be non-zero")
         return _ok(True)
+
+    def _read_rich(self, method: str, params: dict[str, Any]) -> tuple[Any, web.Response | None]:
+        """A rich message call's blocks, or the answer refusing it (as Telegram would)."""
+        if self.refuse_rich == 404:
+            return None, _error(404, "Not Found")
+        if self.refuse_rich is not None:
+            return None, _error(self.refuse_rich, "Bad Request: rich messages can't be sent")
+        rich = params["rich_message"]
+        rich = json.loads(rich) if isinstance(rich, str) else rich
+        if ("html" in rich) == ("markdown" in rich):
+            return None, self._violation(f"{method}: exactly one of html or markdown must be used")
+        if "html" in rich:  # the bot has no use for it; the stand-in doesn't read it
+            return None, self._violation(f"{method}: the stand-in reads rich markdown only")
+        blocks, problems = read_rich(rich["markdown"], draft=method == "sendRichMessageDraft")
+        if problems:
+            return None, self._violation(f"{method}: {problems[0]}")
+        return blocks, None
+
+    def _m_sendRichMessage(self, params: dict[str, Any]) -> web.Response:
+        blocks, refusal = self._read_rich("sendRichMessage", params)
+        if refusal is not None:
+            return refusal
+        if int(params["chat_id"]) not in self.chats:
+            return _error(400, "Bad Request: chat not found")
+        message = self._new_message(params, rich_message={"blocks": blocks})
+        rich = params["rich_message"]
+        rich = json.loads(rich) if isinstance(rich, str) else rich
+        self.rich_markdown[(message["chat"]["id"], message["message_id"])] = rich["markdown"]
+        if self.spec is not None:  # the stand-in's own reading must make a valid Message
+            problems = self.spec.validate_object("Message", message)
+            self.violations += [f"stand-in: {v}" for v in problems]
+        return _ok(message)
+
+    def _m_sendRichMessageDraft(self, params: dict[str, Any]) -> web.Response:
+        _, refusal = self._read_rich("sendRichMessageDraft", params)
+        if refusal is not None:
+            return refusal
+        chat = self.chats.get(int(params["chat_id"]))
+        if chat is None or chat["type"] != "private":
+            return self._violation("sendRichMessageDraft: drafts are for private chats only")
+        if int(params["draft_id"]) == 0:
+            return self._violation("sendRichMessageDraft: draft_id must be non-zero")
+        return _ok(True)
+
+    def _m_getChat(self, params: dict[str, Any]) -> web.Response:
+        """A ChatFullInfo for a chat the stand-in knows (one a test made or a user wrote in)."""
+        chat = self.chats.get(int(params["chat_id"]))
+        if chat is None:
+            return _error(400, "Bad Request: chat not found")
+        info: dict[str, Any] = {
+            **chat,
+            "accent_color_id": 0,
+            "max_reaction_count": 11,
+            "accepted_gift_types": {
+                "unlimited_gifts": True,
+                "limited_gifts": True,
+                "unique_gifts": True,
+                "premium_subscription": True,
+                "gifts_from_channels": True,
+            },
+        }
+        if self.spec is not None:
+            self.violations += [
+                f"getChat answer: {v}" for v in self.spec.validate_object("ChatFullInfo", info)
+            ]
+        return _ok(info)
 
     def _m_getFile(self, params: dict[str, Any]) -> web.Response:
         file_id = params["file_id"]
