@@ -676,6 +676,31 @@ async def test_jobs_wait_their_turn_and_are_listed_newest_first_in_pages(
         assert len(await launches(jobs_dir / job_id)) == 1
 
 
+async def test_a_job_never_jumps_ahead_of_an_older_one_still_being_validated(
+    make_settings: Settings, checker: ResponseChecker, tmp_path: Path, data: Path
+) -> None:
+    jobs_dir = tmp_path / "data" / "jobs"
+    # The older job's file takes far longer to validate than the younger one's, and both
+    # are validated at once: the younger is queued first, but must not run first.
+    big = chat_jsonl(tmp_path / "big.jsonl", 6000)
+    async with serving(make_settings(validation_concurrency=2), checker) as (client, _):
+        big_id, small_id = await upload(client, big), await upload(client, data)
+        # A first job, so that the service has loaded what validation needs (the first
+        # validation loads it alone; later ones run side by side).
+        first = await create(client, small_id)
+        assert (await wait_for(client, first)).status == "succeeded"
+        older = await create(client, big_id, seed=WAIT_FOR_RELEASE)
+        younger = await create(client, small_id, seed=WAIT_FOR_RELEASE)
+        await wait_for(client, younger, "queued", "running")
+        await wait_for(client, older, "running", timeout=120)
+        assert (await client.fine_tuning.jobs.retrieve(younger)).status == "queued"
+        assert await launches(jobs_dir / younger) == []
+        for job_id in (older, younger):
+            await wait_for(client, job_id, "running")
+            await asyncio.to_thread((jobs_dir / job_id / "release").touch)
+            assert (await wait_for(client, job_id)).status == "succeeded"
+
+
 async def test_two_slots_run_two_jobs_at_once_each_on_its_own_gpu(
     make_settings: Settings, checker: ResponseChecker, tmp_path: Path, data: Path
 ) -> None:

@@ -221,6 +221,7 @@ class Scheduler:
                 error=outcome,
                 events=[NewEvent(f"Validation failed: {outcome['message']}", level="error")],
             )
+            self.wake()  # younger jobs may have been waiting for this one
             return
         examples, tokens = outcome
         requested = job.hyperparameters
@@ -316,9 +317,16 @@ class Scheduler:
     async def _fill_slots(self) -> None:
         if self._closing:
             return
-        queued = await self.store.jobs_with_status("queued")
+        # Jobs run in the order they were created. Files are validated several at once, so a
+        # younger job can be queued while an older one is still being validated: it waits
+        # for that one instead of jumping ahead of it.
+        pending = await self.store.jobs_with_status("validating_files", "queued")
         # No await from here on: the free slots and the reservations stay consistent.
-        waiting = [job for job in queued if job.id not in self._running]
+        ahead = [job for job in pending if job.id not in self._running]
+        first_validating = next(
+            (i for i, job in enumerate(ahead) if job.status == "validating_files"), len(ahead)
+        )
+        waiting = ahead[:first_validating]
         free = [slot for slot in self.slots if slot.name not in self._busy]
         for slot, job in zip(free, waiting, strict=False):
             run = Running(job=job, slot=slot, job_dir=self.job_dir(job.id))
@@ -662,6 +670,7 @@ class Scheduler:
             )
         if run is not None:
             await self._stop_run(run)
+        self.wake()  # a cancelled job still being validated held the younger ones back
         return await self.store.get_job(job_id)
 
     async def _stop_run(self, run: Running) -> None:
