@@ -78,9 +78,9 @@ async def test_train_on_parley_trainer_then_answer_through_vllm_under_the_adapte
                 assert "known once a first job on tiny has finished there" in summary
                 await _press(tg, ADMIN, ADMIN, "ft:start:")
                 await tg.wait_for(
-                    lambda: any("succeeded" in t for t in tg.texts(ADMIN)), timeout=300
+                    lambda: any("succeeded" in t for t in tg.sent_texts(ADMIN)), timeout=300
                 )
-                notice = next(t for t in tg.texts(ADMIN) if "succeeded" in t)
+                notice = next(t for t in tg.sent_texts(ADMIN) if "succeeded" in t)
                 [(job_id, model)] = await app.bot_data.services.store.fetch_all(  # type: ignore[union-attr]
                     "SELECT job_id, fine_tuned_model FROM fine_tune_jobs WHERE status = 'succeeded'"
                 )
