@@ -44,6 +44,9 @@ INBOX_KEEP = timedelta(days=2)
 # left out of datasets with this reason.
 FORGET_GENERATION = "forget_generation"
 QUOTES_FORGOTTEN = "quotes_forgotten_user"
+# A document turn whose model read the file itself (a PDF as a Responses input_file) while
+# the log keeps only part of its text: left out of datasets with this reason.
+DOCUMENT_CUT = "document_cut"
 
 
 def utcnow() -> str:
@@ -181,6 +184,7 @@ class TurnRecord:
     user_sentiment: SentimentRow | None = None
     reply_sentiment: SentimentRow | None = None
     finished_at: str = field(default_factory=utcnow)
+    excluded: str | None = None  # why the turn stays out of every dataset (dataset_exclusions)
 
 
 class Store:
@@ -411,6 +415,11 @@ class Store:
             "INSERT INTO reply_messages (chat_id, message_id, turn_id, part) VALUES (?, ?, ?, ?)",
             [(turn.key.chat_id, mid, turn_id, i) for i, mid in enumerate(turn.reply_message_ids)],
         )
+        if turn.excluded is not None:
+            conn.execute(
+                "INSERT INTO dataset_exclusions (turn_id, reason, created_at) VALUES (?, ?, ?)",
+                (turn_id, turn.excluded, turn.finished_at),
+            )
         return digest, instructions_id, turn_id
 
     async def history(self, thread_id: int, budget: int, cost: CostFn) -> list[HistoryMessage]:

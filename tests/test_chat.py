@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from telegram.ext import ExtBot
@@ -10,6 +11,7 @@ from telegram.ext import ExtBot
 from bot.context import ParleyApp
 from bot.services.replies import ReplyStreamer
 from bot.telegram_http import AiohttpRequest
+from bot.texts import t
 from storage.db import ChatKey
 from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
@@ -23,10 +25,14 @@ async def test_private_message_streams_a_draft_then_sends_the_answer(
     tg.push_message(100, "What is the capital of France?")
     assert await tg.wait_sent(100) == ["Paris is the capital of France."]
 
+    # A slow start shows the "Thinking..." placeholder first: a rich draft's thinking block.
+    [thinking] = tg.calls_of("sendRichMessageDraft")
+    markdown = json.loads(thinking.params["rich_message"])["markdown"]
+    assert markdown == f"<tg-thinking>{t('draft.thinking')}</tg-thinking>"
     drafts = [c.params for c in tg.calls_of("sendMessageDraft")]
-    assert drafts[0]["text"] == ""  # a slow start shows the "Thinking..." placeholder first
-    assert any(d["text"].startswith("Paris") for d in drafts[1:])
-    assert all(d["draft_id"] == drafts[0]["draft_id"] for d in drafts)
+    assert any(d["text"].startswith("Paris") for d in drafts)
+    assert all(d["draft_id"] == thinking.params["draft_id"] for d in drafts)
+    assert thinking.at <= min(c.at for c in tg.calls_of("sendMessageDraft"))
     final = tg.calls_of("sendMessage")[-1]
     assert max(c.at for c in tg.calls_of("sendMessageDraft")) <= final.at
 

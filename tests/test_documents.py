@@ -8,6 +8,7 @@ test can see what the model was given.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from typing import Any
 import pytest
 
 from bot.context import ParleyApp
+from bot.services import pdf_text
+from bot.services.dataset import DatasetOptions
 from bot.texts import t
 from tests.conftest import SettingsFactory, eventually, running, settled
 from tests.pdfs import blank_pdf, corrupt_pdf, flate_bomb_pdf, text_pdf
@@ -394,3 +397,125 @@ async def test_in_groups_a_document_is_read_only_when_addressed(
     assert oai.calls[0].last_user_text.endswith("\n\nsum b?")  # the mention is not asked
     [reply] = [c for c in tg.calls_of("sendMessage") if int(c.params["chat_id"]) == group]
     assert "reply_parameters" in reply.params  # answers the document it was asked about
+
+
+async def test_a_pdf_the_model_read_whole_but_the_log_keeps_in_part_stays_out_of_datasets(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    """On the openai backend the model reads the PDF itself; the log keeps its text up to the
+    budget. A cut one (or a scan, of which it keeps no text) would make an example whose
+    answer draws on what the example doesn't show: left out, and the /train summary says
+    why. Elsewhere the model read exactly what the log keeps: such a turn is kept."""
+    pages = [[f"Page {p} line {n} with some words in it." for n in range(40)] for p in range(12)]
+    book, admin = text_pdf(pages), 42
+    async with running(make_settings(document_max_tokens=1500)) as app:
+        oai.enqueue("It ends on page 12.", "Revenue.", "A blank page.")
+        tg.push_document(100, book, "book.pdf", "application/pdf", caption="How does it end?")
+        tg.push_document(101, REPORT, "report.pdf", "application/pdf", caption="What grew?")
+        tg.push_document(102, blank_pdf(1), "scan.pdf", "application/pdf", caption="Read it")
+        for chat in (100, 101, 102):
+            await tg.wait_sent(chat, 1)
+        await settled(app)
+        tg.chat(admin)
+        tg.push_message(admin, "/train", user_id=admin)
+        [_building, reply] = await tg.wait_sent(admin, 2)
+    assert sorted(name for call in oai.calls for name, _ in call.files) == [
+        "book.pdf",
+        "report.pdf",
+        "scan.pdf",
+    ]
+    assert t("train.left_out", dropped=f"{t('reason.document_cut')}: 2") in reply
+    assert t("train.too_few", examples=1, needed=10, missing=9) in reply
+
+    settings = make_settings(conversation_backend="local", document_max_tokens=1500)
+    async with running(settings) as app:
+        oai.enqueue("It ends on page 3.")
+        tg.push_document(100, book, "book.pdf", "application/pdf", caption="How does it end?")
+        await tg.wait_sent(100, 2)
+        await settled(app)
+        report = await app.bot_data.services.finetune.build(DatasetOptions(min_examples=1))  # type: ignore[union-attr]
+    # The same log: the two left out before, and now the local backend's turn among examples.
+    assert report.examples == 2 and report.dropped == {"document_cut": 2}
+
+
+async def test_in_groups_a_document_replying_to_the_bot_is_addressed_to_it(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    group = -100600
+    tg.chat(group, "group")
+    tg.push_message(group, "@parley_test_bot send me the figures", user_id=7)
+    await tg.wait_sent(group, 1)
+    bots_message = next(m for (c, _), m in tg.messages.items() if c == group)
+    tg.push_document(group, b"a,b\n1,2\n", "t.csv", "text/csv", user_id=7, caption="here")
+    oai.enqueue("b sums to 2.")
+    document = tg.push_document(
+        group,
+        b"a,b\n1,2\n",
+        "t.csv",
+        "text/csv",
+        user_id=7,
+        caption="sum b?",
+        extra={"reply_to_message": bots_message},
+    )
+    texts = await tg.wait_sent(group, 2)
+    await settled(bot)
+    assert texts[1] == "b sums to 2."
+    assert len(tg.calls_of("getFile")) == 1  # the unaddressed one was never downloaded
+    assert oai.calls[-1].last_user_text.endswith("\n\nsum b?")
+    answer = [c for c in tg.calls_of("sendMessage") if int(c.params["chat_id"]) == group][-1]
+    assert json.loads(answer.params["reply_parameters"])["message_id"] == document["message_id"]
+
+
+async def test_hostile_files_get_short_answers_and_leave_nothing_half_stored(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    limit = bot.bot_data.services.documents.limit_mb  # type: ignore[union-attr]
+    # A size no file has, declared by a message whose file is small: refused unread.
+    tg.push_document(100, b"a,b\n", "t.csv", "text/csv", file_size=2**53)
+    assert await tg.wait_sent(100, 1) == [t("document.too_large", limit=limit)]
+    assert tg.calls_of("getFile") == []
+    # A size the message left out, and Telegram won't hand the file out (over 20 MB).
+    tg.fail_next("getFile", 400, description="Bad Request: file is too big")
+    tg.push_document(100, b"a,b\n", "t.csv", "text/csv")
+    assert (await tg.wait_sent(100, 2))[1] == t("document.too_large", limit=limit)
+    await settled(bot)
+    assert oai.calls == [] and await _turns(bot) == []
+
+    # A name with control characters and a right-to-left override: shown as it reads.
+    oai.enqueue("Noted.")
+    tg.push_document(100, b"# hi\n", "notes\u202e\x07dm.txt\n", "text/markdown", caption="?")
+    assert (await tg.wait_sent(100, 3))[2] == "Noted."
+    assert oai.calls[-1].last_user_text.startswith(t("document.header", name="notes dm.txt"))
+
+    # NUL bytes: a file that starts with them is not text; one late in a long text file is
+    # dropped from what is read and kept.
+    tg.push_document(100, b"\x00\x00text", "nul.txt", "text/plain", caption="?")
+    assert (await tg.wait_sent(100, 4))[3] == t("document.unsupported")
+    late = b"line of text\n" * 1000 + b"\x00tail\n"
+    oai.enqueue("Read.")
+    tg.push_document(100, late, "late.txt", "text/plain", caption="tail?")
+    assert (await tg.wait_sent(100, 5))[4] == "Read."
+    assert "\x00" not in oai.calls[-1].last_user_text and "tail\n" in oai.calls[-1].last_user_text
+
+    # The longest caption Telegram allows (Premium): the question, whole.
+    question = "why " * 1024
+    oai.enqueue("Because.")
+    tg.push_document(100, b"x = 1\n", "a.py", "text/x-python", caption=question)
+    assert (await tg.wait_sent(100, 6))[5] == "Because."
+    assert oai.calls[-1].last_user_text.endswith(question.strip())
+
+    await settled(bot)
+    logged = await _turns(bot)
+    assert [kind for kind, _, _ in logged] == ["document"] * 3
+    assert not any("\x00" in content or "\u202e" in content for _, _, content in logged)
+    tg.push_message(100, "still there?")
+    assert (await tg.wait_sent(100, 7))[6] == "echo: still there?"
+
+
+def test_the_pdf_reader_hands_over_no_more_text_than_asked_for() -> None:
+    """One page of much text: cut in the reader process, so the bot parses little."""
+    pdf = text_pdf([[f"line {n} of a page full of words" for n in range(60)]])
+    whole = pdf_text.extract(pdf, max_pages=5, max_chars=100_000)
+    cut = pdf_text.extract(pdf, max_pages=5, max_chars=500)
+    assert whole.pages == cut.pages == 1 and len(whole.texts[0]) > 1000
+    assert cut.texts == [whole.texts[0][:500]]

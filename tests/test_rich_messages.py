@@ -19,6 +19,7 @@ from bot.services.formatting import (
     to_rich,
 )
 from bot.services.replies import RichMessages
+from bot.texts import t
 from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.rich_markdown import plain, read_rich
@@ -278,3 +279,65 @@ async def test_in_a_forum_topic_the_rich_answer_replies_in_the_topic(
     assert int(call.params["message_thread_id"]) == 5
     assert json.loads(call.params["reply_parameters"])["message_id"] == asked["message_id"]
     assert tg.calls_of("sendRichMessageDraft") == []  # drafts are for private chats
+
+
+# --- the "Thinking..." placeholder ------------------------------------------------------------
+
+
+def _placeholders(tg: FakeTelegram) -> list[tuple[str, str]]:
+    """The drafts sent before any answer text: ("rich", markdown) or ("plain", text)."""
+    calls = sorted(
+        tg.calls_of("sendRichMessageDraft") + tg.calls_of("sendMessageDraft"), key=lambda c: c.at
+    )
+    out = []
+    for call in calls:
+        if call.method == "sendRichMessageDraft":
+            out.append(("rich", json.loads(call.params["rich_message"])["markdown"]))
+        else:
+            out.append(("plain", call.params.get("text", "")))
+    return out
+
+
+async def test_a_slow_start_shows_a_thinking_block_in_the_users_language(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    oai.enqueue(Reply(TABLE, delay=0.7, chunk_delay=0.03))
+    russian = {"id": 100, "is_bot": False, "first_name": "Anna", "language_code": "ru"}
+    tg.push_message(100, "сравни города", user_id=100, extra={"from": russian})
+    await tg.wait_for(lambda: len(tg.rich_sent(100)) == 1)
+    [placeholder, *rest] = _placeholders(tg)
+    assert placeholder == ("rich", f"<tg-thinking>{t('draft.thinking', lang='ru')}</tg-thinking>")
+    assert t("draft.thinking", lang="ru") != t("draft.thinking", lang="en")
+    # The answer's own drafts replace it (rich once the table shows), and so does the message.
+    assert rest and all("tg-thinking" not in md for _, md in rest)
+    assert rest[-1][0] == "rich"
+    [draft, *_] = tg.calls_of("sendRichMessageDraft")
+    assert draft.status == 200  # the stand-in takes it: a thinking block is for drafts
+
+
+async def test_a_refused_thinking_block_falls_back_to_telegrams_placeholder_only(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    """A server that won't take the thinking block: Telegram's own placeholder (an empty
+    draft) instead, tried once per pause, and tables still go as rich messages."""
+    tg.refuse_rich_tags = {"tg-thinking"}
+    oai.enqueue(Reply(TABLE, delay=0.7), Reply(TABLE, delay=0.7), Reply(TABLE, delay=0.7))
+    for n in range(3):
+        tg.push_message(100, f"compare {n}", user_id=100)
+        await tg.wait_for(lambda n=n: len(tg.rich_sent(100)) == n + 1)  # type: ignore[misc]
+    refused = [c for c in tg.calls_of("sendRichMessageDraft") if c.status == 400]
+    assert len(refused) == 1  # not asked again for the pause
+    empty = [c for c in tg.calls_of("sendMessageDraft") if c.params.get("text", "") == ""]
+    assert len(empty) == 3
+    assert len(tg.rich_sent(100)) == 3
+
+
+async def test_without_rich_messages_the_placeholder_is_an_empty_draft(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    oai.enqueue(Reply("Slow.", delay=0.7))
+    async with running(make_settings(rich_messages=False)):
+        tg.push_message(100, "hi", user_id=100)
+        await tg.wait_sent(100, 1)
+    assert _placeholders(tg)[0] == ("plain", "")
+    assert tg.calls_of("sendRichMessageDraft") == []

@@ -12,6 +12,7 @@ import pytest
 from bot.context import ParleyApp
 from bot.services.formatting import utf16_len
 from bot.settings import Settings
+from bot.texts import t
 from tests.conftest import TOKEN, SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Transcript
 from tests.stubs.telegram_server import BOT_USER, FakeTelegram
@@ -320,3 +321,35 @@ def test_voice_size_limit_is_telegrams_download_limit_or_the_models() -> None:
 
     assert limit("https://api.telegram.org") == 20 * MB
     assert 24 * MB < limit("http://127.0.0.1:8081") < 25 * MB  # self-hosted: the API's 25 MB
+
+
+async def test_a_recording_of_no_length_is_heard_or_called_empty(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    """Duration 0 is what some clients declare: the recording itself decides."""
+    oai.enqueue_transcript("short and sweet")
+    tg.push_voice(100, ogg_opus(), duration=0)
+    assert await tg.wait_sent(100, 2) == [f"{HEARD}short and sweet", "echo: short and sweet"]
+    tg.push_voice(100, b"", duration=0)  # nothing in it at all
+    assert (await tg.wait_sent(100, 3))[2] == t("voice.empty_file")
+    assert len(oai.transcriptions) == 1 and len(oai.calls) == 1
+    await settled(bot)
+    store = bot.bot_data.services.store  # type: ignore[union-attr]
+    assert await store.fetch_all("SELECT input_kind FROM turns") == [("voice",)]
+
+
+@pytest.mark.parametrize("admin_reachable", [True, False], ids=["told", "untold"])
+async def test_a_refused_key_alerts_the_admins_and_says_whether_they_know(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp, admin_reachable: bool
+) -> None:
+    if admin_reachable:
+        tg.chat(ADMIN)  # an admin who started the bot: Telegram can write to them
+    oai.enqueue_transcript(Transcript(status=401))
+    tg.push_voice(100, ogg_opus(), duration=2)
+    [text] = await tg.wait_sent(100, 1)
+    assert text == t("error.auth" if admin_reachable else "error.auth_untold")
+    if admin_reachable:
+        [alert] = tg.sent_texts(ADMIN)
+        model = bot.bot_data.services.voice.transcriber.model  # type: ignore[union-attr]
+        assert alert == t("alert.auth", model=model)
+    assert oai.calls == []

@@ -7,7 +7,9 @@ OpenAI-compatible servers (Ollama, vLLM, llama.cpp, LM Studio) that lack Convers
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -53,12 +55,15 @@ CUT_LENGTH = "length"
 class InputFile:
     """A document for the model. `data` (a PDF) goes as a file to a backend that takes
     files (Responses `input_file`); `text`, its text form (a header naming it, its text
-    within the budget, a note of what was cut), goes everywhere else. No `data`: text only."""
+    within the budget, a note of what was cut), goes everywhere else. No `data`: text only.
+    `partial`: the text form holds less than `data` shows a model (pages past the budget, or
+    a scan's page images), so a turn that sent `data` is kept in the log only in part."""
 
     filename: str
     mime_type: str
     data: bytes
     text: str
+    partial: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +186,12 @@ class OpenAIConversations:
         tools: Sequence[str] = (),
     ) -> ReplyResult:
         request_input: str | list[ResponseInputItemParam]
-        if content.image_urls or content.files:
+        # A file's bytes go as base64 inside the JSON request: tens of megabytes of encoding
+        # for a large PDF, done in a thread (below) rather than on the event loop.
+        with_files = any(f.data for f in content.files)
+        if with_files:
+            request_input = []  # filled in by _encode_with_files
+        elif content.image_urls or content.files:
             message: EasyInputMessageParam = {
                 "type": "message",
                 "role": "user",
@@ -207,11 +217,14 @@ class OpenAIConversations:
             # Built-in tools (web search): the model calls them on the server side, and the
             # answer's text cites what it found (url_citation annotations).
             body["tools"] = [{"type": tool} for tool in tools]
+        wire: dict[str, Any] | bytes = body
+        if with_files:
+            wire = await asyncio.to_thread(_encode_with_files, body, content)
         started = time.perf_counter()
         answer = _Answer(on_delta, max_tokens)
         created: Mapping[str, Any] = {}
         try:
-            stream = await raw_stream(self._client, "/responses", body)
+            stream = await raw_stream(self._client, "/responses", wire)
             async with stream:
                 async for event in stream:
                     kind = event.get("type")
@@ -404,18 +417,32 @@ def data_url(mime_type: str, data: bytes) -> str:
     return f"data:{mime_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-async def raw_stream(client: AsyncOpenAI, path: str, body: dict[str, Any]) -> JsonEvents:
+def _encode_with_files(body: dict[str, Any], content: UserContent) -> bytes:
+    """`body` as the JSON request, its input the user message with `content`'s files."""
+    message = {"type": "message", "role": "user", "content": _input_parts(content)}
+    return json.dumps(
+        {**body, "input": [message]}, ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
+
+
+async def raw_stream(client: AsyncOpenAI, path: str, body: dict[str, Any] | bytes) -> JsonEvents:
     """POST a streaming request; its server-sent events as plain JSON objects.
 
     The SDK's typed call (`responses.create(stream=True)`) builds a pydantic model for every
     event, full `Response` snapshots included: about half of the bot's CPU per message in
     bench/run.py's profile. `client.post` with `cast_to=object` keeps everything else the
     SDK does (auth, retries, status errors as exceptions, `error` events raised, connection
-    cleanup) and hands over the decoded JSON as it is. `body` must already be the wire form.
+    cleanup) and hands over the decoded JSON as it is. `body` must already be the wire form
+    (or be its JSON, encoded).
     """
-    stream = await client.post(
-        path, body=body, cast_to=object, stream=True, stream_cls=openai.AsyncStream[object]
-    )
+    if isinstance(body, bytes):
+        stream = await client.post(
+            path, content=body, cast_to=object, stream=True, stream_cls=openai.AsyncStream[object]
+        )
+    else:
+        stream = await client.post(
+            path, body=body, cast_to=object, stream=True, stream_cls=openai.AsyncStream[object]
+        )
     return JsonEvents(stream)
 
 

@@ -168,10 +168,16 @@ def document_kind(name: str, mime_type: str) -> str | None:
     return None
 
 
+# Control characters (C0, C1), line and paragraph separators, and the bidirectional marks,
+# embeddings, overrides and isolates that would make a name read otherwise than it is
+# ("invoice\u202efdp.exe" shows as "invoiceexe.pdf").
+_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]+")
+
+
 def clean_name(name: str | None, kind: str) -> str:
     """A file name fit to show a model and keep: no control characters, not too long, and
     a PDF's ends in .pdf (the Responses API tells file types by name)."""
-    cleaned = re.sub(r"[\x00-\x1f\x7f]+", " ", utf8_safe(name or "")).strip()
+    cleaned = _NAME_JUNK.sub(" ", utf8_safe(name or "")).strip()
     cleaned = cleaned.replace("/", "_").replace("\\", "_")[:MAX_NAME].strip()
     if kind == "pdf" and not cleaned.lower().endswith(".pdf"):
         cleaned = f"{cleaned or 'document'}.pdf"
@@ -438,13 +444,17 @@ class DocumentService:
         )
         whole = fitted and len(texts) == pages
         mime, sent = PDF_MIME, data if as_file else b""
+        # A model given the PDF itself reads more than the log keeps of it when its text
+        # was cut, or when it has none (a scan): such a turn makes no training example.
+        partial = bool(sent) and not (whole and body)
         if not body:
             if whole and not as_file:
                 raise DocumentRejected("document.no_text")
             # The model sees the pages themselves (scans included); the log says so.
             body = t("document.no_text_layer", lang=lang)
         if whole:
-            return ReadDocument(InputFile(ref.name, mime, sent, f"{header}\n\n{body}"), None)
+            text = f"{header}\n\n{body}"
+            return ReadDocument(InputFile(ref.name, mime, sent, text, partial), None)
         last = max(last, 1)
         note = t("document.cut_pages_note", lang=lang, last=last, pages=pages)
         text = f"{header}\n\n{body}\n\n{note}"
@@ -452,7 +462,7 @@ class DocumentService:
         cut = None
         if not as_file:
             cut = t("document.cut_pages", lang=lang, name=ref.name, last=last, pages=pages)
-        return ReadDocument(InputFile(ref.name, mime, sent, text), cut)
+        return ReadDocument(InputFile(ref.name, mime, sent, text, partial), cut)
 
     async def _extract(self, data: bytes, max_chars: int) -> tuple[int, list[str]]:
         """(pages, texts of the first pages) from the PDF reader process; DocumentRejected."""
@@ -507,6 +517,9 @@ class DocumentService:
                 held.shrink(DOWNLOAD_COPIES * tg_file.file_size)
             buf = await tg_file.download_as_bytearray()
         except TelegramError as exc:
+            # Past 20 MB, getFile answers "file is too big" (a size the message didn't declare).
+            if "too big" in str(exc).lower():
+                raise DocumentRejected("document.too_large", limit=self.limit_mb) from exc
             log.warning("document download failed: %s", type(exc).__name__)
             raise DocumentRejected("document.download_failed") from exc
         if len(buf) > self.limits.max_bytes:

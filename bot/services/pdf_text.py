@@ -10,7 +10,8 @@ bot's deadline. A hostile file costs that process, never the bot.
     python -I bot/services/pdf_text.py MAX_PAGES MAX_CHARS MEMORY_MB CPU_SECONDS < file.pdf
 
 prints one JSON object: {"pages": N, "texts": [...]} with the text of pages 1, 2, ...
-until MAX_CHARS characters were read (or all pages were), or {"refused": REASON}.
+until MAX_CHARS characters were read (or all pages were; the last one read is cut there),
+or {"refused": REASON}.
 
 This file imports nothing from the bot: it runs as a plain script, by path, so it works
 however the bot was installed, and it is handed no environment (no tokens, no keys).
@@ -65,7 +66,9 @@ def extract(data: bytes, *, max_pages: int, max_chars: int) -> PdfText:
         for page in reader.pages:
             if read >= max_chars:
                 break
-            text = page.extract_text()
+            # No more than max_chars in all: one page holding megabytes of text would
+            # otherwise travel whole to the bot, which parses this output on its event loop.
+            text = page.extract_text()[: max_chars - read]
             texts.append(text)
             read += len(text)
         return PdfText(count, texts)

@@ -32,12 +32,15 @@ from bot.services.formatting import (
     utf16_len,
 )
 from bot.telegram_http import Dispatch, watch
+from bot.texts import t
 from storage.db import ChatKey
 
 log = logging.getLogger(__name__)
 
 TYPING_EVERY = 4.0  # a chat action shows for ~5 s
 PLACEHOLDER_AFTER = 0.5  # seconds without a token before the "Thinking..." draft
+# The placeholder as a rich draft: a RichBlockThinking (its HTML tag; drafts only).
+THINKING = "<tg-thinking>{text}</tg-thinking>"
 
 
 class ProgressGate:
@@ -113,9 +116,28 @@ class RichMessages:
         self.refusals = 0
         self._in_a_row = 0
         self._off_until = 0.0
+        self._thinking_off_until = 0.0
 
     def allowed(self) -> bool:
         return self.enabled and time.monotonic() >= self._off_until
+
+    def thinking_allowed(self) -> bool:
+        """Whether the "Thinking..." placeholder may be a rich draft's thinking block."""
+        return self.allowed() and time.monotonic() >= self._thinking_off_until
+
+    def thinking_refused(self, exc: TelegramError) -> None:
+        """Telegram refused a thinking block. A 404 (no rich messages at all) counts as any
+        refusal; a 400 turns only thinking blocks off for the pause: tables stay rich."""
+        if isinstance(exc, EndPointNotFound):
+            self.refused("sendRichMessageDraft", exc)
+            return
+        self.refusals += 1
+        self._thinking_off_until = time.monotonic() + self.pause
+        log.warning(
+            "Telegram refused a thinking block (%s); placeholders are plain for the next %.0f s",
+            exc.message,
+            self.pause,
+        )
 
     def accepted(self) -> None:
         self._in_a_row = 0
@@ -166,10 +188,12 @@ class ReplyStreamer:
         interval: float,
         gate: ProgressGate | None = None,
         rich: RichMessages | None = None,
+        lang: str | None = None,
     ) -> None:
         self._bot = bot
         self._gate = gate
         self._rich = rich
+        self._lang = lang
         self._rich_drafts = False  # the answer needed a rich draft: the rest follow suit
         self._rich_refused = False  # Telegram refused this answer's rich draft: entities now
         self._key = key
@@ -252,10 +276,13 @@ class ReplyStreamer:
             api_kwargs["message_thread_id"] = self._topic
         return partial(self._bot.do_api_request, "sendRichMessageDraft", api_kwargs=api_kwargs)
 
+    def _rich_ok(self) -> bool:
+        rich = self._rich
+        return rich is not None and not self._rich_refused and rich.allowed()
+
     async def _try_rich_draft(self, view: str) -> bool:
         """Show `view` as a rich draft if it needs one and Telegram takes it; whether it did."""
-        rich = self._rich
-        if rich is None or self._rich_refused or not rich.allowed():
+        if not self._rich_ok():
             return False
         if not self._rich_drafts and not needs_rich(view):
             return False
@@ -263,6 +290,27 @@ class ReplyStreamer:
         if not rich_fits(markdown):
             return False
         self._rich_drafts = True
+        return await self._send_rich_draft(markdown)
+
+    async def _placeholder(self) -> None:
+        """The "Thinking..." placeholder: a rich draft's thinking block while rich messages
+        are allowed, else (or if Telegram refuses it) an empty draft, Telegram's own. The
+        drafts that replace it are rich or not as the answer needs, like any others."""
+        rich = self._rich
+        if rich is not None and self._rich_ok() and rich.thinking_allowed():
+            text = escape_rich(t("draft.thinking", lang=self._lang))
+            try:
+                await self._telegram(self._rich_draft(THINKING.format(text=text)))
+            except RICH_REFUSALS as exc:
+                rich.thinking_refused(exc)
+            else:
+                return
+        await self._telegram(self._draft(""))
+
+    async def _send_rich_draft(self, markdown: str) -> bool:
+        """Send a rich draft; False (and no more rich drafts) if Telegram refuses it."""
+        rich = self._rich
+        assert rich is not None
         try:
             await self._telegram(self._rich_draft(markdown))
         except RICH_REFUSALS as exc:
@@ -294,7 +342,7 @@ class ReplyStreamer:
                     await self._changed.wait()
             except TimeoutError:
                 if self._admit():
-                    await self._telegram(self._draft(""))
+                    await self._placeholder()
             while not self._stopping:
                 await self._changed.wait()
                 if not self._admit():  # shed: try again later, with whatever is new by then

@@ -162,10 +162,10 @@ def quote_parts(label: str, transcript: str) -> list[Formatted]:
     return parts
 
 
-# What a failed transcription tells the user, by ModelError kind (others: voice.failed).
+# What a failed transcription tells the user, by ModelError kind (others: voice.failed; a
+# refused key is the chat's: the admins are alerted, and the user told whether they were).
 _FAILURE_KEYS = {
     "rate_limited": "error.rate_limited",
-    "auth": "error.auth",
     "not_found": "voice.unavailable",  # no such endpoint or model on this server
     "bad_request": "voice.unreadable",
 }
@@ -252,7 +252,10 @@ class VoiceService:
             return
         except ModelError as exc:
             log.warning("transcription failed in chat %s: %s (%s)", msg.key, exc.kind, exc.detail)
-            key = _FAILURE_KEYS.get(exc.kind, "voice.failed")
+            if exc.kind == "auth":
+                key = await self.chat.error_key(bot, exc.kind, self.transcriber.model)
+            else:
+                key = _FAILURE_KEYS.get(exc.kind, "voice.failed")
             await self._tell(bot, msg, t(key, lang=msg.lang))
             return
         if not transcript:

@@ -90,6 +90,8 @@ class FakeTelegram:
         # Rich messages (Bot API 10.1): refused with this status while set (400: Telegram
         # won't take them; 404: a Bot API server older than 10.1, which lacks the methods).
         self.refuse_rich: int | None = None
+        # HTML tags a rich call is refused for with a 400 (a server that won't take them).
+        self.refuse_rich_tags: set[str] = set()
         self.rich_markdown: dict[tuple[int, int], str] = {}  # what each rich message was sent as
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
@@ -310,12 +312,14 @@ class FakeTelegram:
         caption: str | None = None,
         media_group_id: str | None = None,
         file_size: int | None = None,
+        extra: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Queue a file sent as a document (a PDF, a text file...) from a user.
 
         `file_size` overrides what Telegram reports, e.g. to claim a file is too big;
-        `file_name` or `mime_type` None leaves the field out, as some clients do.
+        `file_name` or `mime_type` None leaves the field out, as some clients do; `extra`
+        adds fields to the message (e.g. reply_to_message).
         """
         file_id = f"doc{len(self.files) + 1}"
         self.add_file(file_id, data, f"documents/{file_id}.bin")
@@ -328,9 +332,9 @@ class FakeTelegram:
             document["file_name"] = file_name
         if mime_type is not None:
             document["mime_type"] = mime_type
-        extra: dict[str, Any] = {"document": document}
+        fields: dict[str, Any] = {"document": document}
         if caption is not None:
-            extra["caption"] = caption
+            fields["caption"] = caption
             # Telegram marks @mentions in captions too; the bot relies on them in groups.
             mentions = [
                 {
@@ -342,10 +346,10 @@ class FakeTelegram:
                 if w.startswith("@") and len(w) > 1
             ]
             if mentions:
-                extra["caption_entities"] = mentions
+                fields["caption_entities"] = mentions
         if media_group_id is not None:
-            extra["media_group_id"] = media_group_id
-        return self.push_message(chat_id, extra=extra, **kwargs)
+            fields["media_group_id"] = media_group_id
+        return self.push_message(chat_id, extra={**fields, **(extra or {})}, **kwargs)
 
     def add_file(self, file_id: str, data: bytes, path: str | None = None) -> None:
         self.files[file_id] = (path or f"files/{file_id}", data)
@@ -620,6 +624,8 @@ class FakeTelegram:
             return None, self._violation(f"{method}: exactly one of html or markdown must be used")
         if "html" in rich:  # the bot has no use for it; the stand-in doesn't read it
             return None, self._violation(f"{method}: the stand-in reads rich markdown only")
+        if any(f"<{tag}>" in rich["markdown"] for tag in self.refuse_rich_tags):
+            return None, _error(400, "Bad Request: can't parse rich message")
         blocks, problems = read_rich(rich["markdown"], draft=method == "sendRichMessageDraft")
         if problems:
             return None, self._violation(f"{method}: {problems[0]}")
