@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
@@ -16,8 +17,8 @@ from bot.services.chat import CHAT_ROUTE
 from bot.services.eval_charts import PairRow, comparison_chart, evaluation_chart
 from bot.services.evaluation import EvalSummary, examples
 from bot.services.intervals import Interval
-from bot.texts import language_of, t
-from handlers.admin import admin_command
+from bot.texts import known, language_of, t
+from handlers.admin import admin_command, problem
 from storage.evals import EvalResult, EvalRun
 
 _EXAMPLE_CHARS = 700  # of each answer, in an example pair
@@ -40,6 +41,8 @@ def render_summary(summary: EvalSummary, lang: str | None) -> str:
     run = summary.run
     if summary.judged == 0:
         verdict = t("eval.verdict_none", lang=lang)
+    elif summary.verdict == "unclear" and (more := summary.more_needed):
+        verdict = t("eval.verdict_unclear_more", lang=lang, more=f"{more:,}")
     else:
         verdict = t(f"eval.verdict_{summary.verdict}", lang=lang)
     text = t(
@@ -61,11 +64,31 @@ def render_summary(summary: EvalSummary, lang: str | None) -> str:
         tokens=_pair(summary.current.tokens, summary.candidate.tokens),
     )
     if summary.errors:
-        kinds = ", ".join(f"{k} {n}" for k, n in summary.error_kinds.most_common())
-        text += "\n" + t("eval.errors", lang=lang, count=summary.errors, kinds=kinds)
+        text += "\n" + t(
+            "eval.errors", lang=lang, count=summary.errors, kinds=_errors(summary, lang)
+        )
     if summary.pending and run.status == "running":
         text += "\n" + t("eval.pending", lang=lang, count=summary.pending)
     return text
+
+
+def _errors(summary: EvalSummary, lang: str | None) -> str:
+    """What failed, in words: "judge: server error (4), candidate: no answer in time (1)"."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for recorded, n in summary.error_kinds.items():
+        for failure in recorded.split(", "):  # current:KIND, candidate:KIND or judge:KIND
+            side, _, kind = failure.rpartition(":")
+            counts[(side, kind)] += n
+    return ", ".join(
+        t(
+            "eval.error_kind",
+            lang=lang,
+            side=t(f"eval.side_{side}", lang=lang) if known(f"eval.side_{side}") else side,
+            problem=problem(kind, lang),
+            count=n,
+        )
+        for (side, kind), n in counts.most_common()
+    )
 
 
 def running_note(run: EvalRun, lang: str | None) -> str:
@@ -150,7 +173,7 @@ async def evaluate(update: Update, context: CustomContext) -> None:
         return
     size: int | None = None
     if len(args) == 2:
-        if not args[1].isdigit() or int(args[1]) < 1:
+        if not (args[1].isascii() and args[1].isdigit()) or int(args[1]) < 1:
             await message.reply_text(t("eval.bad_size", lang=lang))
             return
         size = int(args[1])
@@ -159,9 +182,24 @@ async def evaluate(update: Update, context: CustomContext) -> None:
     if record is None or not record.fine_tuned_model:
         await message.reply_text(t("eval.unknown_job", lang=lang, job_id=args[0]))
         return
-    if size is None and (last := await services.evaluation.last(record.job_id)) is not None:
+    last = await services.evaluation.last(record.job_id)
+    if last is not None and (size is None or last[0].run.status == "running"):
         summary, results = last
+        if size is not None:  # one at a time: the one under way is shown, not doubled
+            await message.reply_text(
+                t(
+                    "eval.under_way",
+                    lang=lang,
+                    done=len(results),
+                    items=summary.run.size,
+                    job_id=record.job_id,
+                )
+            )
+            return
         await _show(message, summary, results, lang, services)
+        return
+    if record.fine_tuned_model == services.models.current:
+        await message.reply_text(t("eval.same_model", lang=lang, model=record.fine_tuned_model))
         return
     run = await services.evaluation.start(record, record.fine_tuned_model, user.id, size)
     if run is None:
@@ -212,8 +250,8 @@ def _percent(text: str) -> float | None:
 
 @admin_command
 async def canary(update: Update, context: CustomContext) -> None:
-    """`/canary MODEL PERCENT`: send that share of the chats to MODEL (each chat keeps its
-    model); `/canary` alone: the canary in force."""
+    """`/canary MODEL PERCENT`: send that share of the chats to MODEL, each as it begins a
+    conversation (one under way keeps its model); `/canary` alone: the canary in force."""
     message = update.effective_message
     if message is None:
         return

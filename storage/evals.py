@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from storage.db import JobRecord, Store, utcnow
+from storage.db import ChatKey, JobRecord, Store, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +292,23 @@ class EvalStore:
         )
         return [EvalResult(*row) for row in rows]
 
-    # -- the canary's figures ------------------------------------------------------------
+    # -- the canary ----------------------------------------------------------------------
+
+    async def conversation_began(self, key: ChatKey) -> str | None:
+        """When a chat's conversation under way began: the creation of the first thread in
+        the chain its open thread carries on (threads.parent_thread_id); None if it has no
+        open thread (its next message begins a conversation)."""
+        rows = await self._store.fetch_all(
+            "WITH RECURSIVE chain (id, parent, created_at) AS ("
+            " SELECT id, parent_thread_id, created_at FROM threads WHERE id = ("
+            "  SELECT id FROM threads WHERE chat_id = ? AND topic_id = ? AND closed_at IS NULL"
+            "  ORDER BY id DESC LIMIT 1)"
+            " UNION SELECT th.id, th.parent_thread_id, th.created_at"
+            "  FROM threads th JOIN chain ON th.id = chain.parent)"
+            " SELECT MIN(created_at) FROM chain",
+            (key.chat_id, key.topic_id),
+        )
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def model_figures(self, models: Sequence[str], since: str) -> dict[str, ModelFigures]:
         """Sums over each model's text turns since `since` (models with none are absent)."""

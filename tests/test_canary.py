@@ -3,6 +3,8 @@ compares the two from the log; /promote and /rollback end it, for good."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,10 +12,13 @@ import pytest
 from bot.context import ParleyApp
 from bot.services.canary import bucket
 from bot.services.intervals import more_needed, separated, wilson
+from bot.texts import t
 from storage.db import ChatKey, TurnRecord, utcnow
 from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI
+from tests.stubs.specs import OpenAISpec
 from tests.stubs.telegram_server import FakeTelegram
+from tests.test_photos import jpeg
 
 ADMIN = 42
 CURRENT, CANDIDATE = "gpt-5.4-mini", "gpt-4.1-mini"
@@ -96,11 +101,59 @@ async def test_a_chat_keeps_its_model_through_the_canary_and_a_restart(
         assert await _round(tg, oai, app, "three") == first
         said = await _admin(tg, "/canary")
         assert said.startswith(f"🐤 Canary: 50% of the chats on {CANDIDATE} since ")
-        # A larger share keeps the chats it had and adds others.
+        # A larger share keeps the chats it had and adds others, as they begin a conversation:
+        # one under way keeps its model.
         await _admin(tg, f"/canary {CANDIDATE} 80")
-        wider = await _round(tg, oai, app, "four")
+        assert await _round(tg, oai, app, "four") == first
+        await _reset(tg, CHATS)
+        wider = await _round(tg, oai, app, "five")
     assert all(wider[c] == CANDIDATE for c in CHATS if first[c] == CANDIDATE)
     assert wider == {c: CANDIDATE if bucket(ChatKey(c), salt) < 80 else CURRENT for c in CHATS}
+
+
+async def _reset(tg: FakeTelegram, chats: Any) -> None:
+    """/reset in each chat: its next message begins a new conversation."""
+    for chat in chats:
+        count = len(tg.sent_texts(chat))
+        tg.push_message(chat, "/reset", user_id=chat)
+        await tg.wait_sent(chat, count + 1)
+
+
+async def test_a_conversation_under_way_never_changes_model_while_the_canary_runs(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings()
+    async with running(settings) as app:
+        assert set((await _round(tg, oai, app, "before")).values()) == {CURRENT}
+        await _admin(tg, f"/canary {CANDIDATE} 50")
+        salt = _services(app).canary.state.salt
+        half = {c: CANDIDATE if bucket(ChatKey(c), salt) < 50 else CURRENT for c in CHATS}
+        assert 0 < list(half.values()).count(CANDIDATE) < len(CHATS)
+        # The conversations begun before the canary go on with the model they began with.
+        assert set((await _round(tg, oai, app, "during")).values()) == {CURRENT}
+        # A new conversation is the canary's to assign, and keeps what it got.
+        await _reset(tg, CHATS)
+        assert await _round(tg, oai, app, "new") == half
+        # A smaller share leaves the conversations under way on the candidate...
+        await _admin(tg, f"/canary {CANDIDATE} 20")
+        assert await _round(tg, oai, app, "smaller") == half
+    async with running(settings) as app:
+        assert await _round(tg, oai, app, "restarted") == half
+        # ... and the conversations beginning now go by the new share.
+        await _reset(tg, CHATS)
+        fifth = {c: CANDIDATE if bucket(ChatKey(c), salt) < 20 else CURRENT for c in CHATS}
+        assert await _round(tg, oai, app, "fewer") == fifth
+    # Each conversation went on in its own thread: its model saw what came before in it.
+    for chat in CHATS:
+        during = _call(oai, f"during from {chat}")
+        assert during.model == CURRENT and ("user", f"before from {chat}") in during.transcript
+        smaller = _call(oai, f"smaller from {chat}")
+        assert smaller.model == half[chat] and ("user", f"new from {chat}") in smaller.transcript
+        assert ("user", f"during from {chat}") not in smaller.transcript  # /reset came between
+
+
+def _call(oai: FakeOpenAI, text: str) -> Any:
+    return next(c for c in oai.calls if c.last_user_text == text)
 
 
 async def test_rollback_ends_the_canary_for_good(
@@ -139,6 +192,57 @@ async def test_promote_makes_the_candidate_everyones_model_for_good(
         assert set((await _round(tg, oai, app, "after")).values()) == {CANDIDATE}
 
 
+@pytest.fixture
+async def serve(shared: Path) -> AsyncIterator[FakeOpenAI]:
+    """The serving endpoint (vLLM) a self-hosted candidate is served on, played by a stand-in."""
+    server = FakeOpenAI(OpenAISpec.load(shared / "specs" / "openai-openapi.json"), "serve-key")
+    await server.start()
+    yield server
+    await server.stop()
+    assert server.violations == []
+
+
+async def _say(tg: FakeTelegram, chat: int, text: str) -> None:
+    tg.chat(chat)
+    count = len(tg.sent_texts(chat))
+    tg.push_message(chat, text, user_id=chat)
+    await tg.wait_sent(chat, count + 1)
+
+
+async def test_a_self_hosted_candidate_keeps_its_conversations_through_photos(
+    tg: FakeTelegram, oai: FakeOpenAI, serve: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    served = "ft:parley:served"
+    serve.fine_tuned_models.append(served)
+    settings = make_settings(serve_base_url=serve.url, serve_api_key="serve-key")
+    old, new = 2100, 2101
+    async with running(settings) as app:
+        await _say(tg, old, "I began before the canary.")
+        await _admin(tg, f"/canary {served} 100")
+        await _say(tg, old, "Still here.")
+        await _say(tg, new, "My name is Ada.")
+        # A photo goes to the vision model on the chat endpoint, and the thread with it...
+        tg.push_photo(new, jpeg(64, 48), caption="What colour is this?")
+        await tg.wait_sent(new, 2)
+        await _say(tg, new, "What is my name?")
+        await settled(app)
+    # The conversation under way stayed on the model in use, at OpenAI.
+    still = _call(oai, "Still here.")
+    assert still.model == CURRENT and ("user", "I began before the canary.") in still.transcript
+    assert not any("before the canary" in c.last_user_text for c in serve.calls)
+    # The new one is the candidate's, on the serving endpoint, before and after the photo,
+    # with its whole history (the photo's turn included) replayed from the log.
+    assert [c.model for c in serve.calls] == [served, served]
+    assert serve.calls[-1].transcript == [
+        ("user", "My name is Ada."),
+        ("assistant", "echo: My name is Ada."),
+        ("user", "What colour is this?"),
+        ("assistant", "echo: What colour is this?"),
+        ("user", "What is my name?"),
+    ]
+    assert _call(oai, "What colour is this?").model == CURRENT  # no vision model set
+
+
 @pytest.mark.parametrize(
     ("command", "answer"),
     [
@@ -146,6 +250,11 @@ async def test_promote_makes_the_candidate_everyones_model_for_good(
         (f"/canary {CANDIDATE} 0", "PERCENT must be a number above 0 and at most 100."),
         (f"/canary {CANDIDATE} 101", "PERCENT must be a number above 0 and at most 100."),
         (f"/canary {CANDIDATE} half", "PERCENT must be a number above 0 and at most 100."),
+        (f"/canary {CANDIDATE} 1e309", "PERCENT must be a number above 0 and at most 100."),
+        (f"/canary {CANDIDATE} -5", "PERCENT must be a number above 0 and at most 100."),
+        (f"/canary {CANDIDATE} nan", "PERCENT must be a number above 0 and at most 100."),
+        (f"/canary {CANDIDATE} inf", "PERCENT must be a number above 0 and at most 100."),
+        ("/canary <b>x</b> 10", "There is no model called <b>x</b> here."),
         (f"/canary {CURRENT} 10", f"{CURRENT} is already the model in use."),
         ("/canary one", "Usage: /canary MODEL PERCENT sends that share of the chats to MODEL;"),
         ("/promote", "No canary is running. Start one with /canary MODEL PERCENT."),
@@ -158,6 +267,27 @@ async def test_bad_canary_commands_get_a_short_answer_and_change_nothing(
         assert (await _admin(tg, command)).startswith(answer)
         assert _services(app).canary.state is None
         assert await _services(app).store.get_setting("canary") is None
+
+
+async def test_only_an_admin_in_their_own_private_chat_runs_the_canary_and_eval_commands(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    commands = [f"/canary {CANDIDATE} 100", "/promote", "/rollback", "/eval ftjob-1 5"]
+    async with running(make_settings()) as app:
+        await _admin(tg, f"/canary {CANDIDATE} 10")
+        state = _services(app).canary.state
+        for chat, chat_type, user, refusal in (
+            (100, "private", 100, t("admin_only")),
+            (-700, "supergroup", ADMIN, t("admin.private_only")),
+        ):
+            tg.chat(chat, chat_type)
+            for n, command in enumerate(commands, 1):
+                tg.push_message(chat, command, user_id=user, chat_type=chat_type)
+                assert (await tg.wait_sent(chat, n))[-1] == refusal, (chat, command)
+        await settled(app)
+        assert _services(app).canary.state == state  # neither changed nor ended
+        assert _services(app).models.current == CURRENT
+        assert await _services(app).store.fetch_all("SELECT 1 FROM eval_runs") == []
 
 
 async def _log(

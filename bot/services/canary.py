@@ -4,8 +4,16 @@ dialogue log tells whether it does better.
 Which chats: a chat (with its forum topic) falls in a bucket from 0 to 100 by a hash of
 its key and the canary's salt; those below the share get the candidate. The same chat
 always lands in the same bucket, so it keeps its model from one message to the next and
-across restarts; raising the share only adds chats. The canary (model, route, share,
-salt, start) is a bot setting: it outlives restarts until /promote or /rollback ends it.
+across restarts. A chat never changes model mid-thread: the canary takes a chat at the
+start of a conversation (its first message, or the first after /reset), and a conversation
+under way keeps the model it began with, also when the share changes (each conversation
+goes by the share in force when it began: raising it only adds conversations, lowering it
+leaves those under way on the candidate). A conversation is the chain of threads a chat
+carries across endpoints (a photo on the chat endpoint, a served candidate's local
+history), from the thread /reset last opened. Only ending the canary moves a conversation:
+/promote moves every chat to the candidate, /rollback every chat back, as /model does.
+The canary (model, route, shares, salt, start) is a bot setting: it outlives restarts
+until /promote or /rollback ends it.
 
 Whether it does better: per model (as the bot asked for it) since the canary started,
 from the log: replies with a positive and with a negative reaction, negative follow-ups
@@ -37,9 +45,21 @@ CANARY_KEY = "canary"
 class CanaryState:
     model: str
     route: str
-    percent: float  # share of chats, 0 < percent <= 100
+    percent: float  # share of chats now, 0 < percent <= 100
     salt: str
     started_at: str
+    # Each share in force and since when, oldest first (the first: the canary's start): a
+    # conversation goes by the one in force when it began.
+    shares: tuple[tuple[float, str], ...] = ()
+
+    def share_at(self, began: str | None) -> float:
+        """The share for a conversation that began at `began` (None: one beginning now)."""
+        share = self.percent
+        if began is not None:
+            for percent, since in self.shares:
+                if since <= began:
+                    share = percent
+        return share
 
 
 def bucket(key: ChatKey, salt: str) -> float:
@@ -103,27 +123,46 @@ class Canary:
         if not raw:
             return
         try:
-            self.state = CanaryState(**json.loads(raw))
-        except (ValueError, TypeError):
+            data = json.loads(raw)
+            shares = data.pop("shares", None) or [(data["percent"], data["started_at"])]
+            self.state = CanaryState(
+                **data, shares=tuple((float(p), str(since)) for p, since in shares)
+            )
+        except (ValueError, TypeError, KeyError):
             log.error("the stored canary is unreadable; no canary runs")
 
-    def pick(self, key: ChatKey) -> tuple[str, str] | None:
-        """The candidate's model and route for a chat in the canary's share, else None."""
+    async def pick(self, key: ChatKey) -> tuple[str, str] | None:
+        """The candidate's model and route for a chat's turn in the canary, else None: the
+        chat is in the share in force when its conversation began, after the canary's start."""
         state = self.state
-        if state is None or bucket(key, state.salt) >= state.percent:
+        if state is None:
+            return None
+        place = bucket(key, state.salt)
+        if place >= max(percent for percent, _ in state.shares or ((state.percent, ""),)):
+            return None  # in no share the canary ever had: no need to look further
+        began = await self._evals.conversation_began(key)
+        if began is not None and began < state.started_at:
+            return None  # a conversation under way when the canary started keeps its model
+        if place >= state.share_at(began):
             return None
         return state.model, state.route
 
     async def start(self, model: str, route: str, percent: float) -> CanaryState:
         """Send `percent` of the chats to `model`. The same model again keeps its chats
-        (and its start): a larger share only adds chats."""
+        (and its start); the new share applies to conversations beginning from now on.
+        Another model ends the canary in force (its conversations go back to the model in
+        use) and starts a new one."""
         if not 0 < percent <= 100:
             raise ValueError("percent must be in (0, 100]")
-        old = self.state
+        old, now = self.state, utcnow()
         if old is not None and old.model == model and old.route == route:
-            state = CanaryState(model, route, percent, old.salt, old.started_at)
+            shares = old.shares or ((old.percent, old.started_at),)
+            if percent != old.percent:
+                shares = (*shares, (percent, now))
+            state = CanaryState(model, route, percent, old.salt, old.started_at, shares)
         else:
-            state = CanaryState(model, route, percent, secrets.token_hex(8), utcnow())
+            salt = secrets.token_hex(8)
+            state = CanaryState(model, route, percent, salt, now, ((percent, now),))
         await self._store.set_setting(CANARY_KEY, json.dumps(asdict(state)))
         self.state = state
         return state

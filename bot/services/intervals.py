@@ -87,3 +87,27 @@ def more_needed(a: Interval, b: Interval) -> int | None:
         return 0
     k = (spread / gap) ** 2
     return max(1, math.ceil((a.n + b.n) * (k - 1)))
+
+
+def more_to_leave(a: Interval, point: float, limit: int = 10_000_000) -> int | None:
+    """Roughly how many more observations would put a share's Wilson interval wholly on one
+    side of `point` (the evaluation's 50%) if the share stayed where it is: 0 if it already
+    is; None with no data, a share on the point itself, or more than `limit` in all."""
+    if a.n == 0 or math.isnan(a.value) or abs(a.value - point) <= 1e-12:
+        return None
+
+    def leaves(n: int) -> bool:
+        interval = wilson(a.value * n, n)
+        return interval.low > point or interval.high < point
+
+    if leaves(a.n):
+        return 0
+    low, high = a.n, 2 * a.n  # an interval narrows as n grows: the first n that leaves
+    while not leaves(high):
+        low, high = high, 2 * high
+        if high > limit:
+            return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if leaves(middle) else (middle, high)
+    return high - a.n
