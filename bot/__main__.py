@@ -39,8 +39,8 @@ Settings come from environment variables or a .env file in the current folder. T
   DATABASE_URL        the SQLite file (default sqlite:///data/parley.sqlite3)
   WEBHOOK_URL         the public https URL to receive updates at, instead of long polling
 
-Exit status: 0 stopped normally (check: all is well), 1 the start or a check failed,
-2 the configuration is invalid.
+Exit status: 0 stopped normally (check: all is well); 1 the start or a check failed;
+2 the configuration is invalid (check reports that as a failed check: 1).
 Every setting, and the whole guide: {readme}
 """
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         validate(settings)
     except ConfigError as exc:
-        print(f"parley: configuration error: {exc}", file=sys.stderr)
+        print(f"parley: configuration error: {exc.for_a_deployer()}", file=sys.stderr)
         return 2
 
     # Imported after the settings check so a configuration error stays fast and quiet.
@@ -126,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
 async def run(app: ParleyApp, settings: Settings) -> None:
     """Check the model endpoints take their keys, then poll or serve the webhook."""
     from bot.app import ALLOWED_UPDATES
-    from bot.startup import check_model_keys
+    from bot.startup import check_model_keys, initialize
 
-    await check_model_keys(settings)
+    # A refused key stops the start before Telegram is asked. An endpoint merely out of
+    # reach is logged only once Telegram has answered: offline, the one line says Telegram.
+    notes = await check_model_keys(settings)
+    await initialize(app)  # polling and the webhook find the application initialised
+    for note in notes:
+        log.warning("%s", note)
     if settings.webhook_url:
         from bot import webhook
 

@@ -15,10 +15,20 @@ from telegram.request import HTTPXRequest
 
 from bot.errors import classify_model_error
 from bot.settings import ConfigError, Settings, load_settings, validate
-from bot.startup import Endpoint, list_models, model_endpoints, redact, unreachable, where
+from bot.startup import (
+    Endpoint,
+    key_of,
+    list_models,
+    model_endpoints,
+    problem_words,
+    redact,
+    unreachable,
+)
 from storage.migrations import MIGRATIONS
 
 Result = tuple[bool, str]
+
+OPENAI_API = "https://api.openai.com/v1"  # where the OpenAI client goes without a base URL
 
 
 async def _telegram(settings: Settings) -> Result:
@@ -38,7 +48,10 @@ async def _telegram(settings: Settings) -> Result:
         return False, "Telegram: TELEGRAM_BOT_TOKEN was rejected (check it with @BotFather)"
     except TelegramError as exc:
         if unreachable(exc):
-            return False, f"Telegram: could not reach {api} ({exc.message})"
+            return False, (
+                f"Telegram: could not reach {api} ({exc.message}): check the network and"
+                " TELEGRAM_API_URL"
+            )
         return False, f"Telegram: {api} refused getMe ({exc.message})"
 
 
@@ -46,15 +59,21 @@ async def _endpoint(
     settings: Settings, endpoint: Endpoint, wanted: tuple[tuple[str, str], ...]
 ) -> list[Result]:
     """List an endpoint's models and say whether each (setting, model) in `wanted` is there."""
-    at = where(settings, endpoint)
-    if at == "OpenAI" and settings.openai_api_key is None:  # nothing to ask OpenAI with
-        return [(False, f"{endpoint.label}: not asked, OPENAI_API_KEY is not set")]
+    at = endpoint.base_url or settings.openai_base_url or OPENAI_API
+    if at == OPENAI_API and key_of(settings, endpoint) is None:  # nothing to ask OpenAI with
+        return [(False, f"{endpoint.label}: not asked, {endpoint.key_var} is not set")]
     try:
         models = await list_models(settings, endpoint)
     except Exception as exc:
         kind = classify_model_error(exc).kind
-        hint = f" (check {endpoint.key_var})" if kind == "auth" else ""
-        return [(False, f"{endpoint.label}: could not list models at {at}: {kind}{hint}")]
+        hint = {
+            "auth": f"check {endpoint.key_var}",
+            "not_found": f"check {endpoint.url_var}: is it the API's root, often ending in /v1?",
+            "unreachable": f"check the network and {endpoint.url_var}",
+            "timeout": f"check the network and {endpoint.url_var}",
+        }.get(kind)
+        said = f"{problem_words(kind)}{f' ({hint})' if hint else ''}"
+        return [(False, f"{endpoint.label}: could not list models at {at}: {said}")]
     results: list[Result] = [(True, f"{endpoint.label}: reached {at}, {len(models)} models")]
     for name, model in wanted:
         ok = model in models
@@ -64,11 +83,13 @@ async def _endpoint(
 
 async def _models(settings: Settings) -> list[Result]:
     """The chat endpoint (with the chat and vision models), the trainer (with
-    FINE_TUNE_BASE_MODEL among its base models) and the serving endpoint, as configured."""
+    FINE_TUNE_BASE_MODEL among its base models), the serving endpoint and the evaluation's
+    judge (with EVAL_JUDGE_MODEL), as configured."""
     wanted = {
         "OpenAI": (("OPENAI_MODEL", settings.openai_model),
                    ("OPENAI_VISION_MODEL", settings.vision_model)),
         "Trainer": (("FINE_TUNE_BASE_MODEL", settings.fine_tune_base_model),),
+        "Evaluation": (("EVAL_JUDGE_MODEL", settings.eval_judge_model),),
     }  # fmt: skip
     reports = await asyncio.gather(
         *(_endpoint(settings, e, wanted.get(e.label, ())) for e in model_endpoints(settings))
@@ -130,7 +151,7 @@ async def run_checks(settings: Settings) -> list[Result]:
     try:
         validate(settings)
     except ConfigError as exc:
-        config: Result = (False, f"Configuration: {exc}")
+        config: Result = (False, f"Configuration: {exc.for_a_deployer()}")
     else:
         backend = f"backend {settings.conversation_backend}, model {settings.openai_model}"
         config = (True, f"Configuration: valid ({backend})")
@@ -145,7 +166,7 @@ def main() -> int:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        print(f"✗ Configuration: {exc}")
+        print(f"✗ Configuration: {exc.for_a_deployer()}")
         return 1
     results = asyncio.run(run_checks(settings))
     for ok, line in results:

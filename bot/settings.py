@@ -298,6 +298,14 @@ class Settings(BaseSettings):
 class ConfigError(Exception):
     """Configuration is missing or invalid; the message names the variables, one line."""
 
+    def for_a_deployer(self) -> str:
+        """The message, and where settings come from when one is missing and no .env is here
+        (the usual first-run slip: the .env file is in another folder)."""
+        text = str(self)
+        if "is not set" in text and not Path(".env").is_file():
+            text += f" (no .env file in {Path.cwd()}: set it there or in the environment)"
+        return text
+
 
 def load_settings(**overrides: object) -> Settings:
     """Read settings once, turning pydantic's report into a one-line error naming each variable."""

@@ -122,7 +122,8 @@ async def open_store(path: Path) -> Store:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A model endpoint the bot uses: the chat API, and optionally a trainer and a server."""
+    """A model endpoint the bot uses: the chat API, and optionally a trainer, a server and
+    the evaluation's judge."""
 
     label: str
     base_url: str | None  # None: the chat endpoint (OPENAI_BASE_URL, else OpenAI)
@@ -154,6 +155,16 @@ def model_endpoints(settings: Settings) -> list[Endpoint]:
                 "SERVE_BASE_URL",
             )
         )
+    if settings.eval_base_url:  # the judge of evaluations; unset, it is the chat endpoint
+        endpoints.append(
+            Endpoint(
+                "Evaluation",
+                settings.eval_base_url,
+                settings.eval_api_key,
+                "EVAL_API_KEY",
+                "EVAL_BASE_URL",
+            )
+        )
     return endpoints
 
 
@@ -179,14 +190,23 @@ async def list_models(settings: Settings, endpoint: Endpoint, *, retries: bool =
         await client.close()
 
 
-async def check_model_keys(settings: Settings) -> None:
+def problem_words(kind: str) -> str:
+    """A ModelError kind in words ("unreachable" -> "could not connect"), in English."""
+    from bot.texts import known, t
+
+    return t(f"problem.{kind}") if known(f"problem.{kind}") else t("problem.unknown")
+
+
+async def check_model_keys(settings: Settings) -> list[str]:
     """One cheap call (models.list) to each model endpoint: a refused key stops the start.
 
-    Anything else (the endpoint down, no models route) is logged and the bot starts: it
-    answers "unavailable" until the endpoint is back, as it would if it went down later.
+    Anything else (the endpoint down, no models route) is returned as a line to log, and
+    the bot starts: it answers "unavailable" until the endpoint is back, as it would if it
+    went down later. The caller logs those lines once Telegram has answered, so that a
+    start that fails there (offline, say) is still one line.
     """
 
-    async def probe(endpoint: Endpoint) -> StartupError | None:
+    async def probe(endpoint: Endpoint) -> StartupError | str | None:
         try:
             await list_models(settings, endpoint, retries=False)
         except Exception as exc:
@@ -205,18 +225,17 @@ async def check_model_keys(settings: Settings) -> None:
                     f" {endpoint.url_var}",
                 )
             if kind != "not_found":  # a server without a models route is fine
-                log.warning(
-                    "%s: could not list models at %s (%s); starting anyway",
-                    endpoint.label,
-                    where(settings, endpoint),
-                    kind,
+                return (
+                    f"{endpoint.label}: could not list models at {where(settings, endpoint)}"
+                    f" ({problem_words(kind)}); starting anyway"
                 )
         return None
 
-    failures = await asyncio.gather(*(probe(e) for e in model_endpoints(settings)))
-    for failure in failures:
-        if failure is not None:
-            raise failure
+    results = await asyncio.gather(*(probe(e) for e in model_endpoints(settings)))
+    for result in results:
+        if isinstance(result, StartupError):
+            raise result
+    return [result for result in results if isinstance(result, str)]
 
 
 def log_started(app: ParleyApp, settings: Settings) -> None:

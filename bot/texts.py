@@ -13,6 +13,7 @@ import time; each catalog is read on first use and cached.
 from __future__ import annotations
 
 import functools
+import string
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
@@ -66,14 +67,37 @@ def catalog(language_code: str | None = None) -> Mapping[str, str]:
     return _load(normalize(language_code))
 
 
+# How each language groups the digits of a large number ("12,345" reads as twelve point
+# three in Spanish and Russian): a no-break space there, so a group never starts a line.
+_DIGIT_GROUPS: Mapping[str, str] = MappingProxyType({"en": ",", "ru": "\u00a0", "es": "\u00a0"})
+
+
+class _Formatter(string.Formatter):
+    """str.format, with the digits of an int's `{n:,}` field grouped as the language does."""
+
+    def __init__(self, lang: str | None) -> None:
+        self.lang = lang
+
+    def format_field(self, value: object, format_spec: str) -> str:
+        if format_spec == "," and isinstance(value, int) and not isinstance(value, bool):
+            return number(value, self.lang)
+        return super().format_field(value, format_spec)
+
+
+def number(value: int, lang: str | None = None) -> str:
+    """`value` with its digits grouped as `lang` (a language_code) does: 12,345 in English,
+    12 345 (a no-break space) in Russian and Spanish."""
+    return f"{value:,}".replace(",", _DIGIT_GROUPS[normalize(lang)])
+
+
 def t(key: str, *, lang: str | None = None, **values: object) -> str:
     """The text for `key` in `lang` (a Telegram language_code; English when None or unknown),
     formatted with `values`. A key missing in that language falls back to English; an unknown
-    key gives the generic error message."""
+    key gives the generic error message. A `{n:,}` field groups its digits as `lang` does."""
     own = catalog(lang)
     english = catalog(DEFAULT_LANGUAGE)
     text = own.get(key) or english.get(key) or own.get(_FALLBACK_KEY) or english[_FALLBACK_KEY]
-    return text.format(**values) if values else text
+    return _Formatter(lang).vformat(text, (), values) if values else text
 
 
 def command_descriptions(lang: str | None = None, *, admin: bool = False) -> list[tuple[str, str]]:

@@ -169,8 +169,13 @@ async def test_a_database_that_cant_be_opened_is_one_line(
             "refused FINE_TUNE_API_KEY (HTTP 401)",
         ),
         ({"SERVE_BASE_URL": "<oai>"}, "wants a key: set SERVE_API_KEY"),
+        (
+            {"EVAL_BASE_URL": "<oai>", "EVAL_API_KEY": "wrong-judge-key"},
+            "refused EVAL_API_KEY (HTTP 401)",
+        ),
+        ({"EVAL_BASE_URL": "<oai>"}, "wants a key: set EVAL_API_KEY"),
     ],
-    ids=["chat-key", "trainer-key", "serving-no-key"],
+    ids=["chat-key", "trainer-key", "serving-no-key", "judge-key", "judge-no-key"],
 )
 async def test_a_model_endpoint_refusing_the_key_is_one_line_before_telegram_is_asked(
     tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path, env: dict[str, str], named: str
@@ -184,13 +189,16 @@ async def test_a_model_endpoint_refusing_the_key_is_one_line_before_telegram_is_
     assert tg.calls == []  # it failed fast: Telegram was never asked
 
 
+@pytest.mark.parametrize(
+    ("url_var", "label"), [("SERVE_BASE_URL", "Serving"), ("EVAL_BASE_URL", "Evaluation")]
+)
 async def test_an_unreachable_model_endpoint_is_logged_and_the_bot_starts(
-    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
+    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path, url_var: str, label: str
 ) -> None:
     nowhere = f"http://127.0.0.1:{_free_port()}/v1"
     log = tmp_path / "bot.log"
     with log.open("wb") as out:
-        proc = await spawn_bot(tg, oai, tmp_path, output_fd=out.fileno(), SERVE_BASE_URL=nowhere)
+        proc = await spawn_bot(tg, oai, tmp_path, output_fd=out.fileno(), **{url_var: nowhere})
     try:
         await eventually(
             lambda: "Parley started" in log.read_text() or proc.returncode is not None, 60
@@ -203,8 +211,45 @@ async def test_an_unreachable_model_endpoint_is_logged_and_the_bot_starts(
             proc.kill()
             await proc.wait()
     text = log.read_text()
-    assert f"Serving: could not list models at {nowhere} (unreachable); starting anyway" in text
+    said = f"{label}: could not list models at {nowhere} (could not connect); starting anyway"
+    assert said in text
     assert "Traceback" not in text
+
+
+async def test_offline_the_one_line_is_telegram_not_the_model_endpoint_too(
+    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """No network at all: neither Telegram nor the model API answers. The start stops on
+    Telegram in one line; the model endpoint out of reach is not said before it."""
+    code, err = await _failed_start(
+        tg,
+        oai,
+        tmp_path,
+        TELEGRAM_API_URL=f"http://127.0.0.1:{_free_port()}",
+        OPENAI_BASE_URL=f"http://127.0.0.1:{_free_port()}/v1",
+    )
+    assert code == 1
+    assert "cannot reach Telegram at" in _the_line(err)
+
+
+@pytest.mark.parametrize("env_file", [False, True], ids=["no-env-file", "env-file"])
+def test_a_missing_setting_says_where_settings_come_from(tmp_path: Path, env_file: bool) -> None:
+    """The first-run slip: the .env file is in another folder. Said only when there is none."""
+    if env_file:
+        (tmp_path / ".env").write_text("LOG_LEVEL=INFO\n")
+    for command in (["-m", "bot"], ["-m", "bot", "check"]):
+        result = subprocess.run(
+            [sys.executable, *command],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        said = (result.stderr + result.stdout).strip()
+        assert len(said.splitlines()) == 1 and "TELEGRAM_BOT_TOKEN is not set" in said, said
+        hint = f"(no .env file in {tmp_path}: set it there or in the environment)"
+        assert (hint in said) is not env_file, said
 
 
 # -- the profiles file -----------------------------------------------------------------------
@@ -410,6 +455,46 @@ async def test_check_reports_a_database_the_bot_could_not_use(
     env = _check_env(tg, oai, DATABASE_URL=f"sqlite:///{path}")
     code, out = await _run_check(env, tmp_path)
     assert code == 1 and expected.format(path=path, tmp=tmp_path) in out, out
+
+
+async def test_check_asks_the_evaluation_endpoint_for_the_judge_model(
+    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """EVAL_BASE_URL is a model endpoint like the others: its key and EVAL_JUDGE_MODEL."""
+    judge = {"EVAL_BASE_URL": oai.url, "EVAL_API_KEY": API_KEY, "EVAL_JUDGE_MODEL": "gpt-4.1-mini"}
+    code, out = await _run_check(_check_env(tg, oai, **judge), tmp_path)
+    assert code == 0, out
+    assert f"✓ Evaluation: reached {oai.url}, " in out
+    assert "✓ EVAL_JUDGE_MODEL gpt-4.1-mini is available" in out
+
+    code, out = await _run_check(
+        _check_env(tg, oai, **{**judge, "EVAL_JUDGE_MODEL": "judge-imaginary"}), tmp_path
+    )
+    assert code == 1 and "✗ EVAL_JUDGE_MODEL judge-imaginary is not available there" in out, out
+
+    wrong = "judge-key-nobody-should-see"
+    code, out = await _run_check(_check_env(tg, oai, **{**judge, "EVAL_API_KEY": wrong}), tmp_path)
+    expected = f"✗ Evaluation: could not list models at {oai.url}: API key refused"
+    assert code == 1 and f"{expected} (check EVAL_API_KEY)" in out, out
+    assert wrong not in out
+
+    # Unset, the judge is the chat endpoint's: no line of its own.
+    code, out = await _run_check(_check_env(tg, oai), tmp_path)
+    assert code == 0 and "Evaluation" not in out and "EVAL_" not in out, out
+
+
+async def test_check_says_what_went_wrong_in_words(
+    tg: FakeTelegram, oai: FakeOpenAI, tmp_path: Path
+) -> None:
+    nowhere = f"http://127.0.0.1:{_free_port()}/v1"
+    code, out = await _run_check(_check_env(tg, oai, OPENAI_BASE_URL=nowhere), tmp_path)
+    expected = f"✗ OpenAI: could not list models at {nowhere}: could not connect"
+    assert code == 1 and f"{expected} (check the network and OPENAI_BASE_URL)" in out, out
+    telegram = f"http://127.0.0.1:{_free_port()}"
+    code, out = await _run_check(_check_env(tg, oai, TELEGRAM_API_URL=telegram), tmp_path)
+    [line] = [line for line in out.splitlines() if line.startswith("✗ Telegram")]
+    assert line.startswith(f"✗ Telegram: could not reach {telegram} (")
+    assert line.endswith("): check the network and TELEGRAM_API_URL"), line
 
 
 # -- /id and /start --------------------------------------------------------------------------

@@ -185,7 +185,26 @@ def test_lookup_by_language_code() -> None:
         "Trabajo de ajuste fino ft-1: running."
     )
     summary = t("train.summary", lang="ru", **dict.fromkeys(REQUIRED["train.summary"], 12345))
-    assert summary.startswith("Датасет готов (12345).") and "около 12,345" in summary
+    assert summary.startswith("Датасет готов (12345).") and "около 12\u00a0345" in summary
+
+
+@pytest.mark.parametrize(
+    ("lang", "expected"),
+    [
+        ("en", "1,234,567 / 89"),
+        ("ru", "1\u00a0234\u00a0567 / 89"),
+        ("es", "1\u00a0234\u00a0567 / 89"),
+    ],
+)
+def test_large_numbers_are_grouped_as_the_language_does(lang: str, expected: str) -> None:
+    """'12,345' reads as twelve point three in Spanish and Russian: a {n:,} field is
+    grouped with a no-break space there, with commas in English."""
+    assert t("stats.tokens", lang=lang, total=1234567, week=89).endswith(expected)
+    assert texts.number(1234567, lang) == expected.split(" / ")[0]
+    # Only ints are grouped; other values and format specs are as str.format has them.
+    assert t("job.line", lang=lang, job_id="ft-{1}", status="x", model=1.5, age=None) == (
+        "ft-{1}: x, 1.5, None"
+    )
 
 
 def test_without_lang_is_english() -> None:

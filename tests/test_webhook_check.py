@@ -93,7 +93,7 @@ async def test_check_reports_a_good_configuration(
         ),
         (
             {"FINE_TUNE_BASE_URL": "<oai>", "FINE_TUNE_API_KEY": "wrong"},
-            ": auth (check FINE_TUNE_API_KEY)",
+            ": API key refused (check FINE_TUNE_API_KEY)",
         ),
         (
             {

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from PIL import Image, ImageDraw
 
 from bot.services.charts import chart_font
-from bot.texts import t
+from bot.texts import number, t
 from storage.db import Store
 
 # Telegram sends these without the variation selector (e.g. "❤", not "❤️").
@@ -103,10 +103,10 @@ def render_text(stats: Stats, lang: str | None = None, names: Mapping[int, str] 
         "\n" + t("stats.tokens", lang=lang, total=stats.tokens_all, week=stats.tokens_week)
     )
     if stats.top_users:
-        users = ", ".join(f"{_who(u, names)}: {n:,}" for u, n in stats.top_users)
+        users = ", ".join(f"{_who(u, names)}: {number(n, lang)}" for u, n in stats.top_users)
         lines.append(t("stats.top_users", lang=lang, users=users))
     if stats.top_chats:
-        chats = ", ".join(f"{_who(c, names)}: {n:,}" for c, n in stats.top_chats)
+        chats = ", ".join(f"{_who(c, names)}: {number(n, lang)}" for c, n in stats.top_chats)
         lines.append(t("stats.top_chats", lang=lang, chats=chats))
     if stats.tagged == 0:
         lines.append("\n" + t("stats.none", lang=lang))
