@@ -25,7 +25,7 @@ from bot.services.dataset import (
     validate_example,
 )
 from bot.services.tokens import estimate_tokens
-from storage.db import ChatKey, Store, StoredImage, Thread, TurnRecord, utcnow
+from storage.db import DOCUMENT_CUT, ChatKey, Store, StoredImage, Thread, TurnRecord, utcnow
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 SYSTEM = "Be nice."
@@ -491,3 +491,71 @@ def test_invalid_options_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         options = replace(ONE, validation_fraction=1.5)
         build_dataset(tmp_path / "db", tmp_path, options, base_model="x")
+
+
+# -- web-search citations and documents -----------------------------------------------------
+
+CITED = "https://www.insee.fr/fr/statistiques/1893198"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"Paris ([insee.fr]({CITED}?utm_source=openai)).", f"Paris ([insee.fr]({CITED}))."),
+        (f"{CITED}?utm_source=openai. Next", f"{CITED}. Next"),
+        (f"{CITED}?id=3&utm_source=openai&b=2#part", f"{CITED}?id=3&b=2#part"),
+        (f"{CITED}?utm_source=openai&utm_medium=chat", CITED),
+        (
+            "[Paris](https://en.wikipedia.org/wiki/Paris_(city)?utm_source=openai)",
+            "[Paris](https://en.wikipedia.org/wiki/Paris_(city))",
+        ),
+        # Not a URL's query: kept as written.
+        ("what? utm_source is a parameter", "what? utm_source is a parameter"),
+        ("Really?utm_source", "Really?utm_source"),
+        (f"{CITED}?q=utm_source", f"{CITED}?q=utm_source"),
+        (f"{CITED}?id=3", f"{CITED}?id=3"),
+    ],
+)
+def test_tracking_parameters_are_taken_out_of_urls(text: str, expected: str) -> None:
+    assert dataset.strip_tracking(text) == expected
+
+
+async def test_web_search_citations_lose_their_tracking_parameter(log: Log, tmp_path: Path) -> None:
+    thread = await log.thread()
+    await log.turn(
+        thread,
+        f"is {CITED}?utm_campaign=x the source?",
+        f"About 2.1 million ([insee.fr]({CITED}?utm_source=openai)).",
+    )
+    [example] = examples(log.build(tmp_path / "out"))
+    assert texts(example)[1:] == [
+        ("user", f"is {CITED} the source?"),
+        ("assistant", f"About 2.1 million ([insee.fr]({CITED}))."),
+    ]
+
+
+async def test_a_turn_excluded_when_logged_is_left_out_with_its_reason(
+    log: Log, tmp_path: Path
+) -> None:
+    """A document turn whose model read the whole PDF, of which the log keeps only part."""
+    thread = await log.thread()
+    await log.turn(thread, "hello", "hi")
+    cut = TurnRecord(
+        thread_id=thread.id,
+        key=thread.key,
+        chat_type="private",
+        user_id=7,
+        user_message_id=99,
+        user_text="[report.pdf, 40 pages: pages 1-3 of 40]\n\nSummarise",
+        model="m",
+        instructions=SYSTEM,
+        started_at=(START + timedelta(hours=1)).isoformat(timespec="milliseconds"),
+        assistant_text="Page 37 says revenue grew.",
+        input_kind="document",
+        excluded=DOCUMENT_CUT,
+    )
+    await log.store.record_turn(cut)
+    report = log.build(tmp_path / "out")
+    assert report.dropped == Counter({DOCUMENT_CUT: 1})
+    [example] = examples(report)
+    assert "revenue" not in json.dumps(example)

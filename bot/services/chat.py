@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -27,7 +27,7 @@ from bot.services.replies import Links, ProgressGate, ReplyStreamer, RichMessage
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.settings import DEFAULT_ANSWER_DEADLINE, DEFAULT_MAX_ANSWER_TOKENS
 from bot.texts import t
-from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
+from storage.db import DOCUMENT_CUT, ChatKey, Store, StoredImage, TurnRecord, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ class Incoming:
     @property
     def private(self) -> bool:
         return self.chat_type == "private"
+
+
+async def _no_canary(_key: ChatKey) -> tuple[str, str] | None:
+    return None
 
 
 class ChatService:
@@ -104,9 +108,9 @@ class ChatService:
         self.draft_interval = draft_interval
         # Users' turns in flight: background model work (the evaluation) gives way to them.
         self.users = UserTurns()
-        # A canary (bot/services/canary.py): the model and route of a chat it sends to the
-        # candidate, None for the others.
-        self.canary: Callable[[ChatKey], tuple[str, str] | None] = lambda _key: None
+        # A canary (bot/services/canary.py): the model and route of a chat's turn it sends
+        # to the candidate, None for the others.
+        self.canary: Callable[[ChatKey], Awaitable[tuple[str, str] | None]] = _no_canary
 
     async def already_answered(self, msg: Incoming) -> bool:
         """A message replayed after a crash whose answer was already logged: skip it."""
@@ -133,7 +137,8 @@ class ChatService:
     async def takes_files(self, key: ChatKey) -> bool:
         """Whether a chat's next turn without images goes to a backend that takes files."""
         profile = await self.profiles.for_chat(key)
-        _, route = self._model_for(profile.model, False, bool(profile.tools), key)
+        picked = None if profile.model else await self.canary(key)
+        _, route = self._model_for(profile.model, False, bool(profile.tools), picked)
         return self.backends[route].takes_files
 
     async def answer(self, bot: Bot, msg: Incoming) -> TurnRecord | None:
@@ -143,9 +148,8 @@ class ChatService:
         if await self.refuse_over_limit(bot, msg):
             return None
         profile = await self.profiles.for_chat(msg.key)
-        model, route = self._model_for(
-            profile.model, bool(msg.images), bool(profile.tools), msg.key
-        )
+        picked = None if profile.model or msg.images else await self.canary(msg.key)
+        model, route = self._model_for(profile.model, bool(msg.images), bool(profile.tools), picked)
         backend = self.backends[route]
         content = UserContent(
             msg.text, tuple(data_url(i.mime_type, i.data) for i in msg.images), tuple(msg.files)
@@ -173,6 +177,7 @@ class ChatService:
             interval=self.draft_interval,
             gate=self.gate,
             rich=self.rich,
+            lang=msg.lang,
         )
         # The user's own sentiment is judged while the model writes: it adds no delay. Not on
         # a local server that answers this turn itself: one with a single slot
@@ -226,7 +231,7 @@ class ChatService:
             log.warning("turn failed in chat %s: %s (%s)", msg.key, exc.kind, exc.detail)
             turn.status, turn.error_kind = "failed", exc.kind
             turn.reply_message_ids = await self._tell(
-                bot, msg, t(await self._error_key(bot, exc.kind, model), lang=msg.lang)
+                bot, msg, t(await self.error_key(bot, exc.kind, model), lang=msg.lang)
             )
         except TelegramError as exc:
             # The answer exists but could not be delivered (after the rate limiter's retries).
@@ -240,10 +245,15 @@ class ChatService:
             await (user_sentiment if user_sentiment is not None else self._analyze(msg.text))
         )
         turn.finished_at = utcnow()
+        if turn.status == "ok" and backend.takes_files:
+            if any(f.data and f.partial for f in msg.files):
+                # The model read the whole file; the log keeps part of its text: an example
+                # made of the two would teach answers from what it doesn't show.
+                turn.excluded = DOCUMENT_CUT
         await self.store.record_turn(turn)
         return turn
 
-    async def _error_key(self, bot: Bot, kind: str, model: str) -> str:
+    async def error_key(self, bot: Bot, kind: str, model: str) -> str:
         """The message for a failed turn. One only an admin can fix says the admins know
         only when they do (told now, or within the hour)."""
         if kind not in ADMIN_PROBLEMS:
@@ -261,21 +271,20 @@ class ChatService:
         profile_model: str | None,
         images: bool,
         tools: bool = False,
-        key: ChatKey | None = None,
+        picked: tuple[str, str] | None = None,
     ) -> tuple[str, str]:
         """The model and route of a turn: a profile's model and photos stay on the chat API.
 
         A served fine-tune usually has no vision: photos go to the vision model (or the
         configured chat model) on the chat endpoint; the thread follows them there and back.
         A profile with tools (web search) stays there too: only the Responses API runs them.
-        A chat a canary sends to the candidate gets it (the same chat always does).
+        A turn the canary sends to the candidate (`picked`: its model and route) gets it.
         """
         if profile_model:
             return profile_model, CHAT_ROUTE
         if images:
             current = self.model if self.route == CHAT_ROUTE else self.default_model
             return self.vision_model or current, CHAT_ROUTE
-        picked = self.canary(key) if key is not None else None
         if picked is not None and (not tools or picked[1] == CHAT_ROUTE):
             return picked
         if tools and self.route != CHAT_ROUTE:

@@ -19,7 +19,8 @@ Examples are written to a temporary file in `out_dir`, then split into `train.js
 `os.replace`), so a reader never sees a half-written file and a failure leaves none behind.
 
 With a test split (`DatasetOptions.test_share`), the most recent conversations go to neither
-file: each gives one evaluation item in `test.jsonl` (bot/services/evaluation.py).
+file: each gives one evaluation item in `test.jsonl` (bot/services/evaluation.py). Nor do the
+conversations an earlier job kept as its test split: they stay unseen for good.
 """
 
 from __future__ import annotations
@@ -237,6 +238,37 @@ def _redact(text: str) -> tuple[str, dict[str, int] | None]:
     return text, counts or None
 
 
+# A URL's query: from "?" up to a space, a fragment, a bracket or a quote (a Markdown link's
+# closing parenthesis included). Each "?" starts at most one match, and matches never
+# overlap: linear in the text, whatever it holds.
+_QUERY = re.compile(r"\?([^\s?#<>\"'()\[\]]*)")
+_URL_LOOKBACK = 2048  # characters before a query searched for its URL's "://"
+
+
+def strip_tracking(text: str) -> str:
+    """`text` with the utm_* parameters taken out of its URLs' queries (a web search's
+    citations carry ?utm_source=openai: what the model wrote, not what a model should learn
+    to write), and the "?" of a query left empty. Punctuation ending a sentence stays."""
+    if "utm_" not in text:
+        return text
+
+    def clean(m: re.Match[str]) -> str:
+        query = m.group(1)
+        if "utm_" not in query.lower():
+            return m.group(0)
+        words = text[max(0, m.start() - _URL_LOOKBACK) : m.start()].split()
+        if not words or "://" not in words[-1]:
+            return m.group(0)  # a question mark, not a URL's query
+        body = query.rstrip(".,;:!")
+        params = [p for p in body.split("&") if p]
+        kept = [p for p in params if not p.lower().startswith("utm_")]
+        if len(kept) == len(params):
+            return m.group(0)
+        return ("?" + "&".join(kept) if kept else "") + query[len(body) :]
+
+    return _QUERY.sub(clean, text)
+
+
 def fast_estimate_tokens(text: str) -> int:
     """Exactly bot.services.tokens.estimate_tokens, computed in C instead of a Python loop.
 
@@ -381,6 +413,13 @@ _EXCLUSIONS_SQL = "SELECT turn_id, reason FROM dataset_exclusions"
 # The conversations the test split is drawn from (with the same filters as the examples).
 _HELD_FROM = """FROM turns WHERE thread_id IS NOT NULL
   AND (:since IS NULL OR started_at >= :since) AND (:chat_id IS NULL OR chat_id = :chat_id)"""
+# The conversations earlier jobs kept as their test splits (storage/evals.py, migration 11):
+# a candidate is evaluated on them later, again (/eval JOB), against whatever model is in use
+# then, so they stay out of every later file too. A failed or cancelled job has no candidate.
+_EARLIER_TEST_SQL = """SELECT DISTINCT t.thread_id FROM eval_item_turns it
+  JOIN eval_items i ON i.id = it.item_id JOIN fine_tune_jobs j ON j.job_id = i.job_id
+  JOIN turns t ON t.id = it.turn_id
+  WHERE t.thread_id IS NOT NULL AND j.status NOT IN ('failed', 'cancelled')"""
 _GENERATION_SQL = "SELECT value FROM bot_settings WHERE key = 'forget_generation'"
 # A /forget that commits while a dataset is built makes it stale: built again, this often.
 MAX_BUILDS = 3
@@ -435,6 +474,7 @@ class _Builder:
         self.test_out = test_out
         self.held = self._held_threads()
         self.report.test_conversations = len(self.held)
+        self.held_before = {int(r[0]) for r in conn.execute(_EARLIER_TEST_SQL)} - self.held
         self.test_digests: set[bytes] = set()
         self.test_last: tuple[list[dict[str, Any]], list[int]] | None = None
         self.test_thread: int | None = None
@@ -516,6 +556,8 @@ class _Builder:
             return "opted_out"
         if (excluded := self.excluded.get(turn.id)) is not None:
             return excluded
+        if turn.thread[0] == "thread" and turn.thread[1] in self.held_before:
+            return "test_split_earlier"
         if turn.status == "cut":
             return "cut_off"  # delivered, but stopped at the length cap: not a model answer
         if turn.status != "ok":
@@ -538,8 +580,8 @@ class _Builder:
             self.report.dropped[reason] += 1
             self._flush()  # a left-out turn breaks the window: later context would be wrong
             return
-        user, user_counts = _redact(turn.user_text or "")
-        assistant, assistant_counts = _redact(turn.assistant_text or "")
+        user, user_counts = _redact(strip_tracking(turn.user_text or ""))
+        assistant, assistant_counts = _redact(strip_tracking(turn.assistant_text or ""))
         counts: Counter[str] | None = None
         if user_counts or assistant_counts:
             counts = Counter(user_counts or {})
