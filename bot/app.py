@@ -24,6 +24,7 @@ from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE, ChatService
 from bot.services.conversations import ConversationBackend, LocalHistory, OpenAIConversations
 from bot.services.documents import DocumentLimits, DocumentService
 from bot.services.evaluation import ChatJudge, Evaluation, Replayer, ResponsesJudge
+from bot.services.feedback import Feedback
 from bot.services.finetune import FineTuner
 from bot.services.forgetting import Forgetting
 from bot.services.images import ImageLimits
@@ -203,6 +204,7 @@ async def _build_services(
         models=models,
         alerts=alerts,
         names=Names(),
+        feedback=Feedback(store),
         forgetting=Forgetting(store, client, finetune),
         evaluation=evaluator,
         canary=canary,

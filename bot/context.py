@@ -16,6 +16,7 @@ from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend
 from bot.services.documents import DocumentService
 from bot.services.evaluation import Evaluation
+from bot.services.feedback import Feedback
 from bot.services.finetune import FineTuner
 from bot.services.forgetting import Forgetting
 from bot.services.models import ModelRouter
@@ -44,6 +45,7 @@ class Services:
     alerts: AdminAlerts
     names: Names
     forgetting: Forgetting
+    feedback: Feedback
     evaluation: Evaluation
     canary: Canary
     # Clients of the trainer and serving endpoints, closed at shutdown.

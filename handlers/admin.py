@@ -434,7 +434,7 @@ async def use_model(update: Update, context: CustomContext) -> None:
     if query is None or query.data is None:
         return
     services = context.services
-    record = await services.store.job(query.data.split(":", 2)[2])
+    record = await services.finetune.job(query.data.split(":", 2)[2])
     await query.answer()
     if record is None or not record.fine_tuned_model:
         await edit_or_send(query, tr(update, "job.unknown"))

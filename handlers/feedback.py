@@ -20,11 +20,8 @@ async def on_reaction(update: Update, context: CustomContext) -> None:
     if reaction is None or reaction.user is None:
         return  # anonymous reactions carry no user to attribute them to
     emojis = [r.emoji for r in reaction.new_reaction if isinstance(r, ReactionTypeEmoji)]
-    await context.services.store.set_reactions(
-        reaction.chat.id,
-        reaction.message_id,
-        reaction.user.id,
-        [(e, feedback.reaction_polarity(e)) for e in emojis],
+    await context.services.feedback.record_reactions(
+        reaction.chat.id, reaction.message_id, reaction.user.id, emojis
     )
 
 
@@ -36,7 +33,7 @@ async def stats(update: Update, context: CustomContext) -> None:
     if message is None:
         return
     lang = language_of(update)
-    report = await feedback.collect(context.services.store)
+    report = await context.services.feedback.stats()
     ids = [u for u, _ in report.top_users] + [c for c, _ in report.top_chats]
     names = await context.services.names.of(context.bot, ids)
     await message.reply_text(feedback.render_text(report, lang, names))

@@ -46,6 +46,24 @@ class Stats:
         return sum(sum(c.values()) for c in self.all_time.values())
 
 
+class Feedback:
+    """Users' reactions on the bot's replies, and the /stats report built from the log."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def record_reactions(
+        self, chat_id: int, message_id: int, user_id: int, emojis: list[str]
+    ) -> None:
+        """A user's current reactions on one of the bot's replies (replacing earlier ones)."""
+        await self.store.set_reactions(
+            chat_id, message_id, user_id, [(e, reaction_polarity(e)) for e in emojis]
+        )
+
+    async def stats(self, now: datetime | None = None) -> Stats:
+        return await collect(self.store, now)
+
+
 async def collect(store: Store, now: datetime | None = None) -> Stats:
     since = ((now or datetime.now(UTC)) - timedelta(days=7)).isoformat(timespec="milliseconds")
     return Stats(

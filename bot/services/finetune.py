@@ -200,6 +200,10 @@ class FineTuner:
         await self.store.mark_notified(job.job_id, job.notified_status or job.status, message_id)
         job.notice_message_id = message_id
 
+    async def job(self, job_id: str) -> JobRecord | None:
+        """The bot's record of a job it started (None for one it doesn't know)."""
+        return await self.store.job(job_id)
+
     def trainer_of(self, record: JobRecord | None) -> Trainer | None:
         """The trainer a job belongs to (the current one for a job the bot has no record of)."""
         return self.trainer if record is None else self.trainers.get(record.trainer)
