@@ -17,7 +17,7 @@ from bot.services.chat import CHAT_ROUTE
 from bot.services.eval_charts import PairRow, comparison_chart, evaluation_chart
 from bot.services.evaluation import EvalSummary, examples
 from bot.services.intervals import Interval
-from bot.texts import known, language_of, t
+from bot.texts import known, language_of, number, t
 from handlers.admin import admin_command, problem
 from storage.evals import EvalResult, EvalRun
 
@@ -28,12 +28,12 @@ def _pct(value: float) -> str:
     return "–" if math.isnan(value) else f"{value * 100:.0f}%"
 
 
-def _num(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:,.0f}"
+def _num(value: float, lang: str | None) -> str:
+    return "–" if math.isnan(value) else number(round(value), lang)
 
 
-def _pair(current: Interval, candidate: Interval) -> str:
-    return f"{_num(current.value)} / {_num(candidate.value)}"
+def _pair(current: Interval, candidate: Interval, lang: str | None) -> str:
+    return f"{_num(current.value, lang)} / {_num(candidate.value, lang)}"
 
 
 def render_summary(summary: EvalSummary, lang: str | None) -> str:
@@ -42,7 +42,7 @@ def render_summary(summary: EvalSummary, lang: str | None) -> str:
     if summary.judged == 0:
         verdict = t("eval.verdict_none", lang=lang)
     elif summary.verdict == "unclear" and (more := summary.more_needed):
-        verdict = t("eval.verdict_unclear_more", lang=lang, more=f"{more:,}")
+        verdict = t("eval.verdict_unclear_more", lang=lang, more=number(more, lang))
     else:
         verdict = t(f"eval.verdict_{summary.verdict}", lang=lang)
     text = t(
@@ -59,9 +59,9 @@ def render_summary(summary: EvalSummary, lang: str | None) -> str:
         low=_pct(summary.win_rate.low),
         high=_pct(summary.win_rate.high),
         verdict=verdict,
-        length=_pair(summary.current.length, summary.candidate.length),
-        latency=_pair(summary.current.latency, summary.candidate.latency),
-        tokens=_pair(summary.current.tokens, summary.candidate.tokens),
+        length=_pair(summary.current.length, summary.candidate.length, lang),
+        latency=_pair(summary.current.latency, summary.candidate.latency, lang),
+        tokens=_pair(summary.current.tokens, summary.candidate.tokens, lang),
     )
     if summary.errors:
         text += "\n" + t(
@@ -127,6 +127,7 @@ def _chart(summary: EvalSummary, lang: str | None) -> bytes:
         rows,
         t("eval.legend_current", lang=lang, model=run.current_model),
         t("eval.legend_candidate", lang=lang, model=run.candidate_model),
+        lang=lang,
     )
 
 
@@ -332,11 +333,15 @@ async def rollback(update: Update, context: CustomContext) -> None:
     )
 
 
-def _figure(metric: Metric, interval: Interval) -> str:
+def _figure(metric: Metric, interval: Interval, lang: str | None) -> str:
     if interval.n == 0:
         return "–"
-    fmt = _pct if metric.share else _num
-    return f"{fmt(interval.value)} [{fmt(interval.low)}–{fmt(interval.high)}] n={interval.n}"
+
+    def fmt(value: float) -> str:
+        return _pct(value) if metric.share else _num(value, lang)
+
+    n = number(interval.n, lang)
+    return f"{fmt(interval.value)} [{fmt(interval.low)}–{fmt(interval.high)}] n={n}"
 
 
 def render_comparison(comparison: Comparison, lang: str | None) -> str:
@@ -358,7 +363,7 @@ def render_comparison(comparison: Comparison, lang: str | None) -> str:
         elif (called := metric.called) is not None:
             said = t(f"canary.called_{called}", lang=lang)
         elif (more := metric.more_needed) is not None:
-            said = t("canary.not_enough", lang=lang, more=f"{more:,}")
+            said = t("canary.not_enough", lang=lang, more=number(more, lang))
         else:
             said = t("canary.no_difference", lang=lang)
         lines.append(
@@ -366,8 +371,8 @@ def render_comparison(comparison: Comparison, lang: str | None) -> str:
                 "canary.metric",
                 lang=lang,
                 name=t(f"canary.metric_{metric.name}", lang=lang),
-                current=_figure(metric, metric.current),
-                candidate=_figure(metric, metric.candidate),
+                current=_figure(metric, metric.current, lang),
+                candidate=_figure(metric, metric.candidate, lang),
                 said=said,
             )
         )
@@ -393,6 +398,7 @@ async def canary_stats(update: Update, context: CustomContext) -> None:
             rows,
             t("eval.legend_current", lang=lang, model=comparison.current_model),
             t("eval.legend_candidate", lang=lang, model=comparison.state.model),
+            lang,
         )
         await message.reply_photo(chart, caption=t("canary.chart_caption", lang=lang))
 

@@ -150,6 +150,42 @@ async def test_a_text_file_joins_the_thread_as_text_with_follow_ups(
     assert (kind, logged) == ("document", expected)
 
 
+RU_USER = {"id": 100, "is_bot": False, "first_name": "Аня", "language_code": "ru"}
+
+
+async def test_a_file_without_a_name_is_called_a_document_in_the_senders_language(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    oai.enqueue("Выручка.", "Список покупок.", "A shopping list.")
+    ru = {"from": RU_USER}
+    tg.push_document(100, REPORT, None, "application/pdf", caption="Что выросло?", extra=ru)
+    await tg.wait_sent(100, 1)
+    tg.push_document(100, b"milk\n", None, "text/plain", caption="Что это?", extra=ru)
+    await tg.wait_sent(100, 2)
+    tg.push_document(100, b"milk\n", None, "text/plain", caption="What is it?")
+    await tg.wait_sent(100, 3)
+    pdf, ru_text, en_text = oai.calls
+    assert _parts(pdf)[0]["filename"] == "документ.pdf"
+    assert ru_text.last_user_text.startswith(t("document.header", lang="ru", name="документ.txt"))
+    assert en_text.last_user_text.startswith(t("document.header", name="document.txt"))
+
+
+async def test_a_text_file_over_the_character_limit_names_it_grouped_as_the_reader_does(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    """'12,000' reads as twelve in Russian: there the limit is grouped with a no-break space."""
+    async with running(make_settings(document_max_chars=12_000)):
+        big = b"x" * 12_001
+        tg.push_document(100, big, "big.txt", "text/plain", caption="?", extra={"from": RU_USER})
+        [ru] = await tg.wait_sent(100, 1)
+        tg.push_document(100, big, "big.txt", "text/plain", caption="?")
+        en = (await tg.wait_sent(100, 2))[1]
+    assert ru == t("document.too_long", lang="ru", limit=12_000)
+    assert "до 12\u00a0000 символов" in ru
+    assert "up to 12,000 characters" in en
+    assert oai.calls == []
+
+
 async def test_a_file_without_a_caption_gets_a_summary_and_says_so(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:

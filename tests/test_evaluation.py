@@ -457,6 +457,34 @@ def test_an_unclear_win_rate_says_roughly_how_many_more_conversations_would_tell
         assert before.low <= 0.5 <= before.high  # and not fewer
 
 
+@pytest.mark.parametrize(("lang", "sep"), [("en", ","), ("ru", "\u00a0")])
+def test_an_evaluations_figures_are_grouped_as_the_reader_does(lang: str, sep: str) -> None:
+    """'12,345' reads as twelve point three in Russian: a no-break space groups it there."""
+    from collections import Counter
+
+    from bot.services.evaluation import EvalSummary, Side
+    from bot.services.intervals import Interval
+    from bot.texts import t
+    from handlers.evaluation import render_summary
+    from storage.evals import EvalRun
+
+    run = EvalRun(
+        1, "ft-1", 3000, "cur", "chat", "cand", "chat", "judge", 42, "done", "2026-12-01", None
+    )
+    figure = Interval(50.0, 40.0, 60.0, 3000)
+    current = Side(Interval(12345.4, 12000.0, 12700.0, 3000), figure, figure)
+    candidate = Side(Interval(2000.6, 1900.0, 2100.0, 3000), figure, figure)
+    summary = EvalSummary(
+        run, 1510, 0, 1490, 0, 0, wilson(1510, 3000), current, candidate, Counter()
+    )
+    needed = summary.more_needed
+    assert needed is not None and needed >= 1000  # a count that needs grouping
+    text = render_summary(summary, lang)
+    assert f" 12{sep}345 / 2{sep}001" in text  # the answers' mean lengths, rounded
+    more = f"{needed:,}".replace(",", sep)
+    assert t("eval.verdict_unclear_more", lang=lang, more=more) in text
+
+
 async def test_an_evaluation_cut_off_by_a_restart_resumes_where_it_was(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:

@@ -216,14 +216,29 @@ async def test_failed_transcription_gets_a_short_reply_and_the_chat_goes_on(
     ]
 
 
-async def test_a_server_without_the_transcription_model_is_explained(
-    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+@pytest.mark.parametrize("admin_reachable", [True, False], ids=["told", "untold"])
+async def test_a_server_without_the_transcription_model_is_explained_and_the_admins_alerted(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory, admin_reachable: bool
 ) -> None:
+    if admin_reachable:
+        tg.chat(ADMIN)  # an admin who started the bot: Telegram can write to them
     async with running(make_settings(transcribe_model="no-such-model")):
         tg.push_voice(100, ogg_opus(), duration=2)
-        [text] = await tg.wait_sent(100, 1)
-    assert "can't transcribe recordings with my current setup" in text
-    assert [c.model for c in oai.transcriptions] == ["no-such-model"] and oai.calls == []
+        [first] = await tg.wait_sent(100, 1)
+        tg.push_voice(100, ogg_opus(1), duration=2)  # within the hour: no second alert
+        second = (await tg.wait_sent(100, 2))[1]
+    assert "can't transcribe recordings with my current setup" in first
+    expected = t("voice.unavailable" if admin_reachable else "voice.unavailable_untold")
+    assert first == second == expected
+    tries = [c for c in tg.calls_of("sendMessage") if int(c.params["chat_id"]) == ADMIN]
+    assert len(tries) == 1  # one attempt, reached or not
+    if admin_reachable:
+        [alert] = tg.sent_texts(ADMIN)
+        assert alert == t("alert.transcribe_not_found", model="no-such-model")
+        assert "TRANSCRIBE_MODEL" in alert and "no-such-model" in alert
+    else:
+        assert tg.sent_texts(ADMIN) == []
+    assert [c.model for c in oai.transcriptions] == ["no-such-model"] * 2 and oai.calls == []
 
 
 async def test_video_notes_and_audio_files_are_transcribed_in_their_formats(

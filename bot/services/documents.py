@@ -174,14 +174,15 @@ def document_kind(name: str, mime_type: str) -> str | None:
 _NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]+")
 
 
-def clean_name(name: str | None, kind: str) -> str:
+def clean_name(name: str | None, kind: str, lang: str | None = None) -> str:
     """A file name fit to show a model and keep: no control characters, not too long, and
-    a PDF's ends in .pdf (the Responses API tells file types by name)."""
+    a PDF's ends in .pdf (the Responses API tells file types by name). A file sent without
+    a name is called what `lang` (a language_code) calls one: "document.pdf", "документ.txt"."""
     cleaned = _NAME_JUNK.sub(" ", utf8_safe(name or "")).strip()
     cleaned = cleaned.replace("/", "_").replace("\\", "_")[:MAX_NAME].strip()
     if kind == "pdf" and not cleaned.lower().endswith(".pdf"):
-        cleaned = f"{cleaned or 'document'}.pdf"
-    return cleaned or "document.txt"
+        return f"{cleaned or t('document.unnamed', lang=lang)}.pdf"
+    return cleaned or f"{t('document.unnamed', lang=lang)}.txt"
 
 
 def decode_text(data: bytes) -> str:
@@ -242,7 +243,7 @@ def read_text_file(data: bytes, limits: DocumentLimits, budget: int) -> tuple[st
     if not text.strip():
         raise DocumentRejected("document.empty")
     if len(text) > limits.max_chars:
-        raise DocumentRejected("document.too_long", limit=f"{limits.max_chars:,}")
+        raise DocumentRejected("document.too_long", limit=limits.max_chars)
     kept = fit(text, budget)
     return kept.rstrip(), len(kept), len(text)
 
@@ -305,8 +306,9 @@ class DocumentService:
     def limit_mb(self) -> int:
         return max(1, self.limits.max_bytes // MIB)
 
-    def pick(self, message: Message) -> DocumentRef:
-        """The file to fetch, checked by kind and by the size Telegram declares."""
+    def pick(self, message: Message, lang: str | None = None) -> DocumentRef:
+        """The file to fetch, checked by kind and by the size Telegram declares; a file
+        without a name is named in `lang`."""
         doc = message.document
         if doc is None:
             raise DocumentRejected("document.unsupported")
@@ -317,7 +319,8 @@ class DocumentService:
             raise DocumentRejected("document.too_large", limit=self.limit_mb)
         if doc.file_size == 0:
             raise DocumentRejected("document.empty")
-        return DocumentRef(doc.file_id, doc.file_size, clean_name(doc.file_name, kind), kind)
+        name = clean_name(doc.file_name, kind, lang)
+        return DocumentRef(doc.file_id, doc.file_size, name, kind)
 
     async def answer(
         self,
@@ -339,7 +342,7 @@ class DocumentService:
         refusals: list[DocumentRejected] = []
         for message in messages:
             try:
-                refs.append(self.pick(message))
+                refs.append(self.pick(message, lang))
             except DocumentRejected as exc:
                 refusals.append(exc)
         if sum(r.size or 0 for r in refs) > self.limits.max_bytes:

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from bot.services.charts import chart_font
 from bot.services.intervals import Interval
+from bot.texts import number
 
 WIDTH = 760
 CURRENT_COLOUR = (120, 144, 156)
@@ -35,15 +36,15 @@ class PairRow:
     share: bool  # shown as a percentage (0..1 values) rather than as a number
 
 
-def _fmt(value: float, share: bool) -> str:
+def _fmt(value: float, share: bool, lang: str | None) -> str:
     if math.isnan(value):
         return "–"
-    return f"{value * 100:.1f}%" if share else f"{value:,.0f}"
+    return f"{value * 100:.1f}%" if share else number(round(value), lang)
 
 
-def _pairs(draw: ImageDraw.ImageDraw, rows: Sequence[PairRow], top: int) -> None:
+def _pairs(draw: ImageDraw.ImageDraw, rows: Sequence[PairRow], top: int, lang: str | None) -> None:
     """Each row: its label, then two bars (the model in use, the candidate) with their
-    interval's whiskers."""
+    interval's whiskers; numbers grouped as `lang` (a language_code) does."""
     font, small = chart_font(15), chart_font(13)
     right = WIDTH - 130
     for n, row in enumerate(rows):
@@ -68,7 +69,7 @@ def _pairs(draw: ImageDraw.ImageDraw, rows: Sequence[PairRow], top: int) -> None
                 draw.line((low, mid, high, mid), fill="black", width=2)
                 draw.line((low, mid - 6, low, mid + 6), fill="black", width=2)
                 draw.line((high, mid - 6, high, mid + 6), fill="black", width=2)
-            text = f"{_fmt(interval.value, row.share)} (n={interval.n})"
+            text = f"{_fmt(interval.value, row.share, lang)} (n={number(interval.n, lang)})"
             draw.text((right + 8, bar_y + 2), text, fill="black", font=small)
 
 
@@ -87,14 +88,16 @@ def _png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def comparison_chart(title: str, rows: Sequence[PairRow], current: str, candidate: str) -> bytes:
+def comparison_chart(
+    title: str, rows: Sequence[PairRow], current: str, candidate: str, lang: str | None = None
+) -> bytes:
     """The canary's figures: one row per figure, both models, 95% intervals as whiskers."""
     height = 90 + ROW_HEIGHT * len(rows)
     image = Image.new("RGB", (WIDTH, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((16, 12), title, fill="black", font=chart_font(18))
     _legend(draw, 46, current, candidate)
-    _pairs(draw, rows, 76)
+    _pairs(draw, rows, 76, lang)
     return _png(image)
 
 
@@ -106,6 +109,8 @@ def evaluation_chart(
     rows: Sequence[PairRow],
     current: str,
     candidate: str,
+    *,
+    lang: str | None = None,
 ) -> bytes:
     """Wins, ties and losses as one bar; the win rate on a 0-100% axis with its interval
     and the 50% line; then the two models' answers side by side."""
@@ -121,7 +126,7 @@ def evaluation_chart(
         w = (right - left) * n / total
         if w >= 1:
             draw.rectangle((x, 48, x + w, 84), fill=colour)
-            text = f"{label} {n}"
+            text = f"{label} {number(n, lang)}"
             if w > draw.textlength(text, font=font) + 10:
                 draw.text((x + 6, 57), text, fill="white", font=font)
         x += w
@@ -142,5 +147,5 @@ def evaluation_chart(
         draw.line((low, axis_y - 16, high, axis_y - 16), fill=CANDIDATE_COLOUR, width=4)
         draw.ellipse((value - 6, axis_y - 22, value + 6, axis_y - 10), fill=CANDIDATE_COLOUR)
     _legend(draw, 190, current, candidate)
-    _pairs(draw, rows, 218)
+    _pairs(draw, rows, 218, lang)
     return _png(image)

@@ -162,11 +162,11 @@ def quote_parts(label: str, transcript: str) -> list[Formatted]:
     return parts
 
 
-# What a failed transcription tells the user, by ModelError kind (others: voice.failed; a
-# refused key is the chat's: the admins are alerted, and the user told whether they were).
+# What a failed transcription tells the user, by ModelError kind (others: voice.failed). A
+# refused key is the chat's, and a missing TRANSCRIBE_MODEL (no such model or endpoint on
+# this server) has its own alert: the admins are alerted, and the user told whether they were.
 _FAILURE_KEYS = {
     "rate_limited": "error.rate_limited",
-    "not_found": "voice.unavailable",  # no such endpoint or model on this server
     "bad_request": "voice.unreadable",
 }
 
@@ -254,6 +254,9 @@ class VoiceService:
             log.warning("transcription failed in chat %s: %s (%s)", msg.key, exc.kind, exc.detail)
             if exc.kind == "auth":
                 key = await self.chat.error_key(bot, exc.kind, self.transcriber.model)
+            elif exc.kind == "not_found":
+                told = await self._alert_unavailable(bot)
+                key = "voice.unavailable" if told else "voice.unavailable_untold"
             else:
                 key = _FAILURE_KEYS.get(exc.kind, "voice.failed")
             await self._tell(bot, msg, t(key, lang=msg.lang))
@@ -290,6 +293,20 @@ class VoiceService:
             if typing is not None:
                 await typing  # before the quote: a late "typing..." would outlive it
             return transcript
+
+    async def _alert_unavailable(self, bot: Bot) -> bool:
+        """Tell the admins the server has no TRANSCRIBE_MODEL (once an hour); whether they know."""
+        alerts = self.chat.alerts
+        if alerts is None:
+            return False
+        model = self.transcriber.model
+        try:
+            return await alerts.report(
+                bot, "transcribe_not_found", f"transcribe_not_found:{model}", model=model
+            )
+        except Exception:
+            log.exception("could not alert the admins about the transcription model")
+            return False
 
     @staticmethod
     async def _typing(bot: Bot, msg: Incoming) -> None:
