@@ -9,6 +9,7 @@ Telegram's URLs contain the token), so `setup_logging` routes them through the l
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -28,7 +29,9 @@ class RedactSecrets(logging.Filter):
 
     httpx logs Telegram request URLs, which contain the token; this is the safety net behind
     keeping those loggers at WARNING. A secret is also found URL-encoded, and a bot token's
-    secret half (after the colon) on its own.
+    secret half (after the colon) on its own, in any case: PTB capitalizes a server's error
+    description (`str.capitalize` lowercases the rest), so a token a server quotes back in
+    it (a proxy naming the path it could not route, say) reaches the bot lowercased.
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
@@ -42,12 +45,16 @@ class RedactSecrets(logging.Filter):
             if colon:
                 forms.add(tail)  # a bot token is "<bot id>:<secret>"
         self._secrets = sorted((s for s in forms if len(s) >= 6), key=len, reverse=True)
+        self._pattern = (
+            re.compile("|".join(map(re.escape, self._secrets)), re.IGNORECASE)
+            if self._secrets
+            else None
+        )
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(REDACTED, text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._secrets:

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from bot.app import ALLOWED_UPDATES, build_application
 from bot.logs import REDACTED, LogThrottle, setup_logging
 from bot.texts import t
 from bot.webhook import SECRET_HEADER, serving
-from tests.conftest import SettingsFactory, running, settled
+from tests.conftest import SettingsFactory, local_http, running, settled
 from tests.stubs.openai_server import API_KEY, FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram, private_text_update
 from tests.test_cli import _env
 from tests.test_guards_admin import ADMIN, ARGS, _admin_handlers
+from tests.test_webhook_check import _run_check
 
 # A token the stand-in Bot API does not know: it answers 401, and PTB's InvalidToken then
 # names the token in its message.
@@ -96,6 +98,46 @@ async def test_a_start_up_failure_that_names_the_token_never_prints_it(
         assert "Content-Length" in output and REDACTED in output
     assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
     assert REJECTED not in output and SECRET_HALF not in output and API_KEY not in output
+
+
+@asynccontextmanager
+async def _path_quoting_bot_api() -> AsyncIterator[str]:
+    """A "Bot API server" (a proxy, say) that refuses every request quoting its path, token
+    and all, in the description; its URL. PTB capitalizes a description: the rest of it,
+    the token's secret half included, reaches the bot lowercased."""
+
+    async def answer(request: web.Request) -> web.Response:
+        description = f"Bad Request: no route for {request.path}"
+        body = {"ok": False, "error_code": 400, "description": description}
+        return web.json_response(body, status=400)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    async with local_http(app) as url:
+        yield url
+
+
+async def test_a_token_a_server_quotes_back_lowercased_is_never_printed(
+    oai: FakeOpenAI, tmp_path: Path
+) -> None:
+    async with _path_quoting_bot_api() as url:
+        started = await _failed_start(url, oai, tmp_path)
+        code, checked = await _run_check(
+            _env(
+                TELEGRAM_BOT_TOKEN=REJECTED,
+                TELEGRAM_API_URL=url,
+                OPENAI_API_KEY=API_KEY,
+                OPENAI_BASE_URL=oai.url,
+                DATABASE_URL=f"sqlite:///{tmp_path / 'check.sqlite3'}",
+            ),
+            tmp_path,
+        )
+    assert code == 1
+    for output in (started, checked):
+        assert "no route for /bot" in output.lower()  # the server's words are shown...
+        assert SECRET_HALF.lower() not in output.lower()  # ...without the token, in any case
+        assert REDACTED in output
+    assert len(started.strip().splitlines()) == 1 and "Traceback" not in started
 
 
 # -- what Python prints by itself ----------------------------------------------------------------
