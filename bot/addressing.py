@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from telegram import Message, MessageEntity
 from telegram.ext import filters
+
+if TYPE_CHECKING:
+    from bot.services.albums import Albums
 
 
 def mentions_bot(message: Message, username: str | None, bot_id: int) -> bool:
@@ -47,14 +51,23 @@ class Addressed(filters.MessageFilter):
     """Private messages always; group messages when they mention or reply to the bot.
 
     With trigger "all", every group message the bot receives counts.
+
+    With `albums`, an album is addressed as a whole: its first part (the one handled, once
+    the album is complete) counts if any part mentions or replies to the bot. Telegram's
+    apps put the caption of files sent together on the last one.
     """
 
-    def __init__(self, trigger: str) -> None:
+    def __init__(self, trigger: str, albums: Albums | None = None) -> None:
         super().__init__(name=f"Addressed({trigger})")
         self.trigger = trigger
+        self.albums = albums
 
     def filter(self, message: Message) -> bool:
         if message.chat.type == "private" or self.trigger == "all":
             return True
         bot = message.get_bot()
-        return replies_to_bot(message, bot.id) or mentions_bot(message, bot.username, bot.id)
+        parts = self.albums.take(message) if self.albums is not None else [message]
+        return any(
+            replies_to_bot(part, bot.id) or mentions_bot(part, bot.username, bot.id)
+            for part in parts
+        )

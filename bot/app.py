@@ -371,9 +371,9 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     feedback.register(app)
     evaluation.register(app)
     chat.register(app, settings.group_trigger)
-    photos.register(app, settings.group_trigger)
-    documents.register(app, settings.group_trigger)
-    voice.register(app, settings.group_trigger)
+    photos.register(app, settings.group_trigger, albums)
+    documents.register(app, settings.group_trigger, albums)
+    voice.register(app, settings.group_trigger, albums)
     fallback.register(app)
     errors.register(app)
     return app

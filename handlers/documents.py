@@ -8,6 +8,7 @@ from telegram.ext import MessageHandler, filters
 from bot.addressing import Addressed
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
+from bot.services.albums import Albums
 
 
 async def on_document(update: Update, context: CustomContext) -> None:
@@ -28,14 +29,16 @@ async def on_document(update: Update, context: CustomContext) -> None:
     )
 
 
-def register(app: ParleyApp, group_trigger: str) -> None:
-    # Image documents are the photo handler's (registered before this one).
+def register(app: ParleyApp, group_trigger: str, albums: Albums | None = None) -> None:
+    # Image documents are the photo handler's (registered before this one); audio sent as a
+    # file is the voice handler's (transcribed).
     app.add_handler(
         MessageHandler(
             filters.UpdateType.MESSAGE
             & filters.Document.ALL
             & ~filters.Document.IMAGE
-            & Addressed(group_trigger),
+            & ~filters.Document.AUDIO
+            & Addressed(group_trigger, albums),
             on_document,
         )
     )

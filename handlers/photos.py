@@ -8,6 +8,7 @@ from telegram.ext import MessageHandler, filters
 from bot.addressing import Addressed
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
+from bot.services.albums import Albums
 
 
 async def on_photo(update: Update, context: CustomContext) -> None:
@@ -27,12 +28,12 @@ async def on_photo(update: Update, context: CustomContext) -> None:
     )
 
 
-def register(app: ParleyApp, group_trigger: str) -> None:
+def register(app: ParleyApp, group_trigger: str, albums: Albums | None = None) -> None:
     app.add_handler(
         MessageHandler(
             filters.UpdateType.MESSAGE
             & (filters.PHOTO | filters.Document.IMAGE)
-            & Addressed(group_trigger),
+            & Addressed(group_trigger, albums),
             on_photo,
         )
     )

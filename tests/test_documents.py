@@ -435,6 +435,42 @@ async def test_in_groups_a_document_is_read_only_when_addressed(
     assert "reply_parameters" in reply.params  # answers the document it was asked about
 
 
+async def test_in_groups_files_sent_together_are_read_when_any_of_them_mentions_the_bot(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    # Telegram's apps put the caption of files sent together on the last one: the album's
+    # first part, the one handled, has none.
+    group = -100501
+    mention = "@parley_test_bot"
+    async with running(make_settings(album_wait=0.3)) as app:
+        tg.chat(group, "supergroup")
+        oai.enqueue("Both list cities.")
+        first = tg.push_document(
+            group, b"city\nLisbon\n", "a.csv", "text/csv", media_group_id="g7", user_id=7
+        )
+        tg.push_document(
+            group,
+            b"# Porto\n",
+            "c.md",
+            "text/markdown",
+            media_group_id="g7",
+            caption=f"{mention} compare",
+            user_id=7,
+        )
+        assert await tg.wait_sent(group, 1) == ["Both list cities."]
+        # Files sent together that don't address the bot stay unread.
+        tg.push_document(group, b"x\n1\n", "d.csv", "text/csv", media_group_id="g8", user_id=7)
+        tg.push_document(group, b"y\n2\n", "e.csv", "text/csv", media_group_id="g8", user_id=7)
+        await settled(app)
+        [(kind, _, logged)] = await _turns(app)
+    [call] = oai.calls
+    assert call.last_user_text == logged and logged.endswith("\n\ncompare")
+    assert "Lisbon" in logged and "Porto" in logged and kind == "document"
+    assert len(tg.calls_of("getFile")) == 2  # the unaddressed album was never downloaded
+    [reply] = [c for c in tg.calls_of("sendMessage") if int(c.params["chat_id"]) == group]
+    assert json.loads(reply.params["reply_parameters"])["message_id"] == first["message_id"]
+
+
 async def test_a_pdf_the_model_read_whole_but_the_log_keeps_in_part_stays_out_of_datasets(
     tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
 ) -> None:

@@ -270,6 +270,24 @@ async def test_video_notes_and_audio_files_are_transcribed_in_their_formats(
     assert oai.calls[-1].last_user_text == "translate this to English\n\nhola, esto es audio"
 
 
+async def test_audio_sent_as_a_file_is_transcribed_not_refused_as_a_document(
+    tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
+) -> None:
+    # Telegram's apps send a WAV (or FLAC) file as a document, not as audio.
+    wav = b"RIFF\x24\x08\x00\x00WAVEfmt " + bytes(i % 256 for i in range(2000))
+    oai.enqueue_transcript("minutes of the meeting")
+    oai.enqueue("Noted.")
+    tg.push_document(100, wav, "meeting.wav", "audio/x-wav", caption="summarize")
+    assert await tg.wait_sent(100, 2) == [f"{HEARD}minutes of the meeting", "Noted."]
+    [heard] = oai.transcriptions
+    assert (heard.filename, heard.content_type, heard.data) == ("audio.wav", "audio/wav", wav)
+    assert oai.calls[-1].last_user_text == "summarize\n\nminutes of the meeting"
+    # One the transcription API can't read gets the voice refusal, not a document's.
+    tg.push_document(100, b"0&\xb2u" + bytes(100), "song.wma", "audio/x-ms-wma")
+    assert (await tg.wait_sent(100, 3))[-1] == t("voice.unsupported_format")
+    assert len(oai.transcriptions) == 1
+
+
 async def test_in_groups_a_voice_note_replying_to_the_bot_is_addressed_to_it(
     tg: FakeTelegram, oai: FakeOpenAI, bot: ParleyApp
 ) -> None:
@@ -306,6 +324,41 @@ async def test_in_groups_a_voice_note_replying_to_the_bot_is_addressed_to_it(
     )
     await tg.wait_sent(group, 5)
     assert oai.calls[-1].last_user_text == "answer briefly\n\nis it raining?"
+
+
+async def test_audio_files_sent_together_are_each_transcribed_and_answered_in_order(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    async with running(make_settings(album_wait=0.3)) as app:
+        oai.enqueue_transcript("first recording", "second recording")
+        oai.enqueue("one", "two")
+        parts = [
+            tg.push_voice(
+                100,
+                mp3(),
+                kind="audio",
+                file_name=f"{name}.mp3",
+                mime_type="audio/mpeg",
+                extra={"media_group_id": "a1"},
+            )
+            for name in ("a", "b")
+        ]
+        assert await tg.wait_sent(100, 4) == [
+            f"{HEARD}first recording",
+            "one",
+            f"{HEARD}second recording",
+            "two",
+        ]
+        await settled(app)
+        store = app.bot_data.services.store  # type: ignore[union-attr]
+        turns = await store.fetch_all("SELECT user_message_id, input_kind FROM turns ORDER BY id")
+    assert len(oai.transcriptions) == 2
+    assert turns == [(part["message_id"], "voice") for part in parts]
+    assert oai.calls[-1].transcript == [
+        ("user", "first recording"),
+        ("assistant", "one"),
+        ("user", "second recording"),
+    ]
 
 
 async def test_train_summary_counts_transcribed_turns(

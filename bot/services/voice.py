@@ -117,7 +117,8 @@ def _format_of(file_name: str | None, mime_type: str | None) -> str | None:
 
 
 def recording_of(message: Message) -> Recording:
-    """The voice note, audio file or video note of `message`; RecordingRejected if unusable."""
+    """The voice note, audio file (or audio sent as a file) or video note of `message`;
+    RecordingRejected if unusable."""
     if message.voice is not None:
         voice = message.voice
         # Voice notes are OGG/Opus; Telegram also accepts MP3 and M4A ones (sendVoice).
@@ -131,7 +132,19 @@ def recording_of(message: Message) -> Recording:
         )
     audio = message.audio
     if audio is None:
-        raise RecordingRejected("unsupported_format", "no recording in the message")
+        # A recording sent as a file (a WAV or FLAC, say, which Telegram's apps send as
+        # documents): no duration declared, so only its size is checked before the download.
+        document = message.document
+        if document is None:
+            raise RecordingRejected("unsupported_format", "no recording in the message")
+        found = _format_of(document.file_name, document.mime_type)
+        if found is None:
+            raise RecordingRejected(
+                "unsupported_format", f"{document.mime_type} {document.file_name}"
+            )
+        return Recording(
+            document.file_id, document.file_size, 0.0, f"audio.{found}", FORMAT_MIME[found]
+        )
     found = _format_of(audio.file_name, audio.mime_type)
     if found is None:
         raise RecordingRejected("unsupported_format", f"{audio.mime_type} {audio.file_name}")
