@@ -20,6 +20,7 @@ from bot.services.dataset import TEST_FILE, DatasetOptions, build_dataset
 from bot.services.evaluation import Verdict, outcome_of, parse_verdict
 from bot.services.intervals import mean_interval, wilson
 from storage.db import ChatKey, Store, TurnRecord
+from storage.writer import StorageUnavailable
 from tests.conftest import SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import API_KEY, FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
@@ -525,6 +526,32 @@ async def test_an_evaluation_cut_off_by_a_restart_resumes_where_it_was(
         assert len(asked_again) == 3
     finally:
         stuck.set()
+
+
+async def test_an_evaluation_whose_database_write_failed_goes_on_by_itself(
+    tg: FakeTelegram, oai: FakeOpenAI, make_settings: SettingsFactory
+) -> None:
+    _candidate_answers_better(oai)
+    oai.judge = prefer_better
+    async with running(_settings(make_settings, eval_concurrency=1)) as app:
+        evaluation = app.bot_data.services.evaluation  # type: ignore[union-attr]
+        evaluation.retry_after = (0.2,)
+        store_result = evaluation.evals.add_result
+        calls: list[int] = []
+
+        async def add_result(run_id: int, result: Any) -> None:
+            calls.append(run_id)
+            if len(calls) == 2:  # the second result's write fails once (e.g. a full disk)
+                raise StorageUnavailable("disk full")
+            await store_result(run_id, result)
+
+        evaluation.evals.add_result = add_result  # type: ignore[method-assign]
+        await _train(tg, app)
+        # Without a restart, the run is taken up again and finishes, judging each item once.
+        await tg.wait_for(lambda: bool(_report(tg)), timeout=20)
+        assert len(calls) == 5 and "Wins 4, ties 0, losses 0." in _report(tg)
+        assert len(await _rows(app, "SELECT item_id FROM eval_results")) == 4
+        assert await _rows(app, "SELECT status FROM eval_runs") == [("done",)]
 
 
 @asynccontextmanager

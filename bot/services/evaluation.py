@@ -391,6 +391,10 @@ def examples(results: Sequence[EvalResult]) -> tuple[EvalResult | None, ...]:
 Report = Callable[[EvalRun], Awaitable[None]]
 
 
+# Pauses before a failed evaluation run is taken up again (seconds; the last repeats).
+RETRY_AFTER = (5.0, 30.0, 120.0, 600.0)
+
+
 class Evaluation:
     """Test splits, evaluation runs (started, resumed, reported) and their summaries."""
 
@@ -401,12 +405,17 @@ class Evaluation:
         replayer: Replayer,
         judge: Judge,
         slots: Background,
+        retry_after: Sequence[float] = RETRY_AFTER,
     ) -> None:
         self.evals = evals
         self.models = models
         self.replayer = replayer
         self.judge = judge
         self.slots = slots
+        # A run that failed (e.g. its database was briefly unwritable) is taken up again after
+        # these pauses, the last repeated: it resumes where it was, as after a restart.
+        self.retry_after = tuple(retry_after)
+        self._failures: dict[int, int] = {}
         self._queue: asyncio.Queue[int] = asyncio.Queue()
         self._active: set[int] = set()
 
@@ -511,10 +520,14 @@ class Evaluation:
             await self.evals.finish_run(run.id)
             log.info("evaluation %s of job %s is done", run.id, run.job_id)
         except Exception:
-            log.exception("evaluation %s failed", run_id)
+            failures = self._failures[run_id] = self._failures.get(run_id, 0) + 1
+            delay = self.retry_after[min(failures, len(self.retry_after)) - 1]
+            log.exception("evaluation %s failed; it goes on in %g s", run_id, delay)
+            asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, run_id)
             return
         finally:
             self._active.discard(run_id)
+        self._failures.pop(run_id, None)
         try:
             await report(run)
         except Exception:  # the result stays stored: /eval shows it
