@@ -42,8 +42,9 @@ sys.path.insert(0, str(REPO))
 from bench.run import Control, Standins  # noqa: E402
 from bot.app import ALLOWED_UPDATES, build_application  # noqa: E402
 from bot.context import ParleyApp  # noqa: E402
+from bot.domain import JobRecord, utcnow  # noqa: E402
 from bot.settings import Settings  # noqa: E402
-from storage.db import JobRecord, Store, utcnow  # noqa: E402
+from storage.db import Store  # noqa: E402
 from storage.evals import EvalStore  # noqa: E402
 
 ADMIN = 42

@@ -15,6 +15,7 @@ from telegram.ext import ContextTypes as PTBContextTypes
 
 from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
+from bot.domain import EvalRun, JobRecord
 from bot.durability import DurableBot, Inbox, InboxSlot
 from bot.health import keep_heartbeat
 from bot.services.albums import Albums
@@ -56,8 +57,8 @@ from handlers import (
     photos,
     voice,
 )
-from storage.db import JobRecord, Store
-from storage.evals import EvalRun, EvalStore
+from storage.db import Store
+from storage.evals import EvalStore
 
 log = logging.getLogger(__name__)
 

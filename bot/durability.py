@@ -36,8 +36,9 @@ from telegram.error import TelegramError
 from telegram.ext import Application, ExtBot
 
 from bot.addressing import mentions_bot, replies_to_bot
+from bot.domain import utf8_safe
 from bot.texts import tr
-from storage.db import Store, utf8_safe
+from storage.db import Store
 from storage.writer import StorageUnavailable, WriterClosed
 
 log = logging.getLogger(__name__)

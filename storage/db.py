@@ -10,16 +10,28 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
+from bot.domain import (
+    QUOTES_FORGOTTEN,
+    ChatKey,
+    Forgotten,
+    HistoryMessage,
+    JobRecord,
+    QuoteFinder,
+    SentimentRow,
+    StoredImage,
+    Thread,
+    TurnRecord,
+    utcnow,
+)
 from storage.migrations import MIGRATIONS, Migration
 from storage.writer import Writer
 
@@ -28,9 +40,6 @@ log = logging.getLogger(__name__)
 CostFn = Callable[[str], int]
 T = TypeVar("T")
 
-
-# A message's sentiment as stored: (label, score, source).
-SentimentRow = tuple[str, float, str]
 
 # A handled update is kept only so that Telegram delivering it again is recognised (that
 # happens within a day). Its JSON, message text included, is blanked this long after it
@@ -41,69 +50,8 @@ INBOX_KEEP = timedelta(days=2)
 
 # /forget: every one bumps this bot setting in its transaction, so a dataset built from a
 # snapshot taken before is known to be stale; turns that quoted the forgotten user are
-# left out of datasets with this reason.
+# left out of datasets with this reason (QUOTES_FORGOTTEN).
 FORGET_GENERATION = "forget_generation"
-QUOTES_FORGOTTEN = "quotes_forgotten_user"
-# A document turn whose model read the file itself (a PDF as a Responses input_file) while
-# the log keeps only part of its text: left out of datasets with this reason.
-DOCUMENT_CUT = "document_cut"
-
-
-def utcnow() -> str:
-    """Current UTC time as sortable ISO 8601 text with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def utf8_safe(text: str) -> str:
-    """`text` with lone UTF-16 surrogates replaced (U+FFFD), so UTF-8 can carry and store it.
-
-    JSON can escape half of a surrogate pair ("\\ud800"), and Telegram and model servers
-    do deliver such text; Python decodes it into a str that SQLite, Telegram's API and the
-    model's API all refuse. A pair that arrived as two escapes is joined into its character.
-    """
-    if _SURROGATE.search(text) is None:
-        return text
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-@dataclass(frozen=True, slots=True)
-class ChatKey:
-    """Identifies one assistant thread's home: a chat, plus the topic in forum chats."""
-
-    chat_id: int
-    topic_id: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.chat_id}/{self.topic_id}" if self.topic_id else str(self.chat_id)
-
-
-@dataclass(frozen=True, slots=True)
-class Thread:
-    id: int
-    key: ChatKey
-    backend: str
-    conversation_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredImage:
-    """A prepared image as the model saw it; stored once per content hash."""
-
-    sha256: str
-    mime_type: str
-    width: int
-    height: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryMessage:
-    role: str
-    content: str
-    images: tuple[StoredImage, ...] = ()
 
 
 JOB_COLUMNS = (
@@ -128,63 +76,6 @@ JOB_COLUMNS = (
     "dataset_chat_id",
     "dataset_photos",
 )
-
-
-@dataclass(slots=True)
-class JobRecord:
-    """A fine-tuning job as the bot keeps it (it outlives the trainer's API being reachable)."""
-
-    job_id: str
-    trainer: str
-    base_model: str
-    training_file: str | None
-    validation_file: str | None
-    train_examples: int
-    validation_examples: int
-    tokens: int
-    started_by: int
-    description: str
-    status: str
-    created_at: str
-    updated_at: str
-    fine_tuned_model: str | None = None
-    error: str | None = None
-    notified_status: str | None = None
-    notice_message_id: int | None = None  # the admin's message that follows the job (migration 12)
-    # The /train options its dataset was built from; None for jobs started before migration 12.
-    dataset_since: str | None = None
-    dataset_chat_id: int | None = None
-    dataset_photos: bool | None = None
-
-
-@dataclass(slots=True)
-class TurnRecord:
-    """Everything logged about one turn: the user's message and the answer (or the failure)."""
-
-    thread_id: int | None
-    key: ChatKey
-    chat_type: str
-    user_id: int | None
-    user_message_id: int | None
-    user_text: str
-    model: str
-    instructions: str
-    started_at: str
-    status: str = "ok"
-    error_kind: str | None = None
-    assistant_text: str | None = None
-    response_id: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    latency_ms: int | None = None
-    reply_message_ids: Sequence[int] = field(default_factory=tuple)
-    images: Sequence[StoredImage] = field(default_factory=tuple)
-    input_kind: str = "text"  # text, photo, voice (transcribed) or document
-    requested_model: str | None = None  # the model asked for (`model`: the one that answered)
-    user_sentiment: SentimentRow | None = None
-    reply_sentiment: SentimentRow | None = None
-    finished_at: str = field(default_factory=utcnow)
-    excluded: str | None = None  # why the turn stays out of every dataset (dataset_exclusions)
 
 
 class Store:
@@ -900,25 +791,6 @@ def _job(row: Sequence[Any]) -> JobRecord:
 
 def _tag(sentiment: SentimentRow | None) -> SentimentRow | tuple[None, None, None]:
     return sentiment if sentiment is not None else (None, None, None)
-
-
-class QuoteFinder(Protocol):
-    """Where a text quotes the messages of the user being forgotten."""
-
-    def learn(self, text: str) -> None:
-        """Take in one of the forgotten user's messages."""
-
-    def redact(self, text: str) -> str | None:
-        """`text` with every quote of the learned messages replaced; None if it has none."""
-
-
-@dataclass(frozen=True, slots=True)
-class Forgotten:
-    """What /forget deleted from the store."""
-
-    messages: int  # the user's logged messages
-    quoting_turns: int  # other people's turns that quoted them: redacted, out of datasets
-    conversations: int  # server-side conversations that held them, queued for deletion
 
 
 @dataclass(slots=True)

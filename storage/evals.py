@@ -7,63 +7,22 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from storage.db import ChatKey, JobRecord, Store, utcnow
-
-
-@dataclass(frozen=True, slots=True)
-class EvalItem:
-    """One test-split item: the context (chat messages up to a user's message) and the
-    answer the bot gave then."""
-
-    id: int
-    position: int
-    messages: list[dict[str, str]]
-    reference: str
-
-
-@dataclass(frozen=True, slots=True)
-class EvalRun:
-    id: int
-    job_id: str
-    size: int
-    current_model: str
-    current_route: str
-    candidate_model: str
-    candidate_route: str
-    judge_model: str
-    requested_by: int
-    status: str  # running | done
-    created_at: str
-    finished_at: str | None
-
+from bot.domain import (
+    ChatKey,
+    EvalItem,
+    EvalResult,
+    EvalRun,
+    JobRecord,
+    ModelFigures,
+    utcnow,
+)
+from storage.db import Store
 
 RUN_COLUMNS = (
     "id, job_id, size, current_model, current_route, candidate_model, candidate_route,"
     " judge_model, requested_by, status, created_at, finished_at"
 )
-
-
-@dataclass(slots=True)
-class EvalResult:
-    """One item's outcome in a run. `outcome` is the candidate's: win, loss, tie or error."""
-
-    item_id: int
-    outcome: str
-    error: str | None = None
-    current_answer: str | None = None
-    current_latency_ms: int | None = None
-    current_tokens: int | None = None
-    candidate_answer: str | None = None
-    candidate_latency_ms: int | None = None
-    candidate_tokens: int | None = None
-    verdict_ab: str | None = None  # the judge, with the model in use shown as answer a
-    confidence_ab: str | None = None
-    reason_ab: str | None = None
-    verdict_ba: str | None = None  # ... with the candidate shown as answer a
-    confidence_ba: str | None = None
-    reason_ba: str | None = None
 
 
 RESULT_COLUMNS = (
@@ -83,26 +42,6 @@ RESULT_COLUMNS = (
     "confidence_ba",
     "reason_ba",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ModelFigures:
-    """Sums over one model's turns (as the bot asked for it) since a moment: the raw
-    material of the canary's shares and means."""
-
-    turns: int = 0
-    errors: int = 0
-    replies: int = 0
-    positive: int = 0  # replies with at least one positive reaction
-    negative: int = 0  # ... with at least one negative reaction
-    followups: int = 0  # replies the user wrote again after (with a sentiment tag)
-    negative_followups: int = 0  # ... tagged negative
-    latency_n: int = 0
-    latency_sum: float = 0.0
-    latency_squares: float = 0.0
-    tokens_n: int = 0
-    tokens_sum: float = 0.0
-    tokens_squares: float = 0.0
 
 
 # Per requested model, since a moment: text turns only (a photo goes to the vision model

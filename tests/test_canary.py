@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from bot.context import ParleyApp
+from bot.domain import ChatKey, TurnRecord, utcnow
 from bot.services.canary import bucket
 from bot.services.intervals import more_needed, separated, wilson
 from bot.texts import t
-from storage.db import ChatKey, TurnRecord, utcnow
 from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.specs import OpenAISpec

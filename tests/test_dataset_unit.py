@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain import DOCUMENT_CUT, ChatKey, StoredImage, Thread, TurnRecord, utcnow
 from bot.services import dataset
 from bot.services.dataset import (
     DatasetOptions,
@@ -25,7 +26,7 @@ from bot.services.dataset import (
     validate_example,
 )
 from bot.services.tokens import estimate_tokens
-from storage.db import DOCUMENT_CUT, ChatKey, Store, StoredImage, Thread, TurnRecord, utcnow
+from storage.db import Store
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 SYSTEM = "Be nice."

@@ -11,7 +11,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from storage.db import ChatKey, Store, TurnRecord, utcnow
+from bot.domain import ChatKey, TurnRecord, utcnow
+from storage.db import Store
 from tests.conftest import SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram, private_text_update

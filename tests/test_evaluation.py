@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from bot.context import ParleyApp
+from bot.domain import ChatKey, TurnRecord
 from bot.services.dataset import TEST_FILE, DatasetOptions, build_dataset
 from bot.services.evaluation import Verdict, outcome_of, parse_verdict
 from bot.services.intervals import mean_interval, wilson
-from storage.db import ChatKey, Store, TurnRecord
+from storage.db import Store
 from tests.conftest import SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import API_KEY, FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
@@ -462,11 +463,11 @@ def test_an_evaluations_figures_are_grouped_as_the_reader_does(lang: str, sep: s
     """'12,345' reads as twelve point three in Russian: a no-break space groups it there."""
     from collections import Counter
 
+    from bot.domain import EvalRun
     from bot.services.evaluation import EvalSummary, Side
     from bot.services.intervals import Interval
     from bot.texts import t
     from handlers.evaluation import render_summary
-    from storage.evals import EvalRun
 
     run = EvalRun(
         1, "ft-1", 3000, "cur", "chat", "cand", "chat", "judge", 42, "done", "2026-12-01", None

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from bot.domain import JobRecord, utcnow
 from bot.services.finetune import FineTuner
 from bot.services.trainer import JobInfo
 from bot.texts import t
-from storage.db import JobRecord, Store, utcnow
+from storage.db import Store
 from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram

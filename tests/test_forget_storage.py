@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
+from bot.domain import ChatKey, TurnRecord, utcnow
 from bot.services import dataset
 from bot.services.dataset import DatasetOptions, build_dataset
 from bot.services.forgetting import QUOTE_MARK, Quotes
-from storage.db import ChatKey, Store, TurnRecord, utcnow
+from storage.db import Store
 from storage.migrations import MIGRATIONS
 from tests.stubs.telegram_server import private_text_update
 

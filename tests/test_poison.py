@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from bot.concurrency import Isolation
+from bot.domain import utf8_safe
 from bot.texts import catalog
-from storage.db import utf8_safe
 from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
+from bot.domain import ChatKey, StoredImage, TurnRecord, utcnow
+from storage.db import Store
 from storage.migrations import MIGRATIONS, Migration
 from storage.writer import Writer, WriterClosed
 

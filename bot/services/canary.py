@@ -31,10 +31,11 @@ import logging
 import secrets
 from dataclasses import asdict, dataclass
 
+from bot.domain import ChatKey, ModelFigures, utcnow
 from bot.services.intervals import Interval, mean_interval, more_needed, separated, wilson
 from bot.services.models import ModelRouter
-from storage.db import ChatKey, Store, utcnow
-from storage.evals import EvalStore, ModelFigures
+from storage.db import Store
+from storage.evals import EvalStore
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from telegram import Bot
 from telegram.error import TelegramError
 
+from bot.domain import DOCUMENT_CUT, ChatKey, StoredImage, TurnRecord, utcnow
 from bot.errors import ModelError
 from bot.services.alerts import ADMIN_PROBLEMS, AdminAlerts
 from bot.services.conversations import (
@@ -27,7 +28,7 @@ from bot.services.replies import Links, ProgressGate, ReplyStreamer, RichMessage
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.settings import DEFAULT_ANSWER_DEADLINE, DEFAULT_MAX_ANSWER_TOKENS
 from bot.texts import t
-from storage.db import DOCUMENT_CUT, ChatKey, Store, StoredImage, TurnRecord, utcnow
+from storage.db import Store
 
 log = logging.getLogger(__name__)
 

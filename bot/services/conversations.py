@@ -31,9 +31,10 @@ from openai.types.responses import (
     ResponseInputMessageContentListParam,
 )
 
+from bot.domain import ChatKey, HistoryMessage, Thread, utf8_safe
 from bot.errors import ModelError, classify_model_error
 from bot.services.tokens import estimate_tokens
-from storage.db import ChatKey, HistoryMessage, Store, Thread, utf8_safe
+from storage.db import Store
 
 log = logging.getLogger(__name__)
 

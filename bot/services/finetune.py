@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bot.domain import JobRecord, utcnow
 from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE
 from bot.services.dataset import DatasetOptions, DatasetReport, build_dataset
 from bot.services.trainer import (
@@ -28,7 +29,7 @@ from bot.services.trainer import (
     Trainer,
     TrainerError,
 )
-from storage.db import JobRecord, Store, utcnow
+from storage.db import Store
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from storage.db import ChatKey, Store
+from bot.domain import ChatKey
+from storage.db import Store
 
 DEFAULT = "default"
 DEFAULT_TITLE = "Default"  # shown in the reader's language (assistant.default_title)
