@@ -58,7 +58,6 @@ from handlers import (
     voice,
 )
 from storage.db import Store
-from storage.evals import EvalStore
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,7 @@ async def _evaluation(
     # The Responses API with a json_schema text format on OpenAI (and servers that copy
     # it, as the openai backend needs); Chat Completions' response_format elsewhere.
     judge_kind = ResponsesJudge if on_openai else ChatJudge
-    evals = EvalStore(store)
+    evals = store.evals
     replayer = Replayer(
         {CHAT_ROUTE: client, SERVE_ROUTE: serve_client or client},
         responses_on_chat=settings.conversation_backend == "openai",

@@ -1,5 +1,5 @@
 """Evaluation and canary storage: test-split items, evaluation runs and their results, and
-the per-model figures a canary is judged by. Explicit SQL over the Store's connections
+the per-model figures a canary is judged by. Explicit SQL over the store's connections
 (migration 11)."""
 
 from __future__ import annotations
@@ -8,16 +8,12 @@ import json
 import sqlite3
 from collections.abc import Sequence
 
-from bot.domain import (
-    ChatKey,
-    EvalItem,
-    EvalResult,
-    EvalRun,
-    JobRecord,
-    ModelFigures,
-    utcnow,
-)
-from storage.db import Store
+import aiosqlite
+
+from bot.domain import ChatKey, EvalItem, EvalResult, EvalRun, JobRecord, ModelFigures, utcnow
+from storage.base import Part
+from storage.jobs import JobStore
+from storage.writer import Writer
 
 RUN_COLUMNS = (
     "id, job_id, size, current_model, current_route, candidate_model, candidate_route,"
@@ -77,14 +73,15 @@ GROUP BY s.requested_model
 """
 
 
-class EvalStore:
-    """Reads through the Store's reader, writes through its writer (one transaction each)."""
+class EvalStore(Part):
+    """Reads through the store's reader, writes through its writer (one transaction each)."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, conn: aiosqlite.Connection, writer: Writer, jobs: JobStore) -> None:
+        super().__init__(conn, writer)
+        self._jobs = jobs
 
     async def job(self, job_id: str) -> JobRecord | None:
-        return await self._store.job(job_id)
+        return await self._jobs.get(job_id)
 
     # -- the test split -----------------------------------------------------------------
 
@@ -106,17 +103,15 @@ class EvalStore:
                 )
             return len(items)
 
-        return await self._store.write(insert)
+        return await self._write(insert)
 
     async def item_count(self, job_id: str) -> int:
-        rows = await self._store.fetch_all(
-            "SELECT COUNT(*) FROM eval_items WHERE job_id = ?", (job_id,)
-        )
+        rows = await self._fetch_all("SELECT COUNT(*) FROM eval_items WHERE job_id = ?", (job_id,))
         return int(rows[0][0])
 
     async def items(self, job_id: str, limit: int) -> list[EvalItem]:
         """The first `limit` items of a job's test split (the most recent conversations)."""
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             "SELECT id, position, context, reference FROM eval_items WHERE job_id = ?"
             " ORDER BY position LIMIT ?",
             (job_id, limit),
@@ -125,7 +120,7 @@ class EvalStore:
 
     async def forget_items(self) -> int:
         """Remove items made from turns /forget deleted or redacted (with their results)."""
-        return await self._store.write(
+        return await self._write(
             lambda conn: (
                 conn.execute(
                     "DELETE FROM eval_items WHERE id IN (SELECT it.item_id FROM eval_item_turns it"
@@ -148,7 +143,7 @@ class EvalStore:
         requested_by: int,
     ) -> EvalRun:
         now = utcnow()
-        run_id = await self._store.write(
+        run_id = await self._write(
             lambda conn: (
                 conn.execute(
                     "INSERT INTO eval_runs (job_id, size, current_model, current_route,"
@@ -173,29 +168,25 @@ class EvalStore:
         )
 
     async def run(self, run_id: int) -> EvalRun | None:
-        rows = await self._store.fetch_all(
-            f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE id = ?", (run_id,)
-        )
+        rows = await self._fetch_all(f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE id = ?", (run_id,))
         return EvalRun(*rows[0]) if rows else None
 
     async def last_run(self, job_id: str) -> EvalRun | None:
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE job_id = ? ORDER BY id DESC LIMIT 1",
             (job_id,),
         )
         return EvalRun(*rows[0]) if rows else None
 
     async def unfinished_runs(self) -> list[EvalRun]:
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE status = 'running' ORDER BY id"
         )
         return [EvalRun(*row) for row in rows]
 
     async def judged(self, run_id: int) -> set[int]:
         """Items of a run that have their outcome already (an interrupted run skips them)."""
-        rows = await self._store.fetch_all(
-            "SELECT item_id FROM eval_results WHERE run_id = ?", (run_id,)
-        )
+        rows = await self._fetch_all("SELECT item_id FROM eval_results WHERE run_id = ?", (run_id,))
         return {int(row[0]) for row in rows}
 
     async def add_result(self, run_id: int, result: EvalResult) -> None:
@@ -212,11 +203,11 @@ class EvalStore:
                     (run_id, *values, now),
                 )
 
-        await self._store.write(insert)
+        await self._write(insert)
 
     async def finish_run(self, run_id: int) -> None:
         now = utcnow()
-        await self._store.write(
+        await self._write(
             lambda conn: conn.execute(
                 "UPDATE eval_runs SET status = 'done', finished_at = ? WHERE id = ?",
                 (now, run_id),
@@ -224,7 +215,7 @@ class EvalStore:
         )
 
     async def results(self, run_id: int) -> list[EvalResult]:
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             f"SELECT {', '.join('r.' + c for c in RESULT_COLUMNS)} FROM eval_results r"
             " JOIN eval_items i ON i.id = r.item_id WHERE r.run_id = ? ORDER BY i.position",
             (run_id,),
@@ -237,7 +228,7 @@ class EvalStore:
         """When a chat's conversation under way began: the creation of the first thread in
         the chain its open thread carries on (threads.parent_thread_id); None if it has no
         open thread (its next message begins a conversation)."""
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             "WITH RECURSIVE chain (id, parent, created_at) AS ("
             " SELECT id, parent_thread_id, created_at FROM threads WHERE id = ("
             "  SELECT id FROM threads WHERE chat_id = ? AND topic_id = ? AND closed_at IS NULL"
@@ -252,7 +243,7 @@ class EvalStore:
     async def model_figures(self, models: Sequence[str], since: str) -> dict[str, ModelFigures]:
         """Sums over each model's text turns since `since` (models with none are absent)."""
         marks = ", ".join("?" * len(models))
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             _FIGURES_SQL.replace(":since", "?").format(marks=marks), (since, *models)
         )
         return {

@@ -102,10 +102,10 @@ def test_a_judge_answer_outside_the_schema_is_an_error_not_a_tie() -> None:
 
 
 async def _log(store: Store, chat: int, exchanges: list[tuple[str, str]], clock: list[int]) -> None:
-    thread = await store.create_thread(ChatKey(chat), "openai")
+    thread = await store.threads.create(ChatKey(chat), "openai")
     for user, answer in exchanges:
         clock[0] += 1
-        await store.record_turn(
+        await store.threads.record_turn(
             TurnRecord(
                 thread_id=thread.id,
                 key=ChatKey(chat),

@@ -120,7 +120,7 @@ class Canary:
 
     async def restore(self) -> None:
         """Take up the canary in force before the last restart."""
-        raw = await self._store.get_setting(CANARY_KEY)
+        raw = await self._store.settings.get(CANARY_KEY)
         if not raw:
             return
         try:
@@ -164,7 +164,7 @@ class Canary:
         else:
             salt = secrets.token_hex(8)
             state = CanaryState(model, route, percent, salt, now, ((percent, now),))
-        await self._store.set_setting(CANARY_KEY, json.dumps(asdict(state)))
+        await self._store.settings.set(CANARY_KEY, json.dumps(asdict(state)))
         self.state = state
         return state
 
@@ -186,7 +186,7 @@ class Canary:
 
     async def _end(self) -> None:
         # An empty value is "no canary"; the setting's row keeps when it ended.
-        await self._store.set_setting(CANARY_KEY, "")
+        await self._store.settings.set(CANARY_KEY, "")
         self.state = None
 
     async def compare(self) -> Comparison | None:
