@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO))
 from bench.run import Control, Standins  # noqa: E402
 from bot.app import ALLOWED_UPDATES, build_application  # noqa: E402
 from bot.context import ParleyApp  # noqa: E402
+from bot.domain import JobRecord, utcnow  # noqa: E402
 from bot.settings import Settings  # noqa: E402
-from storage.db import JobRecord, Store, utcnow  # noqa: E402
-from storage.evals import EvalStore  # noqa: E402
+from storage.db import Store  # noqa: E402
 
 ADMIN = 42
 JOB = "ftjob-bench"
@@ -56,7 +56,7 @@ async def seed(db: Path, items: int) -> None:
     store = await Store.open(db)
     try:
         now = utcnow()
-        await store.add_job(
+        await store.jobs.add(
             JobRecord(
                 JOB,
                 "openai",
@@ -73,7 +73,7 @@ async def seed(db: Path, items: int) -> None:
                 now,
             )
         )
-        await store.update_job(JOB, "succeeded", CANDIDATE, None)
+        await store.jobs.update(JOB, "succeeded", CANDIDATE, None)
         system = {"role": "system", "content": "You are Parley, a helpful assistant."}
         rows = []
         for i in range(items):
@@ -85,7 +85,7 @@ async def seed(db: Path, items: int) -> None:
                 context.append({"role": "assistant", "content": f"item {i} answer {k}: this."})
             context.append({"role": "user", "content": f"item {i}: and finally?"})
             rows.append((context, f"item {i}: the answer then", [i + 1]))
-        await EvalStore(store).add_items(JOB, rows)
+        await store.evals.add_items(JOB, rows)
     finally:
         await store.close()
 

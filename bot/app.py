@@ -15,6 +15,7 @@ from telegram.ext import ContextTypes as PTBContextTypes
 
 from bot.concurrency import ChatOrderedUpdateProcessor
 from bot.context import BotData, CustomContext, ParleyApp, Services
+from bot.domain import EvalRun, JobRecord
 from bot.durability import DurableBot, Inbox, InboxSlot
 from bot.health import keep_heartbeat
 from bot.services.albums import Albums
@@ -56,8 +57,7 @@ from handlers import (
     photos,
     voice,
 )
-from storage.db import JobRecord, Store
-from storage.evals import EvalRun, EvalStore
+from storage.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ async def _evaluation(
     # The Responses API with a json_schema text format on OpenAI (and servers that copy
     # it, as the openai backend needs); Chat Completions' response_format elsewhere.
     judge_kind = ResponsesJudge if on_openai else ChatJudge
-    evals = EvalStore(store)
+    evals = store.evals
     replayer = Replayer(
         {CHAT_ROUTE: client, SERVE_ROUTE: serve_client or client},
         responses_on_chat=settings.conversation_backend == "openai",

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 from telegram import Update
 from telegram.ext import BaseUpdateProcessor
 
+from bot.domain import ChatKey
 from bot.services.albums import Albums
-from storage.db import ChatKey
 
 log = logging.getLogger(__name__)
 

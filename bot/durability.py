@@ -36,8 +36,9 @@ from telegram.error import TelegramError
 from telegram.ext import Application, ExtBot
 
 from bot.addressing import mentions_bot, replies_to_bot
+from bot.domain import utf8_safe
 from bot.texts import tr
-from storage.db import Store, utf8_safe
+from storage.db import Store
 from storage.writer import StorageUnavailable, WriterClosed
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class Inbox:
                 continue
             kept.append(prepared[0])
             rows.append((prepared[0].update_id, prepared[1]))
-        fresh = await self.store.inbox_accept(rows)
+        fresh = await self.store.inbox.accept(rows)
         self._told.clear()
         self.backoff.reset()
         if len(fresh) < len(rows):
@@ -133,7 +134,7 @@ class Inbox:
             return True
         self._tried.pop(update.update_id, None)
         try:
-            counted = await self.store.inbox_begin(update.update_id, self.max_attempts)
+            counted = await self.store.inbox.begin(update.update_id, self.max_attempts)
         except Exception as exc:  # bookkeeping must not stop the bot from answering
             log.warning(
                 "could not count an attempt at update %d: %s", update.update_id, type(exc).__name__
@@ -151,22 +152,22 @@ class Inbox:
         return False
 
     async def set_aside(self, update_ids: Sequence[int], reason: str) -> None:
-        await self.store.inbox_quarantine(update_ids, reason)
+        await self.store.inbox.quarantine(update_ids, reason)
 
     async def done(self, update_ids: Sequence[int]) -> None:
-        await self.store.inbox_done(update_ids)
+        await self.store.inbox.done(update_ids)
 
     async def replay(self, bot: ExtBot[Any]) -> list[Update]:
         """The updates a crash left unhandled, ready to be queued again; purges old ones."""
         try:
-            await self.store.inbox_purge(
+            await self.store.inbox.purge(
                 (datetime.now(UTC) - timedelta(days=2)).isoformat(timespec="milliseconds")
             )
         except StorageUnavailable:
             pass  # housekeeping: next time
-        self._tried = await self.store.inbox_tried()
+        self._tried = await self.store.inbox.tried()
         updates, unreadable = [], []
-        for update_id, payload in await self.store.inbox_pending():
+        for update_id, payload in await self.store.inbox.pending():
             try:
                 update = Update.de_json(json.loads(payload), bot)
             except Exception:  # stored by another version, say: never let it stop the start
@@ -177,7 +178,7 @@ class Inbox:
                 updates.append(update)
         if unreadable:
             log.error("set aside %d stored update(s) that can't be read", len(unreadable))
-            await self.store.inbox_quarantine(unreadable, "stored update can't be read")
+            await self.store.inbox.quarantine(unreadable, "stored update can't be read")
         if updates:
             log.warning("replaying %d update(s) left unhandled by the last run", len(updates))
         return updates

@@ -15,6 +15,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler
 
 from bot.access import Handler, admin_only
 from bot.context import CustomContext, ParleyApp
+from bot.domain import JobRecord
 from bot.services.charts import loss_chart
 from bot.services.chat import CHAT_ROUTE
 from bot.services.dataset import DatasetOptions, DatasetReport
@@ -22,7 +23,6 @@ from bot.services.finetune import served_route
 from bot.services.trainer import Estimate, JobInfo, TrainerError
 from bot.texts import known, language_of, t, tr
 from handlers.common import edit_or_send
-from storage.db import JobRecord
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from telegram.ext import CallbackQueryHandler, CommandHandler
 
 from bot.concurrency import chat_key_of
 from bot.context import CustomContext, ParleyApp
+from bot.domain import ChatKey
 from bot.services.profiles import DEFAULT, DEFAULT_TITLE, Profile
 from bot.texts import tr
 from handlers.common import edit_or_send
-from storage.db import ChatKey
 
 
 def title(profile: Profile, update: Update) -> str:

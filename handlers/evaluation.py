@@ -12,6 +12,7 @@ from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Message, U
 from telegram.ext import CommandHandler
 
 from bot.context import CustomContext, ParleyApp, Services
+from bot.domain import EvalResult, EvalRun
 from bot.services.canary import Comparison, Metric
 from bot.services.chat import CHAT_ROUTE
 from bot.services.eval_charts import PairRow, comparison_chart, evaluation_chart
@@ -19,7 +20,6 @@ from bot.services.evaluation import EvalSummary, examples
 from bot.services.intervals import Interval
 from bot.texts import known, language_of, number, t
 from handlers.admin import admin_command, problem
-from storage.evals import EvalResult, EvalRun
 
 _EXAMPLE_CHARS = 700  # of each answer, in an example pair
 

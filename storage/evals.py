@@ -1,5 +1,5 @@
 """Evaluation and canary storage: test-split items, evaluation runs and their results, and
-the per-model figures a canary is judged by. Explicit SQL over the Store's connections
+the per-model figures a canary is judged by. Explicit SQL over the store's connections
 (migration 11)."""
 
 from __future__ import annotations
@@ -7,63 +7,18 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from storage.db import ChatKey, JobRecord, Store, utcnow
+import aiosqlite
 
-
-@dataclass(frozen=True, slots=True)
-class EvalItem:
-    """One test-split item: the context (chat messages up to a user's message) and the
-    answer the bot gave then."""
-
-    id: int
-    position: int
-    messages: list[dict[str, str]]
-    reference: str
-
-
-@dataclass(frozen=True, slots=True)
-class EvalRun:
-    id: int
-    job_id: str
-    size: int
-    current_model: str
-    current_route: str
-    candidate_model: str
-    candidate_route: str
-    judge_model: str
-    requested_by: int
-    status: str  # running | done
-    created_at: str
-    finished_at: str | None
-
+from bot.domain import ChatKey, EvalItem, EvalResult, EvalRun, JobRecord, ModelFigures, utcnow
+from storage.base import Part
+from storage.jobs import JobStore
+from storage.writer import Writer
 
 RUN_COLUMNS = (
     "id, job_id, size, current_model, current_route, candidate_model, candidate_route,"
     " judge_model, requested_by, status, created_at, finished_at"
 )
-
-
-@dataclass(slots=True)
-class EvalResult:
-    """One item's outcome in a run. `outcome` is the candidate's: win, loss, tie or error."""
-
-    item_id: int
-    outcome: str
-    error: str | None = None
-    current_answer: str | None = None
-    current_latency_ms: int | None = None
-    current_tokens: int | None = None
-    candidate_answer: str | None = None
-    candidate_latency_ms: int | None = None
-    candidate_tokens: int | None = None
-    verdict_ab: str | None = None  # the judge, with the model in use shown as answer a
-    confidence_ab: str | None = None
-    reason_ab: str | None = None
-    verdict_ba: str | None = None  # ... with the candidate shown as answer a
-    confidence_ba: str | None = None
-    reason_ba: str | None = None
 
 
 RESULT_COLUMNS = (
@@ -83,26 +38,6 @@ RESULT_COLUMNS = (
     "confidence_ba",
     "reason_ba",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ModelFigures:
-    """Sums over one model's turns (as the bot asked for it) since a moment: the raw
-    material of the canary's shares and means."""
-
-    turns: int = 0
-    errors: int = 0
-    replies: int = 0
-    positive: int = 0  # replies with at least one positive reaction
-    negative: int = 0  # ... with at least one negative reaction
-    followups: int = 0  # replies the user wrote again after (with a sentiment tag)
-    negative_followups: int = 0  # ... tagged negative
-    latency_n: int = 0
-    latency_sum: float = 0.0
-    latency_squares: float = 0.0
-    tokens_n: int = 0
-    tokens_sum: float = 0.0
-    tokens_squares: float = 0.0
 
 
 # Per requested model, since a moment: text turns only (a photo goes to the vision model
@@ -138,14 +73,15 @@ GROUP BY s.requested_model
 """
 
 
-class EvalStore:
-    """Reads through the Store's reader, writes through its writer (one transaction each)."""
+class EvalStore(Part):
+    """Reads through the store's reader, writes through its writer (one transaction each)."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, conn: aiosqlite.Connection, writer: Writer, jobs: JobStore) -> None:
+        super().__init__(conn, writer)
+        self._jobs = jobs
 
     async def job(self, job_id: str) -> JobRecord | None:
-        return await self._store.job(job_id)
+        return await self._jobs.get(job_id)
 
     # -- the test split -----------------------------------------------------------------
 
@@ -167,17 +103,15 @@ class EvalStore:
                 )
             return len(items)
 
-        return await self._store.write(insert)
+        return await self._write(insert)
 
     async def item_count(self, job_id: str) -> int:
-        rows = await self._store.fetch_all(
-            "SELECT COUNT(*) FROM eval_items WHERE job_id = ?", (job_id,)
-        )
+        rows = await self._fetch_all("SELECT COUNT(*) FROM eval_items WHERE job_id = ?", (job_id,))
         return int(rows[0][0])
 
     async def items(self, job_id: str, limit: int) -> list[EvalItem]:
         """The first `limit` items of a job's test split (the most recent conversations)."""
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             "SELECT id, position, context, reference FROM eval_items WHERE job_id = ?"
             " ORDER BY position LIMIT ?",
             (job_id, limit),
@@ -186,7 +120,7 @@ class EvalStore:
 
     async def forget_items(self) -> int:
         """Remove items made from turns /forget deleted or redacted (with their results)."""
-        return await self._store.write(
+        return await self._write(
             lambda conn: (
                 conn.execute(
                     "DELETE FROM eval_items WHERE id IN (SELECT it.item_id FROM eval_item_turns it"
@@ -209,7 +143,7 @@ class EvalStore:
         requested_by: int,
     ) -> EvalRun:
         now = utcnow()
-        run_id = await self._store.write(
+        run_id = await self._write(
             lambda conn: (
                 conn.execute(
                     "INSERT INTO eval_runs (job_id, size, current_model, current_route,"
@@ -234,29 +168,25 @@ class EvalStore:
         )
 
     async def run(self, run_id: int) -> EvalRun | None:
-        rows = await self._store.fetch_all(
-            f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE id = ?", (run_id,)
-        )
+        rows = await self._fetch_all(f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE id = ?", (run_id,))
         return EvalRun(*rows[0]) if rows else None
 
     async def last_run(self, job_id: str) -> EvalRun | None:
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE job_id = ? ORDER BY id DESC LIMIT 1",
             (job_id,),
         )
         return EvalRun(*rows[0]) if rows else None
 
     async def unfinished_runs(self) -> list[EvalRun]:
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE status = 'running' ORDER BY id"
         )
         return [EvalRun(*row) for row in rows]
 
     async def judged(self, run_id: int) -> set[int]:
         """Items of a run that have their outcome already (an interrupted run skips them)."""
-        rows = await self._store.fetch_all(
-            "SELECT item_id FROM eval_results WHERE run_id = ?", (run_id,)
-        )
+        rows = await self._fetch_all("SELECT item_id FROM eval_results WHERE run_id = ?", (run_id,))
         return {int(row[0]) for row in rows}
 
     async def add_result(self, run_id: int, result: EvalResult) -> None:
@@ -273,11 +203,11 @@ class EvalStore:
                     (run_id, *values, now),
                 )
 
-        await self._store.write(insert)
+        await self._write(insert)
 
     async def finish_run(self, run_id: int) -> None:
         now = utcnow()
-        await self._store.write(
+        await self._write(
             lambda conn: conn.execute(
                 "UPDATE eval_runs SET status = 'done', finished_at = ? WHERE id = ?",
                 (now, run_id),
@@ -285,7 +215,7 @@ class EvalStore:
         )
 
     async def results(self, run_id: int) -> list[EvalResult]:
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             f"SELECT {', '.join('r.' + c for c in RESULT_COLUMNS)} FROM eval_results r"
             " JOIN eval_items i ON i.id = r.item_id WHERE r.run_id = ? ORDER BY i.position",
             (run_id,),
@@ -298,7 +228,7 @@ class EvalStore:
         """When a chat's conversation under way began: the creation of the first thread in
         the chain its open thread carries on (threads.parent_thread_id); None if it has no
         open thread (its next message begins a conversation)."""
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             "WITH RECURSIVE chain (id, parent, created_at) AS ("
             " SELECT id, parent_thread_id, created_at FROM threads WHERE id = ("
             "  SELECT id FROM threads WHERE chat_id = ? AND topic_id = ? AND closed_at IS NULL"
@@ -313,7 +243,7 @@ class EvalStore:
     async def model_figures(self, models: Sequence[str], since: str) -> dict[str, ModelFigures]:
         """Sums over each model's text turns since `since` (models with none are absent)."""
         marks = ", ".join("?" * len(models))
-        rows = await self._store.fetch_all(
+        rows = await self._fetch_all(
             _FIGURES_SQL.replace(":since", "?").format(marks=marks), (since, *models)
         )
         return {

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from bot.context import ParleyApp
+from bot.domain import ChatKey, TurnRecord, utcnow
 from bot.services.canary import bucket
 from bot.services.intervals import more_needed, separated, wilson
 from bot.texts import t
-from storage.db import ChatKey, TurnRecord, utcnow
 from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.specs import OpenAISpec
@@ -266,7 +266,7 @@ async def test_bad_canary_commands_get_a_short_answer_and_change_nothing(
     async with running(make_settings()) as app:
         assert (await _admin(tg, command)).startswith(answer)
         assert _services(app).canary.state is None
-        assert await _services(app).store.get_setting("canary") is None
+        assert await _services(app).store.settings.get("canary") is None
 
 
 async def test_only_an_admin_in_their_own_private_chat_runs_the_canary_and_eval_commands(
@@ -299,7 +299,7 @@ async def _log(
     chat = 3000 if model == CURRENT else 4000
     for i in range(n):
         ok = i >= failed
-        await store.record_turn(
+        await store.threads.record_turn(
             TurnRecord(
                 thread_id=None,
                 key=ChatKey(chat + i),
@@ -320,7 +320,7 @@ async def _log(
             )
         )
         if ok and i - failed < positive:
-            await store.set_reactions(chat + i, 7, chat + i, [("👍", 1)])
+            await store.stats.set_reactions(chat + i, 7, chat + i, [("👍", 1)])
 
 
 async def test_stats_compare_both_models_and_call_only_separated_differences(

@@ -9,10 +9,10 @@ import pytest
 from telegram.ext import ExtBot
 
 from bot.context import ParleyApp
+from bot.domain import ChatKey
 from bot.services.replies import ReplyStreamer
 from bot.telegram_http import AiohttpRequest
 from bot.texts import t
-from storage.db import ChatKey
 from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram

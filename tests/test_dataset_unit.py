@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain import DOCUMENT_CUT, ChatKey, StoredImage, Thread, TurnRecord, utcnow
 from bot.services import dataset
 from bot.services.dataset import (
     DatasetOptions,
@@ -25,7 +26,7 @@ from bot.services.dataset import (
     validate_example,
 )
 from bot.services.tokens import estimate_tokens
-from storage.db import DOCUMENT_CUT, ChatKey, Store, StoredImage, Thread, TurnRecord, utcnow
+from storage.db import Store
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 SYSTEM = "Be nice."
@@ -42,8 +43,8 @@ class Log:
         self.reply_id = 1000
 
     async def thread(self, chat_id: int = 1, topic_id: int = 0) -> Thread:
-        await self.store.close_threads(ChatKey(chat_id, topic_id))
-        return await self.store.create_thread(ChatKey(chat_id, topic_id), "openai")
+        await self.store.threads.close(ChatKey(chat_id, topic_id))
+        return await self.store.threads.create(ChatKey(chat_id, topic_id), "openai")
 
     async def turn(
         self,
@@ -64,7 +65,7 @@ class Log:
         self.reply_id += 1
         started = (at or START + timedelta(minutes=self.clock)).isoformat(timespec="milliseconds")
         key = thread.key if thread else ChatKey(chat_id or 1)
-        turn_id = await self.store.record_turn(
+        turn_id = await self.store.threads.record_turn(
             TurnRecord(
                 thread_id=thread.id if thread else None,
                 key=key,
@@ -217,10 +218,10 @@ async def test_a_turn_with_negative_reactions_is_left_out(log: Log, tmp_path: Pa
     _, disliked = await log.turn(thread, "q1", "bad answer")
     _, mixed = await log.turn(thread, "q2", "debated answer")
     _, liked = await log.turn(thread, "q3", "good answer")
-    assert await log.store.set_reactions(1, disliked, 5, [("👎", -1)])
-    assert await log.store.set_reactions(1, mixed, 5, [("👎", -1)])
-    assert await log.store.set_reactions(1, mixed, 6, [("👍", 1)])  # sums to 0: kept
-    assert await log.store.set_reactions(1, liked, 5, [("👍", 1)])
+    assert await log.store.stats.set_reactions(1, disliked, 5, [("👎", -1)])
+    assert await log.store.stats.set_reactions(1, mixed, 5, [("👎", -1)])
+    assert await log.store.stats.set_reactions(1, mixed, 6, [("👍", 1)])  # sums to 0: kept
+    assert await log.store.stats.set_reactions(1, liked, 5, [("👍", 1)])
     report = log.build(tmp_path / "out")
     [example] = read(report.train_path)
     assert [c for r, c in texts(example) if r == "assistant"] == ["debated answer", "good answer"]
@@ -554,7 +555,7 @@ async def test_a_turn_excluded_when_logged_is_left_out_with_its_reason(
         input_kind="document",
         excluded=DOCUMENT_CUT,
     )
-    await log.store.record_turn(cut)
+    await log.store.threads.record_turn(cut)
     report = log.build(tmp_path / "out")
     assert report.dropped == Counter({DOCUMENT_CUT: 1})
     [example] = examples(report)

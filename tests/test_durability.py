@@ -11,7 +11,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from storage.db import ChatKey, Store, TurnRecord, utcnow
+from bot.domain import ChatKey, TurnRecord, utcnow
+from storage.db import Store
 from tests.conftest import SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram, private_text_update
@@ -23,7 +24,7 @@ async def test_an_update_left_unhandled_by_a_crash_is_replayed(
 ) -> None:
     settings = make_settings()
     store = await Store.open(settings.database_path)  # what the crashed run had written
-    await store.inbox_accept(
+    await store.inbox.accept(
         [(500, json.dumps(private_text_update(500, 100, 7, "lost in a crash")))]
     )
     await store.close()
@@ -32,7 +33,7 @@ async def test_an_update_left_unhandled_by_a_crash_is_replayed(
         assert await tg.wait_sent(100, 1) == ["echo: lost in a crash"]
         await settled(app)
         store = app.bot_data.services.store  # type: ignore[union-attr]
-        assert await store.inbox_pending() == []
+        assert await store.inbox.pending() == []
 
 
 async def test_a_replayed_message_that_was_answered_is_not_answered_again(
@@ -40,11 +41,11 @@ async def test_a_replayed_message_that_was_answered_is_not_answered_again(
 ) -> None:
     settings = make_settings()
     store = await Store.open(settings.database_path)
-    await store.inbox_accept(
+    await store.inbox.accept(
         [(501, json.dumps(private_text_update(501, 100, 8, "answered already")))]
     )
-    thread = await store.create_thread(ChatKey(100), "openai", "conv_x")
-    await store.record_turn(
+    thread = await store.threads.create(ChatKey(100), "openai", "conv_x")
+    await store.threads.record_turn(
         TurnRecord(
             thread_id=thread.id,
             key=ChatKey(100),
@@ -68,7 +69,7 @@ async def test_a_replayed_message_that_was_answered_is_not_answered_again(
 
 
 async def _none_pending(store: Store) -> bool:
-    return await store.inbox_pending() == []
+    return await store.inbox.pending() == []
 
 
 async def test_an_update_telegram_delivers_twice_is_handled_once(

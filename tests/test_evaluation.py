@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from bot.context import ParleyApp
+from bot.domain import ChatKey, TurnRecord
 from bot.services.dataset import TEST_FILE, DatasetOptions, build_dataset
 from bot.services.evaluation import Verdict, outcome_of, parse_verdict
 from bot.services.intervals import mean_interval, wilson
-from storage.db import ChatKey, Store, TurnRecord
+from storage.db import Store
 from storage.writer import StorageUnavailable
 from tests.conftest import SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import API_KEY, FakeOpenAI, Reply
@@ -102,10 +103,10 @@ def test_a_judge_answer_outside_the_schema_is_an_error_not_a_tie() -> None:
 
 
 async def _log(store: Store, chat: int, exchanges: list[tuple[str, str]], clock: list[int]) -> None:
-    thread = await store.create_thread(ChatKey(chat), "openai")
+    thread = await store.threads.create(ChatKey(chat), "openai")
     for user, answer in exchanges:
         clock[0] += 1
-        await store.record_turn(
+        await store.threads.record_turn(
             TurnRecord(
                 thread_id=thread.id,
                 key=ChatKey(chat),
@@ -463,11 +464,11 @@ def test_an_evaluations_figures_are_grouped_as_the_reader_does(lang: str, sep: s
     """'12,345' reads as twelve point three in Russian: a no-break space groups it there."""
     from collections import Counter
 
+    from bot.domain import EvalRun
     from bot.services.evaluation import EvalSummary, Side
     from bot.services.intervals import Interval
     from bot.texts import t
     from handlers.evaluation import render_summary
-    from storage.evals import EvalRun
 
     run = EvalRun(
         1, "ft-1", 3000, "cur", "chat", "cand", "chat", "judge", 42, "done", "2026-12-01", None

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from bot.domain import JobRecord, utcnow
 from bot.services.finetune import FineTuner
 from bot.services.trainer import JobInfo
 from bot.texts import t
-from storage.db import JobRecord, Store, utcnow
+from storage.db import Store
 from tests.conftest import SettingsFactory, running, settled
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram
@@ -142,7 +143,7 @@ async def test_a_job_is_followed_in_one_message_and_only_its_end_is_a_new_one(
         await tg.wait_for(lambda: _said(tg, ADMIN, "Started fine-tuning job"))
         await settled(app)
         [job_id] = oai.jobs
-        [record] = await app.bot_data.services.store.jobs()  # type: ignore[union-attr]
+        [record] = await app.bot_data.services.store.jobs.recent()  # type: ignore[union-attr]
         # The summary the admin pressed "start" under now says the job started, and follows it.
         live = record.notice_message_id
         assert live is not None and "Started fine-tuning job" in tg.messages[(ADMIN, live)]["text"]
@@ -501,7 +502,7 @@ async def test_a_job_notice_under_way_when_the_poller_stops_is_recorded_not_sent
     store = await Store.open(tmp_path / "db.sqlite3")
     try:
         now = utcnow()
-        await store.add_job(
+        await store.jobs.add(
             JobRecord(
                 "ftjob-1", "openai", "m", None, None, 10, 0, 100, ADMIN, "d", "running", now, now
             )
@@ -536,7 +537,7 @@ async def test_a_job_notice_under_way_when_the_poller_stops_is_recorded_not_sent
         with pytest.raises(asyncio.CancelledError):
             await poller
         assert sent == ["succeeded"]
-        [job] = await store.jobs()
+        [job] = await store.jobs.recent()
         assert job.notified_status == "succeeded"  # so the restart won't tell it again
     finally:
         await store.close()

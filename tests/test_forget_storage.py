@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
+from bot.domain import ChatKey, TurnRecord, utcnow
 from bot.services import dataset
 from bot.services.dataset import DatasetOptions, build_dataset
 from bot.services.forgetting import QUOTE_MARK, Quotes
-from storage.db import ChatKey, Store, TurnRecord, utcnow
+from storage.db import Store
 from storage.migrations import MIGRATIONS
 from tests.stubs.telegram_server import private_text_update
 
@@ -94,21 +95,21 @@ async def _age(store: Store, column: str, update_id: int, age: timedelta) -> Non
 
 
 async def test_handled_updates_lose_their_json_soon_and_their_rows_later(store: Store) -> None:
-    await store.inbox_accept([(u, _payload(u, OTHER, f"text {u}")) for u in (1, 2, 3, 4)])
-    await store.inbox_quarantine([4], "it crashed the bot")
-    await store.inbox_done([1, 2])
+    await store.inbox.accept([(u, _payload(u, OTHER, f"text {u}")) for u in (1, 2, 3, 4)])
+    await store.inbox.quarantine([4], "it crashed the bot")
+    await store.inbox.done([1, 2])
     assert all(await _payloads(store))  # just handled: kept for a look, for now
     for update_id in (1, 4):
         await _age(store, "done_at", update_id, timedelta(minutes=2))
-    await store.inbox_done([3])
+    await store.inbox.done([3])
     payloads = await _payloads(store)
     assert payloads[1] == "" and payloads[2] and payloads[3]
     assert json.loads(payloads[4])["message"]["text"] == "text 4"  # quarantined: kept
     # A blanked update is still recognised when Telegram delivers it again.
-    assert await store.inbox_accept([(1, _payload(1, OTHER, "text 1"))]) == set()
+    assert await store.inbox.accept([(1, _payload(1, OTHER, "text 1"))]) == set()
     # Two days after it arrived, a handled update's row goes too.
     await _age(store, "received_at", 1, timedelta(days=3))
-    await store.inbox_done([])
+    await store.inbox.done([])
     assert sorted(await _payloads(store)) == [2, 3, 4]
 
 
@@ -133,7 +134,7 @@ async def test_the_inbox_sweep_reads_indexes_not_the_table(store: Store) -> None
 
 async def _turn(store: Store, user_id: int, chat_id: int, user: str, answer: str) -> int:
     now = utcnow()
-    return await store.record_turn(
+    return await store.threads.record_turn(
         TurnRecord(
             thread_id=None,
             key=ChatKey(chat_id),
@@ -153,7 +154,7 @@ async def test_forget_blanks_updates_that_concern_the_user_even_quarantined(
     store: Store,
 ) -> None:
     forgetter = json.loads(_payload(1, FORGETTER, "mine"))["message"]
-    await store.inbox_accept(
+    await store.inbox.accept(
         [
             (1, _payload(1, FORGETTER, "mine")),
             (2, _payload(2, OTHER, "a reply", reply_to_message=forgetter)),
@@ -163,10 +164,10 @@ async def test_forget_blanks_updates_that_concern_the_user_even_quarantined(
             (6, _payload(6, FORGETTER, "not handled yet")),
         ]
     )
-    await store.inbox_quarantine([1, 2, 3, 4], "it crashed the bot")
-    await store.inbox_done([5])
+    await store.inbox.quarantine([1, 2, 3, 4], "it crashed the bot")
+    await store.inbox.done([5])
     await _turn(store, FORGETTER, FORGETTER, "my zebra-striped secret is the blue door", "ok")
-    forgotten = await store.forget_user(FORGETTER, Quotes())
+    forgotten = await store.forget.user(FORGETTER, Quotes())
     assert forgotten.messages == 2
     payloads = await _payloads(store)
     # Theirs, a reply to theirs, and a quote of theirs go; another's quarantined update stays
@@ -182,7 +183,7 @@ async def test_quotes_of_the_user_are_replaced_and_left_out_of_datasets(
     await _turn(store, FORGETTER, -5, said, "noted")
     quoting = await _turn(store, OTHER, -5, "what did they say?", f"They said: {said}.")
     await _turn(store, OTHER, -6, "unrelated chat", f"{said}")  # a chat they never spoke in
-    forgotten = await store.forget_user(FORGETTER, Quotes())
+    forgotten = await store.forget.user(FORGETTER, Quotes())
     assert (forgotten.messages, forgotten.quoting_turns) == (2, 1)
     texts = [str(r[0]) for r in await store.fetch_all("SELECT content FROM messages ORDER BY id")]
     assert f"They said: {QUOTE_MARK}." in texts and said in texts  # the other chat's stays

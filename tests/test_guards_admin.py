@@ -70,7 +70,7 @@ async def test_every_admin_command_the_app_registers_refuses_non_admins(
         services = app.bot_data.services
         assert services is not None
         assert services.models.current == DEFAULT_MODEL
-        assert await services.store.get_setting("model") is None
+        assert await services.store.settings.get("model") is None
     # One refusal each, and nothing else: no chart, no document, no model or API call.
     assert {c.method for c in tg.calls if "chat_id" in c.params} == {"sendMessage"}
     assert oai.requests == []
@@ -119,7 +119,7 @@ async def test_every_admin_button_refuses_non_admins_even_forwarded_to_them(
         assert tg.sent_texts(USER) == []  # an alert only: nothing said, nothing switched
         assert len(oai.jobs) == 1 and len(oai.files) == files
         assert services.models.current == DEFAULT_MODEL
-        assert await services.store.get_setting("model") is None
+        assert await services.store.settings.get("model") is None
         tg.push_message(ADMIN, "/model", user_id=ADMIN)
         await tg.wait_for(lambda: any(t.startswith("The bot uses") for t in tg.texts(ADMIN)))
         assert f"The bot uses {DEFAULT_MODEL}." in tg.texts(ADMIN)[-1]

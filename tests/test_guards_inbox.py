@@ -79,10 +79,10 @@ async def test_the_inbox_takes_each_update_id_once(tmp_path: Path) -> None:
         await inbox.done([7])
         assert await inbox.accept([first]) == []  # again after it was handled
         assert [u.update_id for u in await inbox.accept([first, second])] == [8]
-        assert [u for u, _ in await store.inbox_pending()] == [8]
+        assert [u for u, _ in await store.inbox.pending()] == [8]
         # The store on its own: the ids not seen before, and only those.
-        assert await store.inbox_accept([(9, "{}")]) == {9}
-        assert await store.inbox_accept([(9, "{}"), (10, "{}")]) == {10}
+        assert await store.inbox.accept([(9, "{}")]) == {9}
+        assert await store.inbox.accept([(9, "{}"), (10, "{}")]) == {10}
     finally:
         await store.close()
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from bot.concurrency import Isolation
+from bot.domain import utf8_safe
 from bot.texts import catalog
-from storage.db import utf8_safe
 from tests.conftest import TOKEN, SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
@@ -115,7 +115,7 @@ async def test_a_lone_surrogate_in_a_message_is_stored_cleaned_and_answered(
         store = app.bot_data.services.store  # type: ignore[union-attr]
         payloads = [json.loads(p) for (p,) in await store.fetch_all("SELECT payload FROM inbox")]
         assert payloads[0]["message"]["text"] == "broken \ufffd text"
-        assert await store.inbox_pending() == []
+        assert await store.inbox.pending() == []
         logged = await store.fetch_all(
             "SELECT content FROM messages WHERE role = 'user' ORDER BY id"
         )

@@ -7,9 +7,9 @@ import time
 
 from telegram.ext import ExtBot
 
+from bot.domain import ChatKey
 from bot.services.replies import ProgressGate, ReplyStreamer
 from bot.telegram_http import AiohttpRequest
-from storage.db import ChatKey
 from tests.conftest import TOKEN, SettingsFactory, eventually, running
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import Call, FakeTelegram

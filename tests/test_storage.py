@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.db import ChatKey, Store, StoredImage, TurnRecord, utcnow
+from bot.domain import ChatKey, StoredImage, TurnRecord, utcnow
+from storage.db import Store
 from storage.migrations import MIGRATIONS, Migration
 from storage.writer import Writer, WriterClosed
 
@@ -33,7 +34,7 @@ async def test_blank_database_gets_every_migration(tmp_path: Path) -> None:
 async def test_upgrade_applies_only_newer_migrations_and_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     store = await Store.open(path)
-    thread = await store.create_thread(ChatKey(1), "local")
+    thread = await store.threads.create(ChatKey(1), "local")
     extra = Migration(
         MIGRATIONS[-1].version + 1, "test column", "ALTER TABLE threads ADD COLUMN note TEXT;"
     )
@@ -64,7 +65,7 @@ async def test_a_failing_migration_leaves_nothing_behind(tmp_path: Path) -> None
 
 async def test_a_turn_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "db.sqlite3")
-    thread = await store.create_thread(ChatKey(5), "local")
+    thread = await store.threads.create(ChatKey(5), "local")
     turn = TurnRecord(
         thread_id=thread.id,
         key=ChatKey(5),
@@ -79,14 +80,14 @@ async def test_a_turn_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
         reply_message_ids=[10, 10],  # duplicate id: the insert fails
     )
     with pytest.raises(sqlite3.IntegrityError):
-        await store.record_turn(turn)
+        await store.threads.record_turn(turn)
     try:
         assert await store.fetch_all("SELECT COUNT(*) FROM turns") == [(0,)]
         assert await store.fetch_all("SELECT COUNT(*) FROM messages") == [(0,)]
         turn.reply_message_ids = [10, 11]
-        await store.record_turn(turn)
+        await store.threads.record_turn(turn)
         turn.reply_message_ids = [12]
-        await store.record_turn(turn)
+        await store.threads.record_turn(turn)
         assert await store.fetch_all("SELECT COUNT(*) FROM turns") == [(2,)]
         assert await store.fetch_all("SELECT COUNT(*) FROM instructions") == [(1,)]  # stored once
     finally:
@@ -95,7 +96,7 @@ async def test_a_turn_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
 
 async def test_each_turn_keeps_its_input_kind(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "db.sqlite3")
-    thread = await store.create_thread(ChatKey(5), "local")
+    thread = await store.threads.create(ChatKey(5), "local")
     image = StoredImage("ab" * 32, "image/png", 1, 1, b"png")
 
     def turn(text: str, kind: str, images: tuple[StoredImage, ...] = ()) -> TurnRecord:
@@ -116,12 +117,13 @@ async def test_each_turn_keeps_its_input_kind(tmp_path: Path) -> None:
     try:
         kinds = ("text", "photo", "voice", "document")
         ids = {
-            await store.record_turn(turn(k, k, (image,) if k == "photo" else ())): k for k in kinds
+            await store.threads.record_turn(turn(k, k, (image,) if k == "photo" else ())): k
+            for k in kinds
         }
         rows = await store.fetch_all("SELECT id, input_kind FROM turns")
         assert {ids[i]: kind for i, kind in rows} == {k: k for k in kinds}
         with pytest.raises(sqlite3.IntegrityError):  # nothing else is a kind of input
-            await store.record_turn(turn("?", "sticker"))
+            await store.threads.record_turn(turn("?", "sticker"))
     finally:
         await store.close()
     # Turns logged before migration 10 were text or photos: those with images are photos.
@@ -179,7 +181,7 @@ async def test_a_write_whose_caller_is_cancelled_still_lands_and_close_waits_for
         return True
 
     busy = asyncio.create_task(store.write(hold))
-    setting = asyncio.create_task(store.set_setting("model", "ft:kept"))
+    setting = asyncio.create_task(store.settings.set("model", "ft:kept"))
     await asyncio.sleep(0)  # both tasks take their first step: the writes are queued
     setting.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -75,22 +75,22 @@ async def test_the_writer_refuses_new_work_keeps_records_and_recovers(disk: Path
     store = await Store.open(disk / "db.sqlite3")
     try:
         assert (disk / "db.sqlite3-reserve").stat().st_size == RESERVE_BYTES
-        await store.inbox_accept([(1, "{}")])
+        await store.inbox.accept([(1, "{}")])
         filler = fill(disk)
         with pytest.raises(StorageUnavailable):  # nearly full: no new work...
-            await store.inbox_accept([(2, "{}")])
+            await store.inbox.accept([(2, "{}")])
         assert not store.writable
         with pytest.raises(StorageUnavailable):  # ...and at once while it stays so
-            await store.inbox_accept([(3, "{}")])
+            await store.inbox.accept([(3, "{}")])
         # ...but the record of work in progress lands (the reserve makes room for it).
-        await store.set_setting("answer", "x" * 20_000)
-        await store.inbox_done([1])
+        await store.settings.set("answer", "x" * 20_000)
+        await store.inbox.done([1])
         assert not (disk / "db.sqlite3-reserve").exists()
         free(filler)
         await eventually(lambda: store.writable, timeout=20)  # by itself, no write needed
         assert (disk / "db.sqlite3-reserve").stat().st_size == RESERVE_BYTES
-        assert await store.inbox_accept([(2, "{}")]) == {2}
-        assert await store.get_setting("answer") == "x" * 20_000
+        assert await store.inbox.accept([(2, "{}")]) == {2}
+        assert await store.settings.get("answer") == "x" * 20_000
     finally:
         await store.close()
 

@@ -31,10 +31,11 @@ import logging
 import secrets
 from dataclasses import asdict, dataclass
 
+from bot.domain import ChatKey, ModelFigures, utcnow
 from bot.services.intervals import Interval, mean_interval, more_needed, separated, wilson
 from bot.services.models import ModelRouter
-from storage.db import ChatKey, Store, utcnow
-from storage.evals import EvalStore, ModelFigures
+from storage.db import Store
+from storage.evals import EvalStore
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class Canary:
 
     async def restore(self) -> None:
         """Take up the canary in force before the last restart."""
-        raw = await self._store.get_setting(CANARY_KEY)
+        raw = await self._store.settings.get(CANARY_KEY)
         if not raw:
             return
         try:
@@ -163,7 +164,7 @@ class Canary:
         else:
             salt = secrets.token_hex(8)
             state = CanaryState(model, route, percent, salt, now, ((percent, now),))
-        await self._store.set_setting(CANARY_KEY, json.dumps(asdict(state)))
+        await self._store.settings.set(CANARY_KEY, json.dumps(asdict(state)))
         self.state = state
         return state
 
@@ -185,7 +186,7 @@ class Canary:
 
     async def _end(self) -> None:
         # An empty value is "no canary"; the setting's row keeps when it ended.
-        await self._store.set_setting(CANARY_KEY, "")
+        await self._store.settings.set(CANARY_KEY, "")
         self.state = None
 
     async def compare(self) -> Comparison | None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from telegram import Bot
 from telegram.error import TelegramError
 
+from bot.domain import DOCUMENT_CUT, ChatKey, StoredImage, TurnRecord, utcnow
 from bot.errors import ModelError
 from bot.services.alerts import ADMIN_PROBLEMS, AdminAlerts
 from bot.services.conversations import (
@@ -27,7 +28,7 @@ from bot.services.replies import Links, ProgressGate, ReplyStreamer, RichMessage
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.settings import DEFAULT_ANSWER_DEADLINE, DEFAULT_MAX_ANSWER_TOKENS
 from bot.texts import t
-from storage.db import DOCUMENT_CUT, ChatKey, Store, StoredImage, TurnRecord, utcnow
+from storage.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class ChatService:
 
     async def already_answered(self, msg: Incoming) -> bool:
         """A message replayed after a crash whose answer was already logged: skip it."""
-        if await self.store.answered(msg.key.chat_id, msg.message_id):
+        if await self.store.threads.answered(msg.key.chat_id, msg.message_id):
             log.info("message %s in chat %s was already answered", msg.message_id, msg.key)
             return True
         return False
@@ -124,7 +125,9 @@ class ChatService:
         if not self.daily_limit or user_id is None or self.exempt(user_id):
             return False
         midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        used = await self.store.turns_since(user_id, midnight.isoformat(timespec="milliseconds"))
+        used = await self.store.stats.turns_since(
+            user_id, midnight.isoformat(timespec="milliseconds")
+        )
         return used >= self.daily_limit
 
     async def refuse_over_limit(self, bot: Bot, msg: Incoming) -> bool:
@@ -250,7 +253,7 @@ class ChatService:
                 # The model read the whole file; the log keeps part of its text: an example
                 # made of the two would teach answers from what it doesn't show.
                 turn.excluded = DOCUMENT_CUT
-        await self.store.record_turn(turn)
+        await self.store.threads.record_turn(turn)
         return turn
 
     async def error_key(self, bot: Bot, kind: str, model: str) -> str:

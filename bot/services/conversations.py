@@ -31,9 +31,10 @@ from openai.types.responses import (
     ResponseInputMessageContentListParam,
 )
 
+from bot.domain import ChatKey, HistoryMessage, Thread, utf8_safe
 from bot.errors import ModelError, classify_model_error
 from bot.services.tokens import estimate_tokens
-from storage.db import ChatKey, HistoryMessage, Store, Thread, utf8_safe
+from storage.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +141,19 @@ class OpenAIConversations:
         self._seed_tokens = seed_tokens
 
     async def open_thread(self, key: ChatKey) -> Thread:
-        current = await self._store.current_thread(key)
+        current = await self._store.threads.current(key)
         if current is not None and current.backend == self.name:
             if current.conversation_id is not None:
                 return current
             # Its server-side copy was dropped (/forget in a group): rebuilt from the log.
             conversation_id = await self._create(key, await self._seed_items(current))
-            await self._store.set_conversation(current.id, conversation_id)
+            await self._store.threads.set_conversation(current.id, conversation_id)
             return Thread(current.id, key, self.name, conversation_id)
         # A chat coming from a model served elsewhere carries its thread on: the new
         # conversation starts with the log's latest exchanges.
         items = await self._seed_items(current) if current is not None else []
         conversation_id = await self._create(key, items)
-        return await self._store.create_thread(key, self.name, conversation_id, continues=current)
+        return await self._store.threads.create(key, self.name, conversation_id, continues=current)
 
     async def _create(self, key: ChatKey, items: list[ResponseInputItemParam]) -> str:
         try:
@@ -166,7 +167,7 @@ class OpenAIConversations:
 
     async def _seed_items(self, thread: Thread) -> list[ResponseInputItemParam]:
         """The log's latest exchanges (text only), as a new conversation's first items."""
-        history = await self._store.history(thread.id, self._seed_tokens, estimate_tokens)
+        history = await self._store.threads.history(thread.id, self._seed_tokens, estimate_tokens)
         items: list[ResponseInputItemParam] = []
         for message in history[-MAX_SEED_ITEMS:]:
             role: Literal["user", "assistant"] = "user" if message.role == "user" else "assistant"
@@ -256,7 +257,7 @@ class OpenAIConversations:
 
     async def reset(self, key: ChatKey) -> None:
         # The old conversation stays on the server: the dialogue log still refers to it.
-        await self._store.close_threads(key)
+        await self._store.threads.close(key)
 
 
 class LocalHistory:
@@ -274,11 +275,11 @@ class LocalHistory:
         self._cap_field = "max_tokens"
 
     async def open_thread(self, key: ChatKey) -> Thread:
-        current = await self._store.current_thread(key)
+        current = await self._store.threads.current(key)
         if current is not None and current.backend == self.name:
             return current
         # Coming from a server-side conversation: the new thread replays the old one's log.
-        return await self._store.create_thread(key, self.name, continues=current)
+        return await self._store.threads.create(key, self.name, continues=current)
 
     async def build_messages(
         self, thread: Thread, content: UserContent, instructions: str
@@ -288,7 +289,7 @@ class LocalHistory:
         user = _user_message(text, content.image_urls)
         # The instructions and the new message are always sent; history gets what is left.
         left = self._budget - estimate_tokens(instructions) - estimate_tokens(text)
-        history = await self._store.history(thread.id, max(left, 0), estimate_tokens)
+        history = await self._store.threads.history(thread.id, max(left, 0), estimate_tokens)
         return [{"role": "system", "content": instructions}, *map(_chat_message, history), user]
 
     async def run_turn(
@@ -374,7 +375,7 @@ class LocalHistory:
             return stream
 
     async def reset(self, key: ChatKey) -> None:
-        await self._store.close_threads(key)
+        await self._store.threads.close(key)
 
 
 def _input_parts(content: UserContent) -> ResponseInputMessageContentListParam:

@@ -68,7 +68,7 @@ _ALIASES = {
     "gpt-3.5-turbo": "gpt-3.5-turbo-0125",
 }
 
-# OpenAI's image cost: 85 tokens plus 170 per 512-px tile (the same formula Store.history uses).
+# OpenAI's image cost: 85 tokens plus 170 per 512-px tile (the formula ThreadStore.history uses).
 IMAGE_BASE_TOKENS = 85
 IMAGE_TILE_TOKENS = 170
 # An image part whose size is unknown (validate_example on someone else's example): the

@@ -40,6 +40,7 @@ from telegram.constants import ChatAction
 from telegram.error import TelegramError
 
 from bot.addressing import strip_mention
+from bot.domain import ChatKey, utf8_safe
 from bot.services import pdf_text
 from bot.services.chat import ChatService, Incoming
 from bot.services.conversations import InputFile
@@ -47,7 +48,6 @@ from bot.services.photos import DOWNLOAD_COPIES, TURN_COPIES, Hold, MemoryBudget
 from bot.services.replies import send_text
 from bot.services.tokens import estimate_tokens
 from bot.texts import t
-from storage.db import ChatKey, utf8_safe
 
 log = logging.getLogger(__name__)
 

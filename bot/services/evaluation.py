@@ -32,6 +32,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
 from openai.types.responses import ResponseInputItemParam, ResponseTextConfigParam
 
+from bot.domain import EvalItem, EvalResult, EvalRun, JobRecord
 from bot.errors import ModelError, ParleyError, classify_model_error
 from bot.services.chat import CHAT_ROUTE
 from bot.services.finetune import served_route
@@ -39,8 +40,7 @@ from bot.services.intervals import Interval, mean_interval, more_to_leave, wilso
 from bot.services.models import ModelRouter
 from bot.services.priority import Background
 from bot.services.trainer import JobInfo
-from storage.db import JobRecord
-from storage.evals import EvalItem, EvalResult, EvalRun, EvalStore
+from storage.evals import EvalStore
 
 log = logging.getLogger(__name__)
 

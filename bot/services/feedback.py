@@ -56,7 +56,7 @@ class Feedback:
         self, chat_id: int, message_id: int, user_id: int, emojis: list[str]
     ) -> None:
         """A user's current reactions on one of the bot's replies (replacing earlier ones)."""
-        await self.store.set_reactions(
+        await self.store.stats.set_reactions(
             chat_id, message_id, user_id, [(e, reaction_polarity(e)) for e in emojis]
         )
 
@@ -67,14 +67,14 @@ class Feedback:
 async def collect(store: Store, now: datetime | None = None) -> Stats:
     since = ((now or datetime.now(UTC)) - timedelta(days=7)).isoformat(timespec="milliseconds")
     return Stats(
-        all_time=await store.sentiment_counts(),
-        week=await store.sentiment_counts(since),
-        reactions_all=await store.reaction_counts(),
-        reactions_week=await store.reaction_counts(since),
-        top_users=await store.usage("user_id", since),
-        top_chats=await store.usage("chat_id", since),
-        tokens_all=await store.total_tokens(None),
-        tokens_week=await store.total_tokens(since),
+        all_time=await store.stats.sentiment_counts(),
+        week=await store.stats.sentiment_counts(since),
+        reactions_all=await store.stats.reaction_counts(),
+        reactions_week=await store.stats.reaction_counts(since),
+        top_users=await store.stats.usage("user_id", since),
+        top_chats=await store.stats.usage("chat_id", since),
+        tokens_all=await store.stats.total_tokens(None),
+        tokens_week=await store.stats.total_tokens(since),
     )
 
 

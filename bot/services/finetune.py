@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bot.domain import JobRecord, utcnow
 from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE
 from bot.services.dataset import DatasetOptions, DatasetReport, build_dataset
 from bot.services.trainer import (
@@ -28,7 +29,7 @@ from bot.services.trainer import (
     Trainer,
     TrainerError,
 )
-from storage.db import JobRecord, Store, utcnow
+from storage.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,8 @@ class FineTuner:
             dataset_chat_id=pending.options.chat_id,
             dataset_photos=pending.options.include_photos,
         )
-        await self.store.add_job(job)
-        await self.store.mark_notified(job.job_id, job.status)  # the admin sees it start
+        await self.store.jobs.add(job)
+        await self.store.jobs.mark_notified(job.job_id, job.status)  # the admin sees it start
         job.notified_status = job.status
         if self.keep_test_split is not None and report.test_path is not None:
             try:
@@ -197,12 +198,14 @@ class FineTuner:
 
     async def follow_with(self, job: JobRecord, message_id: int) -> None:
         """The admin's message `message_id` follows `job` from now on: its notices edit it."""
-        await self.store.mark_notified(job.job_id, job.notified_status or job.status, message_id)
+        await self.store.jobs.mark_notified(
+            job.job_id, job.notified_status or job.status, message_id
+        )
         job.notice_message_id = message_id
 
     async def job(self, job_id: str) -> JobRecord | None:
         """The bot's record of a job it started (None for one it doesn't know)."""
-        return await self.store.job(job_id)
+        return await self.store.jobs.get(job_id)
 
     def trainer_of(self, record: JobRecord | None) -> Trainer | None:
         """The trainer a job belongs to (the current one for a job the bot has no record of)."""
@@ -219,7 +222,7 @@ class FineTuner:
 
     async def jobs(self) -> tuple[list[tuple[JobRecord | None, JobInfo | None]], bool]:
         """Jobs from every trainer merged with the local table; bool: every trainer answered."""
-        local = {j.job_id: j for j in await self.store.jobs()}
+        local = {j.job_id: j for j in await self.store.jobs.recent()}
         merged: list[tuple[JobRecord | None, JobInfo | None]] = []
         online = True
         for trainer in self.trainers.values():
@@ -232,7 +235,7 @@ class FineTuner:
             for info in remote:
                 record = local.pop(info.id, None)
                 if record is not None and record.status != info.status:
-                    await self.store.update_job(
+                    await self.store.jobs.update(
                         info.id, info.status, info.fine_tuned_model, info.error
                     )
                     record.status, record.fine_tuned_model = info.status, info.fine_tuned_model
@@ -243,7 +246,7 @@ class FineTuner:
 
     async def details(self, job_id: str) -> tuple[JobRecord | None, JobDetails | TrainerError]:
         """One job from its own trainer; the error instead when that trainer can't say."""
-        record = await self.store.job(job_id)
+        record = await self.store.jobs.get(job_id)
         trainer = self.trainer_of(record)
         if trainer is None:
             return record, TrainerError("unavailable", "the job's trainer is not configured")
@@ -257,18 +260,18 @@ class FineTuner:
 
     async def cancel(self, job_id: str) -> JobInfo:
         """Cancel a job at its own trainer and record the status it answers with."""
-        record = await self.store.job(job_id)
+        record = await self.store.jobs.get(job_id)
         trainer = self.trainer_of(record)
         if trainer is None:
             raise TrainerError("unavailable", "the job's trainer is not configured")
         info = await trainer.cancel(job_id)
         if record is not None:
-            await self.store.update_job(info.id, info.status, info.fine_tuned_model, info.error)
+            await self.store.jobs.update(info.id, info.status, info.fine_tuned_model, info.error)
         return info
 
     async def poll_once(self, notify: Notify) -> None:
         """Check every unfinished job once; store changes and notify on each new status."""
-        for job in await self.store.jobs(unfinished=True):
+        for job in await self.store.jobs.recent(unfinished=True):
             trainer = self.trainers.get(job.trainer)
             if trainer is None:
                 continue  # its trainer is no longer configured: /jobs shows the last status
@@ -278,7 +281,7 @@ class FineTuner:
                 log.warning("could not check job %s: %s", job.job_id, exc.kind)
                 continue
             if info.status != job.status:
-                await self.store.update_job(
+                await self.store.jobs.update(
                     job.job_id, info.status, info.fine_tuned_model, info.error
                 )
             if info.status != job.notified_status:
@@ -298,7 +301,7 @@ class FineTuner:
         except Exception:
             log.exception("could not notify about job %s", job.job_id)
             return
-        await self.store.mark_notified(job.job_id, info.status, message_id)
+        await self.store.jobs.mark_notified(job.job_id, info.status, message_id)
 
     async def run(self, notify: Notify, interval: float) -> None:
         """Poll until cancelled; a failing round is logged and the next one comes anyway."""

@@ -2,7 +2,7 @@
 
 The store deletes their turns and reactions, blanks the inbox's copies of updates, replaces
 quotes of them in other people's turns (and keeps those turns out of datasets) and unlinks
-the server-side conversations that held any of it (`Store.forget_user`); this service then
+the server-side conversations that held any of it (`store.forget.user`); this service then
 deletes those conversations on the server, removes the dataset files built so far, and
 checkpoints the database so its write-ahead log no longer holds old copies of the pages
 (SQLite's secure_delete zeroes what is deleted in the file itself).
@@ -103,7 +103,7 @@ class Forgetting:
 
     async def forget(self, user_id: int) -> ForgetReport:
         """Delete everything of the user's the bot keeps, and keep them out of datasets."""
-        forgotten = await self._store.forget_user(user_id, Quotes())
+        forgotten = await self._store.forget.user(user_id, Quotes())
         deleted, left = await self.delete_conversations()
         removed = await self._finetune.forget_datasets()
         if not await self._store.checkpoint():
@@ -123,7 +123,7 @@ class Forgetting:
         """
         gone: list[str] = []
         left = 0
-        for conversation_id in await self._store.doomed_conversations():
+        for conversation_id in await self._store.forget.doomed_conversations():
             try:
                 await self._client.conversations.delete(conversation_id)
             except openai.NotFoundError:
@@ -133,5 +133,5 @@ class Forgetting:
                 left += 1
                 continue
             gone.append(conversation_id)
-        await self._store.conversations_gone(gone)
+        await self._store.forget.conversations_gone(gone)
         return len(gone), left

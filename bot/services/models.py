@@ -56,9 +56,9 @@ class ModelRouter:
 
     async def restore(self) -> None:
         """Take up the model (and route) chosen before the last restart."""
-        name = await self._store.get_setting(MODEL_KEY)
+        name = await self._store.settings.get(MODEL_KEY)
         if name:
-            route = await self._store.get_setting(ROUTE_KEY)
+            route = await self._store.settings.get(ROUTE_KEY)
             self._chat.model = name
             self._chat.route = SERVE_ROUTE if route == SERVE_ROUTE else CHAT_ROUTE
 
@@ -82,8 +82,8 @@ class ModelRouter:
 
     async def switch(self, name: str, route: str = CHAT_ROUTE) -> None:
         """Answer with `name` through `route` from now on, and after restarts too."""
-        await self._store.set_setting(MODEL_KEY, name)
-        await self._store.set_setting(ROUTE_KEY, route)
+        await self._store.settings.set(MODEL_KEY, name)
+        await self._store.settings.set(ROUTE_KEY, route)
         self._chat.model, self._chat.route = name, route
 
 

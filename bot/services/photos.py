@@ -40,6 +40,7 @@ from telegram import Bot, Message
 from telegram.constants import ChatAction
 from telegram.error import TelegramError
 
+from bot.domain import ChatKey, StoredImage
 from bot.services.chat import ChatService, Incoming
 from bot.services.images import (
     ImageLimits,
@@ -50,7 +51,6 @@ from bot.services.images import (
 )
 from bot.services.replies import send_text
 from bot.texts import t
-from storage.db import ChatKey, StoredImage
 
 log = logging.getLogger(__name__)
 

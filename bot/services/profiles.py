@@ -24,7 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from storage.db import ChatKey, Store
+from bot.domain import ChatKey
+from storage.db import Store
 
 DEFAULT = "default"
 DEFAULT_TITLE = "Default"  # shown in the reader's language (assistant.default_title)
@@ -114,11 +115,11 @@ class Profiles:
         self.all = profiles
 
     async def for_chat(self, key: ChatKey) -> Profile:
-        name = await self.store.chat_profile(key)
+        name = await self.store.settings.chat_profile(key)
         # A profile removed from the file falls back to the default rather than failing.
         return self.all.get(name or DEFAULT, self.all[DEFAULT])
 
     async def choose(self, key: ChatKey, name: str) -> Profile:
         profile = self.all[name]  # KeyError for unknown names: the caller says so
-        await self.store.set_chat_profile(key, name)
+        await self.store.settings.set_chat_profile(key, name)
         return profile

@@ -17,6 +17,7 @@ from telegram import Bot, Message, MessageEntity, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, EndPointNotFound, NetworkError, TelegramError, TimedOut
 
+from bot.domain import ChatKey
 from bot.services.formatting import (
     TEXT_LIMIT,
     Formatted,
@@ -33,7 +34,6 @@ from bot.services.formatting import (
 )
 from bot.telegram_http import Dispatch, watch
 from bot.texts import t
-from storage.db import ChatKey
 
 log = logging.getLogger(__name__)
 
