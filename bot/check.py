@@ -5,8 +5,6 @@ one line per check, exit 0 or 1."""
 from __future__ import annotations
 
 import asyncio
-import os
-import sqlite3
 from pathlib import Path
 
 from telegram import Bot
@@ -24,7 +22,7 @@ from bot.startup import (
     redact,
     unreachable,
 )
-from storage.migrations import MIGRATIONS
+from storage.db import inspect
 
 Result = tuple[bool, str]
 
@@ -103,47 +101,30 @@ async def _database(settings: Settings) -> Result:
 
 
 def inspect_database(path: Path) -> Result:
-    """Look at the database file read-only: its schema, or whether it can be created."""
-    latest = max(m.version for m in MIGRATIONS)
-    if not path.exists():
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            return False, (
-                f"Database: cannot create {path}: {folder} is not a folder this user may"
-                " write to (check DATABASE_URL)"
-            )
-        return True, f"Database: {path} does not exist yet; the bot creates it when it starts"
-    if not path.is_file():
-        return False, f"Database: {path} is not a file (check DATABASE_URL)"
-    if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
-        return False, f"Database: {path} or its folder is not writable by this user"
-    # Read-only; with no write-ahead log beside it (the bot is not running and closed it
-    # cleanly) as an immutable file, or SQLite would leave a new -wal and -shm behind.
-    wal = path.with_name(path.name + "-wal").exists()
-    uri = f"{path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
-    try:
-        conn = sqlite3.connect(uri, uri=True)
-        try:
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-            version = 0
-            if "schema_migrations" in tables:
-                row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-                version = int(row[0] or 0)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        return False, f"Database: {path} cannot be read ({exc})"
-    if tables and not version:
-        return False, f"Database: {path} is not a Parley database (check DATABASE_URL)"
-    if version > latest:
+    """Look at the database read-only: its schema, or whether it can be created."""
+    state = inspect(path)
+    if state.problem == "cannot_create":
         return False, (
-            f"Database: {path} has schema {version}, newer than this version of Parley"
-            f" knows ({latest})"
+            f"Database: cannot create {path}: {state.detail} is not a folder this user may"
+            " write to (check DATABASE_URL)"
         )
-    pending = f", {latest - version} migrations to apply at start" if version < latest else ""
-    return True, f"Database: {path} (schema {version}{pending})"
+    if not state.exists:
+        return True, f"Database: {path} does not exist yet; the bot creates it when it starts"
+    if state.problem == "not_a_file":
+        return False, f"Database: {path} is not a file (check DATABASE_URL)"
+    if state.problem == "not_writable":
+        return False, f"Database: {path} or its folder is not writable by this user"
+    if state.problem == "unreadable":
+        return False, f"Database: {path} cannot be read ({state.detail})"
+    if state.problem == "foreign":
+        return False, f"Database: {path} is not a Parley database (check DATABASE_URL)"
+    if state.problem == "newer":
+        return False, (
+            f"Database: {path} has schema {state.version}, newer than this version of Parley"
+            f" knows ({state.latest})"
+        )
+    pending = f", {state.pending} migrations to apply at start" if state.pending else ""
+    return True, f"Database: {path} (schema {state.version}{pending})"
 
 
 async def run_checks(settings: Settings) -> list[Result]:

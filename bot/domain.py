@@ -221,3 +221,50 @@ class ModelFigures:
     tokens_n: int = 0
     tokens_sum: float = 0.0
     tokens_squares: float = 0.0
+
+
+@dataclass(slots=True)
+class LoggedTurn:
+    """One turn of the log as a dataset build reads it (storage.dataset.DatasetSnapshot.turns).
+
+    `status` is the turn's status, except "cut" for an answer stopped at the length cap.
+    """
+
+    id: int
+    thread_id: int | None  # None: a turn that had no thread (a conversation of its own)
+    user_id: int | None
+    status: str
+    instructions_id: int | None
+    has_images: bool
+    user_text: str | None = None
+    user_sentiment: str | None = None
+    assistant_text: str | None = None
+    voice: bool = False  # the user's words are a transcribed recording
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """A stored image's metadata, without its bytes."""
+
+    sha256: str
+    mime_type: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseState:
+    """What `python -m bot check` learns about the database without opening it for writing
+    (storage.db.inspect). `problem`: why the bot could not use it, as a code:
+    "cannot_create", "not_a_file", "not_writable", "unreadable" (`detail` says why),
+    "foreign" (not a Parley database), "newer" (a schema this version does not know)."""
+
+    exists: bool
+    version: int = 0  # the schema's migration number (0: none yet)
+    latest: int = 0  # the newest migration this version of Parley has
+    problem: str | None = None
+    detail: str = ""  # the folder for cannot_create, the error for unreadable
+
+    @property
+    def pending(self) -> int:
+        return max(self.latest - self.version, 0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard
@@ -105,11 +104,11 @@ async def initialize(app: ParleyApp) -> None:
 
 async def open_store(path: Path) -> Store:
     """The database, or a StartupError saying why it can't be opened."""
-    from storage.db import Store
+    from storage.db import DatabaseError, Store
 
     try:
         return await Store.open(path)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, DatabaseError) as exc:
         reason = str(exc)
         if isinstance(exc, OSError) and exc.strerror:  # e.g. "File exists: data"
             reason = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror

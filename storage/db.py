@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TypeVar
 
 import aiosqlite
 
-from bot.domain import utcnow
+from bot.domain import DatabaseState, utcnow
 from storage.base import Part
 from storage.evals import EvalStore
 from storage.forget import ForgetStore
@@ -32,6 +33,9 @@ from storage.writer import Writer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# What the database raises when it cannot be opened or read (beside OSError).
+DatabaseError = sqlite3.Error
 
 
 class Store(Part):
@@ -154,3 +158,41 @@ def _checkpoint(path: str) -> bool:
     finally:
         conn.close()
     return busy == 0
+
+
+def inspect(path: Path) -> DatabaseState:
+    """Look at the database file without creating or changing it: its schema, or whether the
+    bot could create it (`python -m bot check`)."""
+    latest = max(m.version for m in MIGRATIONS)
+    if not path.exists():
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            return DatabaseState(False, latest=latest, problem="cannot_create", detail=str(folder))
+        return DatabaseState(False, latest=latest)
+    if not path.is_file():
+        return DatabaseState(True, latest=latest, problem="not_a_file")
+    if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+        return DatabaseState(True, latest=latest, problem="not_writable")
+    # Read-only; with no write-ahead log beside it (the bot is not running and closed it
+    # cleanly) as an immutable file, or SQLite would leave a new -wal and -shm behind.
+    wal = path.with_name(path.name + "-wal").exists()
+    uri = f"{path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            version = 0
+            if "schema_migrations" in tables:
+                row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+                version = int(row[0] or 0)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return DatabaseState(True, latest=latest, problem="unreadable", detail=str(exc))
+    if tables and not version:
+        return DatabaseState(True, latest=latest, problem="foreign")
+    if version > latest:
+        return DatabaseState(True, version, latest, problem="newer")
+    return DatabaseState(True, version, latest)

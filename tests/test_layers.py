@@ -4,6 +4,7 @@ past the services into the store or the raw OpenAI client."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 HANDLERS = Path(__file__).resolve().parent.parent / "handlers"
@@ -58,3 +59,63 @@ def test_the_domain_types_belong_to_the_bot_not_to_storage() -> None:
                 if module.startswith("storage") and name in domain
             ]
     assert found == []
+
+
+# SQL as the store writes it (keywords in capitals): a statement's opening words, in a string.
+SQL = re.compile(
+    r"\bSELECT\b|\bINSERT\s+(?:OR\s+\w+\s+)?INTO\b|\bUPDATE\s+\w+\s+SET\b|\bDELETE\s+FROM\b"
+    r"|\b(?:CREATE|DROP|ALTER)\s+(?:TABLE|INDEX|VIEW|TRIGGER)\b|\bPRAGMA\s+\w+"
+)
+DATABASE_MODULES = {"sqlite3", "aiosqlite", "asyncpg", "psycopg", "psycopg2", "sqlalchemy"}
+
+
+def _sql_and_drivers(source: str, name: str) -> list[str]:
+    """Where a module speaks SQL (a string literal holding a statement) or imports a driver."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if SQL.search(node.value):
+                found.append((node.lineno, "SQL in a string"))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.append(node.module or "")
+            found += [
+                (node.lineno, f"imports {module}")
+                for module in names
+                if module.split(".")[0] in DATABASE_MODULES
+            ]
+    return [f"{name}:{line} {what}" for line, what in sorted(found)]
+
+
+def test_nothing_outside_storage_speaks_sql_or_knows_the_database() -> None:
+    found = [
+        line
+        for folder in ("bot", "handlers")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for line in _sql_and_drivers(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))
+    ]
+    assert found == []
+
+
+def test_the_sql_check_finds_statements_and_drivers_but_not_prose() -> None:
+    statements = [
+        "SELECT id FROM turns",
+        "SELECT 1",
+        "INSERT INTO inbox (a) VALUES (?)",
+        "INSERT OR IGNORE INTO x VALUES (1)",
+        "UPDATE jobs SET status = ?",
+        "DELETE FROM reactions WHERE turn_id = ?",
+        "CREATE TABLE t (a)",
+        "PRAGMA journal_mode=WAL",
+    ]
+    source = "".join(f"s{i} = {s!r}\n" for i, s in enumerate(statements))
+    source += "import sqlite3\nfrom aiosqlite import connect\nimport asyncpg.pool\n"
+    source += "words = 'select a model from the list, update the settings, delete from history'\n"
+    found = _sql_and_drivers(source, "probe.py")
+    n = len(statements)
+    assert found == [f"probe.py:{i + 1} SQL in a string" for i in range(n)] + [
+        f"probe.py:{n + 1} imports sqlite3",
+        f"probe.py:{n + 2} imports aiosqlite",
+        f"probe.py:{n + 3} imports asyncpg.pool",
+    ]

@@ -1,11 +1,10 @@
 """Turn the logged dialogues into a validated OpenAI chat fine-tuning dataset.
 
-`build_dataset` is synchronous (plain `sqlite3`, file IO, regexes): the bot runs it through
-`asyncio.to_thread`. It reads the log through its own read-only connection, in one read
-transaction (a consistent snapshot while the bot keeps writing), and streams it:
+`build_dataset` is synchronous (file IO, regexes): the bot runs it through `asyncio.to_thread`.
+It reads the log through `storage.dataset.DatasetSnapshot` (one consistent snapshot while the
+bot keeps writing), and streams it:
 
-* one ordered cursor over every turn joined with its messages (ORDER BY thread, turn, message);
-  nothing ever calls `fetchall` on the log;
+* the turns one at a time, in order of conversation, then turn; nothing holds the whole log;
 * in memory at a time: the current thread's open window (bounded by `max_tokens_per_example`),
   one look-ahead turn, and small sets -- opted-out user ids, ids of turns whose reactions sum to
   a negative value (one aggregate query), ids of turns /forget left out (they quoted a user who
@@ -30,17 +29,17 @@ import heapq
 import json
 import os
 import re
-import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
+from bot.domain import LoggedTurn
 from bot.services.tokens import MESSAGE_OVERHEAD
+from storage.dataset import DatasetSnapshot, forget_generation
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"
@@ -363,20 +362,6 @@ def validate_example(example: dict, max_tokens: int, *, tokens: int | None = Non
 
 
 @dataclass(slots=True)
-class _Turn:
-    id: int
-    thread: tuple[str, int]  # ("thread", id), or ("turn", id) for a turn that had no thread
-    user_id: int | None
-    status: str
-    instructions_id: int | None
-    has_images: bool
-    user_text: str | None = None
-    user_sentiment: str | None = None
-    assistant_text: str | None = None
-    voice: bool = False  # the user's words are a transcribed recording
-
-
-@dataclass(slots=True)
 class _Kept:
     user: str
     assistant: str
@@ -395,56 +380,8 @@ class _Window:
     held_out: bool = False  # a window of a test-split conversation: never in either file
 
 
-_TURNS_SQL = """
-SELECT t.id, t.thread_id, t.user_id,
-       CASE WHEN t.status = 'ok' AND t.error_kind = 'length' THEN 'cut' ELSE t.status END,
-       t.instructions_id,
-       EXISTS (SELECT 1 FROM turn_images ti WHERE ti.turn_id = t.id),
-       m.role, m.content, m.sentiment_label, t.input_kind = 'voice'
-FROM turns t LEFT JOIN messages m ON m.turn_id = t.id
-WHERE (:since IS NULL OR +t.started_at >= :since)
-  AND (:chat_id IS NULL OR +t.chat_id = :chat_id)
-ORDER BY t.thread_id, t.id, m.id
-"""  # the unary + keeps the planner on turns_thread, which already gives the order: no sort
-
-
-# Written by /forget (storage.db: dataset_exclusions, migration 9; the forget generation).
-_EXCLUSIONS_SQL = "SELECT turn_id, reason FROM dataset_exclusions"
-# The conversations the test split is drawn from (with the same filters as the examples).
-_HELD_FROM = """FROM turns WHERE thread_id IS NOT NULL
-  AND (:since IS NULL OR started_at >= :since) AND (:chat_id IS NULL OR chat_id = :chat_id)"""
-# The conversations earlier jobs kept as their test splits (storage/evals.py, migration 11):
-# a candidate is evaluated on them later, again (/eval JOB), against whatever model is in use
-# then, so they stay out of every later file too. A failed or cancelled job has no candidate.
-_EARLIER_TEST_SQL = """SELECT DISTINCT t.thread_id FROM eval_item_turns it
-  JOIN eval_items i ON i.id = it.item_id JOIN fine_tune_jobs j ON j.job_id = i.job_id
-  JOIN turns t ON t.id = it.turn_id
-  WHERE t.thread_id IS NOT NULL AND j.status NOT IN ('failed', 'cancelled')"""
-_GENERATION_SQL = "SELECT value FROM bot_settings WHERE key = 'forget_generation'"
 # A /forget that commits while a dataset is built makes it stale: built again, this often.
 MAX_BUILDS = 3
-
-
-def _iter_turns(
-    conn: sqlite3.Connection, since: str | None, chat_id: int | None
-) -> Iterator[_Turn]:
-    cur = conn.execute(_TURNS_SQL, {"since": since, "chat_id": chat_id})
-    cur.arraysize = 512
-    turn: _Turn | None = None
-    for tid, thread_id, user_id, status, instr_id, has_images, role, content, label, voice in cur:
-        if turn is None or turn.id != tid:
-            if turn is not None:
-                yield turn
-            thread = ("thread", thread_id) if thread_id is not None else ("turn", tid)
-            turn = _Turn(
-                tid, thread, user_id, status, instr_id, bool(has_images), voice=bool(voice)
-            )
-        if role == "user":
-            turn.user_text, turn.user_sentiment = content, label
-        elif role == "assistant":
-            turn.assistant_text = content
-    if turn is not None:
-        yield turn
 
 
 def _normalise_since(since: str | None) -> str | None:
@@ -461,10 +398,8 @@ def _normalise_since(since: str | None) -> str | None:
 
 
 class _Builder:
-    def __init__(
-        self, conn: sqlite3.Connection, options: DatasetOptions, out, test_out=None
-    ) -> None:
-        self.conn = conn
+    def __init__(self, log: DatasetSnapshot, options: DatasetOptions, out, test_out=None) -> None:
+        self.log = log
         self.options = options
         self.out = out
         self.report = DatasetReport()
@@ -474,39 +409,33 @@ class _Builder:
         self.test_out = test_out
         self.held = self._held_threads()
         self.report.test_conversations = len(self.held)
-        self.held_before = {int(r[0]) for r in conn.execute(_EARLIER_TEST_SQL)} - self.held
+        # The conversations earlier jobs kept as their test splits stay unseen for good.
+        self.held_before = log.earlier_test_conversations() - self.held
         self.test_digests: set[bytes] = set()
         self.test_last: tuple[list[dict[str, Any]], list[int]] | None = None
         self.test_thread: int | None = None
         self.instructions: dict[int | None, tuple[str, int]] = {}
         self.window = _Window()
-        self.opted_out = {r[0] for r in conn.execute("SELECT user_id FROM opted_out_users")}
+        self.opted_out = log.opted_out_users()
         # Turns left out for good, with the reason (those that quoted a forgotten user).
-        self.excluded: dict[int, str] = dict(conn.execute(_EXCLUSIONS_SQL))
-        self.negative = {
-            r[0]
-            for r in conn.execute(
-                "SELECT turn_id FROM reactions GROUP BY turn_id HAVING SUM(polarity) < 0"
-            )
-        }
+        self.excluded: dict[int, str] = log.exclusions()
+        self.negative = log.negative_turns()
 
     def _system(self, instructions_id: int | None) -> tuple[str, int]:
         found = self.instructions.get(instructions_id)
         if found is None:
-            row = self.conn.execute(
-                "SELECT text FROM instructions WHERE id = ?", (instructions_id,)
-            ).fetchone()
-            text = row[0] if row else ""
+            text = self.log.instructions(instructions_id)
             found = (text, fast_estimate_tokens(text) if text.strip() else 0)
             self.instructions[instructions_id] = found
         return found
 
     def run(self) -> None:
         o = self.options
-        pending: _Turn | None = None
-        for turn in _iter_turns(self.conn, _normalise_since(o.since), o.chat_id):
+        pending: LoggedTurn | None = None
+        for turn in self.log.turns(_normalise_since(o.since), o.chat_id):
             if pending is not None:
-                same = pending.thread == turn.thread
+                # A turn without a thread is a conversation of its own.
+                same = pending.thread_id is not None and pending.thread_id == turn.thread_id
                 self._place(pending, negative_followup=same and turn.user_sentiment == "negative")
                 if not same:
                     self._flush()
@@ -522,16 +451,11 @@ class _Builder:
         o = self.options
         if o.test_share <= 0 or o.test_max <= 0:
             return set()
-        params = {"since": _normalise_since(o.since), "chat_id": o.chat_id}
-        row = self.conn.execute(f"SELECT COUNT(DISTINCT thread_id) {_HELD_FROM}", params)
-        k = min(o.test_max, round(row.fetchone()[0] * o.test_share))
+        since = _normalise_since(o.since)
+        k = min(o.test_max, round(self.log.conversation_count(since, o.chat_id) * o.test_share))
         if k < max(o.test_min, 1):
             return set()
-        rows = self.conn.execute(
-            f"SELECT thread_id {_HELD_FROM} GROUP BY thread_id ORDER BY MAX(id) DESC LIMIT :k",
-            {**params, "k": k},
-        )
-        return {int(row[0]) for row in rows}
+        return self.log.recent_conversations(since, o.chat_id, k)
 
     def _test_item(self) -> None:
         """Write the item of the test-split conversation just read (its last window), if any."""
@@ -551,12 +475,12 @@ class _Builder:
         self.test_out.write("\n")
         self.report.test_items += 1
 
-    def _reason(self, turn: _Turn, negative_followup: bool) -> str | None:
+    def _reason(self, turn: LoggedTurn, negative_followup: bool) -> str | None:
         if turn.user_id is not None and turn.user_id in self.opted_out:
             return "opted_out"
         if (excluded := self.excluded.get(turn.id)) is not None:
             return excluded
-        if turn.thread[0] == "thread" and turn.thread[1] in self.held_before:
+        if turn.thread_id is not None and turn.thread_id in self.held_before:
             return "test_split_earlier"
         if turn.status == "cut":
             return "cut_off"  # delivered, but stopped at the length cap: not a model answer
@@ -574,7 +498,7 @@ class _Builder:
             return "empty"
         return None
 
-    def _place(self, turn: _Turn, *, negative_followup: bool) -> None:
+    def _place(self, turn: LoggedTurn, *, negative_followup: bool) -> None:
         reason = self._reason(turn, negative_followup)
         if reason is not None:
             self.report.dropped[reason] += 1
@@ -589,13 +513,9 @@ class _Builder:
         tokens = fast_estimate_tokens(user) + fast_estimate_tokens(assistant)
         images: tuple[tuple[str, str], ...] = ()
         if turn.has_images:
-            rows = self.conn.execute(
-                "SELECT i.sha256, i.mime_type, i.width, i.height FROM turn_images ti"
-                " JOIN images i ON i.sha256 = ti.sha256 WHERE ti.turn_id = ? ORDER BY ti.position",
-                (turn.id,),
-            ).fetchall()  # one turn's image metadata, not the log
-            images = tuple((sha, mime) for sha, mime, _w, _h in rows)
-            tokens += sum(image_tokens(w, h) for _s, _m, w, h in rows)
+            infos = self.log.turn_images(turn.id)
+            images = tuple((i.sha256, i.mime_type) for i in infos)
+            tokens += sum(image_tokens(i.width, i.height) for i in infos)
         _text, system_tokens = self._system(turn.instructions_id)
         limit = self.options.max_tokens_per_example
         if system_tokens + tokens > limit:
@@ -609,16 +529,15 @@ class _Builder:
             w = self.window
         if not w.turns:
             w.instructions_id, w.tokens = turn.instructions_id, system_tokens
-            w.held_out = turn.thread[0] == "thread" and turn.thread[1] in self.held
+            w.held_out = turn.thread_id is not None and turn.thread_id in self.held
             if w.held_out:
-                self.test_thread = turn.thread[1]
+                self.test_thread = turn.thread_id
         w.turns.append(kept)
         w.turn_ids.append(turn.id)
         w.tokens += tokens
 
     def _data_url(self, sha: str, mime: str) -> str:
-        row = self.conn.execute("SELECT data FROM images WHERE sha256 = ?", (sha,)).fetchone()
-        data = base64.b64encode(row[0] if row else b"").decode("ascii")
+        data = base64.b64encode(self.log.image_data(sha)).decode("ascii")
         return f"data:{mime};base64,{data}"
 
     def _flush(self) -> None:
@@ -746,33 +665,22 @@ class DatasetStale(RuntimeError):
 
 
 def _forget_generation(db_path: Path) -> str | None:
-    """How many times /forget ran (a bot setting it bumps), read outside any snapshot."""
-    conn = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True)
-    try:
-        row = conn.execute(_GENERATION_SQL).fetchone()
-    finally:
-        conn.close()
-    return str(row[0]) if row else None
+    """How many times /forget ran, read outside any snapshot."""
+    return forget_generation(db_path)
 
 
 def _build(db_path: Path, out_dir: Path, options: DatasetOptions) -> DatasetReport:
     """One build of the files from one snapshot of the log (see build_dataset)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    uri = Path(db_path).resolve().as_uri() + "?mode=ro"
     temps: list[Any] = []
     try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-        try:
-            conn.execute("BEGIN")  # one snapshot for every query below
+        with DatasetSnapshot.open(db_path) as log:  # one snapshot for every read below
             everything = _temp(out_dir, "examples")
             temps.append(everything)
             tests = _temp(out_dir, "test")
             temps.append(tests)
-            builder = _Builder(conn, options, everything, tests)
+            builder = _Builder(log, options, everything, tests)
             builder.run()
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
         report = builder.report
         everything.close()
         test_target = out_dir / TEST_FILE
