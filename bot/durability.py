@@ -37,9 +37,9 @@ from telegram.ext import Application, ExtBot
 
 from bot.addressing import mentions_bot, replies_to_bot
 from bot.domain import utf8_safe
+from bot.errors import StorageUnavailable, WriterClosed
 from bot.texts import tr
 from storage.db import Store
-from storage.writer import StorageUnavailable, WriterClosed
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,18 @@ class ParleyError(Exception):
         self.detail = detail
 
 
+class WriterClosed(Exception):
+    """Storage was closed: no more writes are taken."""
+
+
+class StorageUnavailable(Exception):
+    """Storage can't take this write now (disk full, I/O error); nothing was written.
+
+    Raised by the store (whichever database is behind it); callers outside storage/ catch
+    these two from here and never import a storage module for them.
+    """
+
+
 class ModelError(ParleyError):
     """The model could not produce an answer (rate limit, outage, timeout, refusal...)."""
 

@@ -22,10 +22,10 @@ from telegram.error import InvalidToken, TelegramError
 
 from bot.context import ParleyApp
 from bot.durability import MAX_UPDATE_ID, DurableBot, drain_updates, handle_stop_signals
+from bot.errors import StorageUnavailable, WriterClosed
 from bot.logs import LogThrottle
 from bot.settings import Settings
 from bot.startup import StartupError, initialize, log_started, redact, unreachable
-from storage.writer import StorageUnavailable, WriterClosed
 
 log = logging.getLogger(__name__)
 

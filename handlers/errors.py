@@ -8,8 +8,8 @@ from telegram import Update
 from telegram.error import TelegramError
 
 from bot.context import CustomContext, ParleyApp
+from bot.errors import StorageUnavailable, WriterClosed
 from bot.texts import tr
-from storage.writer import StorageUnavailable, WriterClosed
 
 log = logging.getLogger(__name__)
 

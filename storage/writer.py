@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar, cast
 
+from bot.errors import StorageUnavailable, WriterClosed
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -53,14 +55,6 @@ CLOSE_TIMEOUT = 2.0  # seconds close() waits for writes that cannot land
 # SQLite's primary result codes that mean "storage", not "this write": worth retrying.
 _BUSY, _LOCKED, _IOERR, _FULL, _CANTOPEN, _READONLY = 5, 6, 10, 13, 14, 8
 _STORAGE_CODES = frozenset({_BUSY, _LOCKED, _IOERR, _FULL, _CANTOPEN, _READONLY})
-
-
-class WriterClosed(Exception):
-    """The writer was closed: no more writes are taken."""
-
-
-class StorageUnavailable(Exception):
-    """Storage can't take this write now (disk full, I/O error); nothing was written."""
 
 
 def is_storage_error(exc: BaseException) -> bool:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from bot.domain import ChatKey, StoredImage, TurnRecord, utcnow
+from bot.errors import WriterClosed
 from storage.db import Store
 from storage.migrations import MIGRATIONS, Migration
-from storage.writer import Writer, WriterClosed
+from storage.writer import Writer
 
 
 async def test_blank_database_gets_every_migration(tmp_path: Path) -> None:

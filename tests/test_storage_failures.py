@@ -22,10 +22,11 @@ import aiohttp
 import pytest
 
 from bot.app import ALLOWED_UPDATES, build_application
+from bot.errors import StorageUnavailable
 from bot.texts import catalog
 from bot.webhook import SECRET_HEADER, serving
 from storage.db import Store
-from storage.writer import RESERVE_BYTES, StorageUnavailable
+from storage.writer import RESERVE_BYTES
 from tests.conftest import TOKEN, SettingsFactory, eventually, settled
 from tests.stubs.openai_server import FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram, private_text_update
