@@ -204,19 +204,21 @@ def _reset_hwm() -> bool:
 def measure(db: Path, out: Path, mode: str) -> dict[str, Any]:
     """Run build_dataset once in this (fresh) process; mode 'time' or 'tracemalloc'."""
     from bot.services.dataset import DatasetOptions, build_dataset
+    from storage.dataset import DatasetSource
 
+    source = DatasetSource(db)  # what the store's `dataset` part is, for this file
     options = DatasetOptions()
     result: dict[str, Any] = {}
     if mode == "tracemalloc":
         tracemalloc.start()
-        build_dataset(db, out, options, base_model="gpt-4.1-mini-2025-04-14")
+        build_dataset(source, out, options, base_model="gpt-4.1-mini-2025-04-14")
         result["tracemalloc_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
         tracemalloc.stop()
         return result
     rss_before = _status("VmRSS")
     reset = _reset_hwm() and _status("VmHWM") is not None
     t0 = time.perf_counter()
-    report = build_dataset(db, out, options, base_model="gpt-4.1-mini-2025-04-14")
+    report = build_dataset(source, out, options, base_model="gpt-4.1-mini-2025-04-14")
     seconds = time.perf_counter() - t0
     if reset:
         peak_kb, source = _status("VmHWM"), "VmHWM after clear_refs reset"

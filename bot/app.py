@@ -117,9 +117,9 @@ async def _build_services(
         extra.append(serve_client)
     backend: ConversationBackend
     if settings.conversation_backend == "openai":
-        backend = OpenAIConversations(client, store, settings.local_history_tokens)
+        backend = OpenAIConversations(client, store.threads, settings.local_history_tokens)
     else:
-        backend = LocalHistory(client, store, settings.local_history_tokens)
+        backend = LocalHistory(client, store.threads, settings.local_history_tokens)
     sentiment = build_analyzer(
         settings.sentiment_backend,
         client=client,
@@ -127,11 +127,12 @@ async def _build_services(
         timeout=settings.sentiment_timeout,
         conversation_backend=settings.conversation_backend,
     )
-    alerts = AdminAlerts(store, settings.admin_user_ids)
+    alerts = AdminAlerts(store.settings, settings.admin_user_ids)
     chat = ChatService(
-        store,
+        store.threads,
+        store.stats,
         backend,
-        profiles=Profiles(store, profiles),
+        profiles=Profiles(store.settings, profiles),
         model=settings.openai_model,
         vision_model=settings.openai_vision_model,
         draft_interval=settings.draft_interval,
@@ -139,13 +140,13 @@ async def _build_services(
         daily_limit=settings.daily_message_limit,
         exempt=settings.is_admin,
         gate=ProgressGate(settings.progress_max_in_flight, settings.progress_shed_lag),
-        served=LocalHistory(serve_client or client, store, settings.local_history_tokens),
+        served=LocalHistory(serve_client or client, store.threads, settings.local_history_tokens),
         max_answer_tokens=settings.max_answer_tokens,
         answer_deadline=settings.answer_deadline,
         rich=RichMessages(settings.rich_messages),
         alerts=alerts,
     )
-    models = ModelRouter(store, chat, client, serve_client)
+    models = ModelRouter(store.settings, chat, client, serve_client)
     # A model chosen with /model (or "use this model") outlives restarts.
     await models.restore()
     limits = ImageLimits(max_side=settings.image_max_side, max_bytes=settings.image_max_bytes)
@@ -160,10 +161,10 @@ async def _build_services(
         trainer = SelfHostedTrainer(trainer_client, epochs=settings.fine_tune_epochs)
         earlier.append(openai_trainer)  # jobs started on OpenAI are still followed
     finetune = FineTuner(
-        store,
+        store.jobs,
         trainer,
+        dataset=store.dataset,
         earlier=earlier,
-        db_path=settings.database_path,
         datasets_dir=settings.database_path.parent / "datasets",
         base_model=settings.fine_tune_base_model,
         suffix=settings.fine_tune_suffix,
@@ -204,8 +205,8 @@ async def _build_services(
         models=models,
         alerts=alerts,
         names=Names(),
-        feedback=Feedback(store),
-        forgetting=Forgetting(store, client, finetune),
+        feedback=Feedback(store.stats),
+        forgetting=Forgetting(store.forget, store.checkpoint, client, finetune),
         evaluation=evaluator,
         canary=canary,
         clients=extra,
@@ -247,7 +248,7 @@ async def _evaluation(
     finetune.test_split = (settings.eval_test_share, settings.eval_test_max, settings.eval_test_min)
     finetune.keep_test_split = evaluator.keep_test_split
     finetune.forget_test_split = evals.forget_items
-    canary = Canary(store, evals, models)
+    canary = Canary(store.settings, evals, models)
     await canary.restore()  # a canary in force outlives restarts
     chat.canary = canary.pick
     return evaluator, canary

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from bot.domain import ImageInfo, LoggedTurn
@@ -50,14 +50,27 @@ def _uri(path: Path) -> str:
     return Path(path).resolve().as_uri() + "?mode=ro"
 
 
-def forget_generation(path: Path) -> str | None:
-    """How many times /forget ran (a bot setting it bumps), read outside any snapshot."""
-    conn = sqlite3.connect(_uri(path), uri=True)
-    try:
-        row = conn.execute(_GENERATION_SQL).fetchone()
-    finally:
-        conn.close()
-    return str(row[0]) if row else None
+class DatasetSource:
+    """The store's part for dataset builds (`store.dataset`): snapshots of the same database.
+
+    Its methods are synchronous, for the build's worker thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+
+    def forget_generation(self) -> str | None:
+        """How many times /forget ran (a bot setting it bumps), read outside any snapshot."""
+        conn = sqlite3.connect(_uri(self._path), uri=True)
+        try:
+            row = conn.execute(_GENERATION_SQL).fetchone()
+        finally:
+            conn.close()
+        return str(row[0]) if row else None
+
+    def snapshot(self) -> AbstractContextManager[DatasetSnapshot]:
+        """One consistent, read-only view of the log, for a `with` block."""
+        return DatasetSnapshot.open(self._path)
 
 
 class DatasetSnapshot:

@@ -20,6 +20,7 @@ import aiosqlite
 
 from bot.domain import DatabaseState, utcnow
 from storage.base import Part
+from storage.dataset import DatasetSource
 from storage.evals import EvalStore
 from storage.forget import ForgetStore
 from storage.inbox import InboxStore
@@ -41,8 +42,9 @@ DatabaseError = sqlite3.Error
 class Store(Part):
     """Async repository over the SQLite dialogue log: the database, and its parts."""
 
-    def __init__(self, conn: aiosqlite.Connection, writer: Writer) -> None:
+    def __init__(self, conn: aiosqlite.Connection, writer: Writer, path: Path) -> None:
         super().__init__(conn, writer)
+        self.dataset = DatasetSource(path)
         self.threads = ThreadStore(conn, writer)
         self.inbox = InboxStore(conn, writer)
         self.jobs = JobStore(conn, writer)
@@ -65,7 +67,7 @@ class Store(Part):
             await conn.execute("PRAGMA secure_delete=ON")  # migrations write here too
             await conn.execute("PRAGMA synchronous=NORMAL")
             await conn.execute("PRAGMA busy_timeout=5000")
-            store = cls(conn, Writer(path))
+            store = cls(conn, Writer(path), path)
         except BaseException:
             await conn.close()
             raise

@@ -26,6 +26,7 @@ from bot.services.dataset import (
     validate_example,
 )
 from bot.services.tokens import estimate_tokens
+from storage.dataset import DatasetSource
 from storage.db import Store
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -97,7 +98,7 @@ class Log:
     def build(
         self, out: Path, options: DatasetOptions = ONE, model: str = "gpt-4.1-mini-2025-04-14"
     ) -> DatasetReport:
-        return build_dataset(self.path, out, options, base_model=model)
+        return build_dataset(self.store.dataset, out, options, base_model=model)
 
 
 @pytest.fixture
@@ -491,7 +492,7 @@ async def test_non_ascii_is_written_as_is(log: Log, tmp_path: Path) -> None:
 def test_invalid_options_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         options = replace(ONE, validation_fraction=1.5)
-        build_dataset(tmp_path / "db", tmp_path, options, base_model="x")
+        build_dataset(DatasetSource(tmp_path / "db"), tmp_path, options, base_model="x")
 
 
 # -- web-search citations and documents -----------------------------------------------------

@@ -17,11 +17,11 @@ import pytest
 
 from bot.context import ParleyApp
 from bot.domain import ChatKey, TurnRecord
+from bot.errors import StorageUnavailable
 from bot.services.dataset import TEST_FILE, DatasetOptions, build_dataset
 from bot.services.evaluation import Verdict, outcome_of, parse_verdict
 from bot.services.intervals import mean_interval, wilson
 from storage.db import Store
-from storage.writer import StorageUnavailable
 from tests.conftest import SettingsFactory, eventually, running, settled
 from tests.stubs.openai_server import API_KEY, FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
@@ -138,7 +138,7 @@ async def test_the_test_split_is_the_latest_conversations_and_stays_out_of_both_
     finally:
         await store.close()
     options = DatasetOptions(min_examples=1, validation_fraction=0.2, test_share=0.4, test_min=2)
-    report = build_dataset(tmp_path / "log.sqlite3", tmp_path / "out", options, base_model="x")
+    report = build_dataset(store.dataset, tmp_path / "out", options, base_model="x")
     # 12 conversations, 40%: the 5 with the latest turns (12, 11, 10, 9, 8) are held out.
     assert report.test_conversations == 5 and report.test_items == 5
     assert report.test_path == tmp_path / "out" / TEST_FILE
@@ -176,7 +176,7 @@ async def test_too_few_conversations_for_a_test_split_hold_nothing_out(tmp_path:
         await store.close()
     # 10% of 12 conversations is one: below the minimum of five, so no split at all.
     options = DatasetOptions(min_examples=1, test_share=0.1, test_min=5)
-    report = build_dataset(tmp_path / "log.sqlite3", tmp_path / "out", options, base_model="x")
+    report = build_dataset(store.dataset, tmp_path / "out", options, base_model="x")
     assert report.test_items == 0 and report.test_path is None and report.examples == 12
     assert not (tmp_path / "out" / TEST_FILE).exists()
 

@@ -515,9 +515,9 @@ async def test_a_job_notice_under_way_when_the_poller_stops_is_recorded_not_sent
                 return JobInfo(job_id, "succeeded", "m", 0, fine_tuned_model="ft:m")
 
         tuner = FineTuner(
-            store,
+            store.jobs,
             Trainer(),  # type: ignore[arg-type]
-            db_path=tmp_path / "db.sqlite3",
+            dataset=store.dataset,
             datasets_dir=tmp_path,
             base_model="m",
             suffix="s",

@@ -16,6 +16,7 @@ from bot.domain import ChatKey, TurnRecord, utcnow
 from bot.services import dataset
 from bot.services.dataset import DatasetOptions, build_dataset
 from bot.services.forgetting import QUOTE_MARK, Quotes
+from storage.dataset import DatasetSource
 from storage.db import Store
 from storage.migrations import MIGRATIONS
 from tests.stubs.telegram_server import private_text_update
@@ -191,7 +192,7 @@ async def test_quotes_of_the_user_are_replaced_and_left_out_of_datasets(
         (quoting, "quotes_forgotten_user")
     ]
     report = build_dataset(
-        tmp_path / "db.sqlite3", tmp_path / "out", DatasetOptions(min_examples=0), base_model="x"
+        store.dataset, tmp_path / "out", DatasetOptions(min_examples=0), base_model="x"
     )
     assert report.dropped["quotes_forgotten_user"] == 1
 
@@ -232,11 +233,14 @@ def test_a_dataset_built_while_someone_is_forgotten_is_built_again(
     generations = iter(["1", "2", "2", "2"])  # a /forget commits during the first build
     builds = []
 
-    def build(db_path: Path, out_dir: Path, options: DatasetOptions) -> dataset.DatasetReport:
+    def build(source: object, out_dir: Path, options: DatasetOptions) -> dataset.DatasetReport:
         builds.append(out_dir)
         return dataset.DatasetReport(examples=len(builds))
 
-    monkeypatch.setattr(dataset, "_forget_generation", lambda _path: next(generations))
+    class Source(DatasetSource):  # the log as the store sees it, /forget bumping meanwhile
+        def forget_generation(self) -> str | None:
+            return next(generations)
+
     monkeypatch.setattr(dataset, "_build", build)
-    report = build_dataset(tmp_path / "db", tmp_path, DatasetOptions(), base_model="x")
+    report = build_dataset(Source(tmp_path / "db"), tmp_path, DatasetOptions(), base_model="x")
     assert len(builds) == 2 and report.examples == 2

@@ -119,3 +119,42 @@ def test_the_sql_check_finds_statements_and_drivers_but_not_prose() -> None:
         f"probe.py:{n + 2} imports aiosqlite",
         f"probe.py:{n + 3} imports asyncpg.pool",
     ]
+
+
+def _storage_imports(source: str, name: str) -> list[str]:
+    """Where a module imports from storage/ (at the top or inside a function)."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        modules: list[str] = []
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            modules = [node.module or ""]
+        found += [(node.lineno, m) for m in modules if m.split(".")[0] == "storage"]
+    return [f"{name}:{line} imports {module}" for line, module in sorted(found)]
+
+
+def test_handlers_import_nothing_from_storage() -> None:
+    # Not even its errors: bot/errors.py has StorageUnavailable and WriterClosed.
+    found = [
+        line
+        for path in sorted(HANDLERS.rglob("*.py"))
+        for line in _storage_imports(path.read_text(encoding="utf-8"), path.name)
+    ]
+    assert found == []
+
+
+def test_the_storage_import_check_finds_every_form() -> None:
+    source = (
+        "import storage\n"
+        "from storage.writer import StorageUnavailable\n"
+        "import storage.db as db\n"
+        "def f():\n    from storage import threads\n"
+        "from storagebox import x\nfrom bot.errors import WriterClosed\n"
+    )
+    assert _storage_imports(source, "probe.py") == [
+        "probe.py:1 imports storage",
+        "probe.py:2 imports storage.writer",
+        "probe.py:3 imports storage.db",
+        "probe.py:5 imports storage",
+    ]

@@ -19,7 +19,7 @@ from telegram import Bot
 from telegram.error import TelegramError
 
 from bot.texts import t
-from storage.db import Store
+from storage.settings import SettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,13 @@ class AdminAlerts:
 
     def __init__(
         self,
-        store: Store,
+        settings: SettingsStore,
         admin_ids: frozenset[int],
         *,
         interval: timedelta = ALERT_INTERVAL,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.store = store
+        self.settings = settings
         self.admin_ids = admin_ids
         self.interval = interval
         self.clock = clock
@@ -64,7 +64,7 @@ class AdminAlerts:
         """The Telegram language code an admin last used with an admin command, if known."""
         lang = self._languages.get(admin_id)
         if lang is None:
-            lang = await self.store.settings.get(admin_language_key(admin_id))
+            lang = await self.settings.get(admin_language_key(admin_id))
             if lang is not None:
                 self._languages[admin_id] = lang
         return lang
@@ -72,7 +72,7 @@ class AdminAlerts:
     async def remember_language(self, admin_id: int, language_code: str | None) -> None:
         """Write an admin's notices in `language_code` from now on (stored when it changes)."""
         if language_code and await self.language_of(admin_id) != language_code:
-            await self.store.settings.set(admin_language_key(admin_id), language_code)
+            await self.settings.set(admin_language_key(admin_id), language_code)
             self._languages[admin_id] = language_code
 
     async def report(self, bot: Bot, problem: str, key: str, **values: object) -> bool:
@@ -100,7 +100,7 @@ class AdminAlerts:
     async def _last(self, key: str) -> Notice | None:
         notice = self._notices.get(key)
         if notice is None:
-            raw = await self.store.settings.get(f"alert:{key}")
+            raw = await self.settings.get(f"alert:{key}")
             if raw is not None:
                 try:
                     data = json.loads(raw)
@@ -115,7 +115,7 @@ class AdminAlerts:
         self._notices[key] = notice
         value = json.dumps({"at": notice.at.isoformat(), "told": notice.told})
         try:
-            await self.store.settings.set(f"alert:{key}", value)
+            await self.settings.set(f"alert:{key}", value)
         except Exception:
             # Kept in memory all the same: the limit holds until a restart.
             log.exception("could not record the alert about %s", key)

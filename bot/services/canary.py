@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 from bot.domain import ChatKey, ModelFigures, utcnow
 from bot.services.intervals import Interval, mean_interval, more_needed, separated, wilson
 from bot.services.models import ModelRouter
-from storage.db import Store
 from storage.evals import EvalStore
+from storage.settings import SettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +112,15 @@ def _metrics(f: ModelFigures) -> dict[str, tuple[bool, Interval]]:
 class Canary:
     """The canary in force (if any): routing, start, promote, rollback, comparison."""
 
-    def __init__(self, store: Store, evals: EvalStore, models: ModelRouter) -> None:
-        self._store = store
+    def __init__(self, settings: SettingsStore, evals: EvalStore, models: ModelRouter) -> None:
+        self._settings = settings
         self._evals = evals
         self._models = models
         self.state: CanaryState | None = None
 
     async def restore(self) -> None:
         """Take up the canary in force before the last restart."""
-        raw = await self._store.settings.get(CANARY_KEY)
+        raw = await self._settings.get(CANARY_KEY)
         if not raw:
             return
         try:
@@ -164,7 +164,7 @@ class Canary:
         else:
             salt = secrets.token_hex(8)
             state = CanaryState(model, route, percent, salt, now, ((percent, now),))
-        await self._store.settings.set(CANARY_KEY, json.dumps(asdict(state)))
+        await self._settings.set(CANARY_KEY, json.dumps(asdict(state)))
         self.state = state
         return state
 
@@ -186,7 +186,7 @@ class Canary:
 
     async def _end(self) -> None:
         # An empty value is "no canary"; the setting's row keeps when it ended.
-        await self._store.settings.set(CANARY_KEY, "")
+        await self._settings.set(CANARY_KEY, "")
         self.state = None
 
     async def compare(self) -> Comparison | None:

@@ -28,7 +28,8 @@ from bot.services.replies import Links, ProgressGate, ReplyStreamer, RichMessage
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.settings import DEFAULT_ANSWER_DEADLINE, DEFAULT_MAX_ANSWER_TOKENS
 from bot.texts import t
-from storage.db import Store
+from storage.stats import StatsStore
+from storage.threads import ThreadStore
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class ChatService:
 
     def __init__(
         self,
-        store: Store,
+        threads: ThreadStore,
+        stats: StatsStore,
         backend: ConversationBackend,
         *,
         profiles: Profiles,
@@ -97,7 +99,8 @@ class ChatService:
         self.exempt = exempt
         self.profiles = profiles
         self.vision_model = vision_model  # None: the same as the chat model
-        self.store = store
+        self.threads = threads
+        self.stats = stats
         self.backend = backend
         # Models served elsewhere (SERVE_BASE_URL: a fine-tuned adapter on vLLM or Ollama)
         # answer through a history the bot keeps; route "serve" sends text turns there.
@@ -115,7 +118,7 @@ class ChatService:
 
     async def already_answered(self, msg: Incoming) -> bool:
         """A message replayed after a crash whose answer was already logged: skip it."""
-        if await self.store.threads.answered(msg.key.chat_id, msg.message_id):
+        if await self.threads.answered(msg.key.chat_id, msg.message_id):
             log.info("message %s in chat %s was already answered", msg.message_id, msg.key)
             return True
         return False
@@ -125,9 +128,7 @@ class ChatService:
         if not self.daily_limit or user_id is None or self.exempt(user_id):
             return False
         midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        used = await self.store.stats.turns_since(
-            user_id, midnight.isoformat(timespec="milliseconds")
-        )
+        used = await self.stats.turns_since(user_id, midnight.isoformat(timespec="milliseconds"))
         return used >= self.daily_limit
 
     async def refuse_over_limit(self, bot: Bot, msg: Incoming) -> bool:
@@ -253,7 +254,7 @@ class ChatService:
                 # The model read the whole file; the log keeps part of its text: an example
                 # made of the two would teach answers from what it doesn't show.
                 turn.excluded = DOCUMENT_CUT
-        await self.store.threads.record_turn(turn)
+        await self.threads.record_turn(turn)
         return turn
 
     async def error_key(self, bot: Bot, kind: str, model: str) -> str:

@@ -34,7 +34,7 @@ from openai.types.responses import (
 from bot.domain import ChatKey, HistoryMessage, Thread, utf8_safe
 from bot.errors import ModelError, classify_model_error
 from bot.services.tokens import estimate_tokens
-from storage.db import Store
+from storage.threads import ThreadStore
 
 log = logging.getLogger(__name__)
 
@@ -135,25 +135,27 @@ class OpenAIConversations:
     name = "openai"
     takes_files = True
 
-    def __init__(self, client: AsyncOpenAI, store: Store, seed_tokens: int = 12_000) -> None:
+    def __init__(
+        self, client: AsyncOpenAI, threads: ThreadStore, seed_tokens: int = 12_000
+    ) -> None:
         self._client = client
-        self._store = store
+        self._threads = threads
         self._seed_tokens = seed_tokens
 
     async def open_thread(self, key: ChatKey) -> Thread:
-        current = await self._store.threads.current(key)
+        current = await self._threads.current(key)
         if current is not None and current.backend == self.name:
             if current.conversation_id is not None:
                 return current
             # Its server-side copy was dropped (/forget in a group): rebuilt from the log.
             conversation_id = await self._create(key, await self._seed_items(current))
-            await self._store.threads.set_conversation(current.id, conversation_id)
+            await self._threads.set_conversation(current.id, conversation_id)
             return Thread(current.id, key, self.name, conversation_id)
         # A chat coming from a model served elsewhere carries its thread on: the new
         # conversation starts with the log's latest exchanges.
         items = await self._seed_items(current) if current is not None else []
         conversation_id = await self._create(key, items)
-        return await self._store.threads.create(key, self.name, conversation_id, continues=current)
+        return await self._threads.create(key, self.name, conversation_id, continues=current)
 
     async def _create(self, key: ChatKey, items: list[ResponseInputItemParam]) -> str:
         try:
@@ -167,7 +169,7 @@ class OpenAIConversations:
 
     async def _seed_items(self, thread: Thread) -> list[ResponseInputItemParam]:
         """The log's latest exchanges (text only), as a new conversation's first items."""
-        history = await self._store.threads.history(thread.id, self._seed_tokens, estimate_tokens)
+        history = await self._threads.history(thread.id, self._seed_tokens, estimate_tokens)
         items: list[ResponseInputItemParam] = []
         for message in history[-MAX_SEED_ITEMS:]:
             role: Literal["user", "assistant"] = "user" if message.role == "user" else "assistant"
@@ -257,7 +259,7 @@ class OpenAIConversations:
 
     async def reset(self, key: ChatKey) -> None:
         # The old conversation stays on the server: the dialogue log still refers to it.
-        await self._store.threads.close(key)
+        await self._threads.close(key)
 
 
 class LocalHistory:
@@ -266,20 +268,20 @@ class LocalHistory:
     name = "local"
     takes_files = False
 
-    def __init__(self, client: AsyncOpenAI, store: Store, history_tokens: int) -> None:
+    def __init__(self, client: AsyncOpenAI, threads: ThreadStore, history_tokens: int) -> None:
         self._client = client
-        self._store = store
+        self._threads = threads
         self._budget = history_tokens
         # How the output cap is sent: `max_tokens` is what vLLM, Ollama, llama.cpp and LM
         # Studio all read; OpenAI's own reasoning models want `max_completion_tokens`.
         self._cap_field = "max_tokens"
 
     async def open_thread(self, key: ChatKey) -> Thread:
-        current = await self._store.threads.current(key)
+        current = await self._threads.current(key)
         if current is not None and current.backend == self.name:
             return current
         # Coming from a server-side conversation: the new thread replays the old one's log.
-        return await self._store.threads.create(key, self.name, continues=current)
+        return await self._threads.create(key, self.name, continues=current)
 
     async def build_messages(
         self, thread: Thread, content: UserContent, instructions: str
@@ -289,7 +291,7 @@ class LocalHistory:
         user = _user_message(text, content.image_urls)
         # The instructions and the new message are always sent; history gets what is left.
         left = self._budget - estimate_tokens(instructions) - estimate_tokens(text)
-        history = await self._store.threads.history(thread.id, max(left, 0), estimate_tokens)
+        history = await self._threads.history(thread.id, max(left, 0), estimate_tokens)
         return [{"role": "system", "content": instructions}, *map(_chat_message, history), user]
 
     async def run_turn(
@@ -375,7 +377,7 @@ class LocalHistory:
             return stream
 
     async def reset(self, key: ChatKey) -> None:
-        await self._store.threads.close(key)
+        await self._threads.close(key)
 
 
 def _input_parts(content: UserContent) -> ResponseInputMessageContentListParam:

@@ -1,8 +1,8 @@
 """Turn the logged dialogues into a validated OpenAI chat fine-tuning dataset.
 
 `build_dataset` is synchronous (file IO, regexes): the bot runs it through `asyncio.to_thread`.
-It reads the log through `storage.dataset.DatasetSnapshot` (one consistent snapshot while the
-bot keeps writing), and streams it:
+It reads the log through a `storage.dataset.DatasetSnapshot` that the store's `dataset` part
+opens (one consistent snapshot while the bot keeps writing), and streams it:
 
 * the turns one at a time, in order of conversation, then turn; nothing holds the whole log;
 * in memory at a time: the current thread's open window (bounded by `max_tokens_per_example`),
@@ -39,7 +39,7 @@ from typing import Any
 
 from bot.domain import LoggedTurn
 from bot.services.tokens import MESSAGE_OVERHEAD
-from storage.dataset import DatasetSnapshot, forget_generation
+from storage.dataset import DatasetSnapshot, DatasetSource
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"
@@ -626,9 +626,10 @@ def _commit(handle, target: Path) -> None:
 
 
 def build_dataset(
-    db_path: Path, out_dir: Path, options: DatasetOptions, *, base_model: str
+    source: DatasetSource, out_dir: Path, options: DatasetOptions, *, base_model: str
 ) -> DatasetReport:
-    """Build train.jsonl / validation.jsonl in `out_dir` from the dialogue log at `db_path`.
+    """Build train.jsonl / validation.jsonl in `out_dir` from the dialogue log (`source`:
+    the store's `dataset` part, which opens snapshots of it).
 
     Files are written even when the report has problems (too few examples), so an admin can
     look at them; with no examples at all nothing is written and stale files are removed.
@@ -639,14 +640,14 @@ def build_dataset(
     _check_options(options)
     out_dir = Path(out_dir)
     for attempt in range(1, MAX_BUILDS + 1):
-        generation = _forget_generation(db_path)
+        generation = source.forget_generation()
         try:
-            report = _build(db_path, out_dir, options)
+            report = _build(source, out_dir, options)
         except OSError:
-            if attempt == MAX_BUILDS or _forget_generation(db_path) == generation:
+            if attempt == MAX_BUILDS or source.forget_generation() == generation:
                 raise
             continue
-        if _forget_generation(db_path) == generation:
+        if source.forget_generation() == generation:
             break
     else:
         raise DatasetStale(f"/forget ran during each of {MAX_BUILDS} builds")
@@ -664,17 +665,12 @@ class DatasetStale(RuntimeError):
     """The log kept being forgotten from while the dataset was built."""
 
 
-def _forget_generation(db_path: Path) -> str | None:
-    """How many times /forget ran, read outside any snapshot."""
-    return forget_generation(db_path)
-
-
-def _build(db_path: Path, out_dir: Path, options: DatasetOptions) -> DatasetReport:
+def _build(source: DatasetSource, out_dir: Path, options: DatasetOptions) -> DatasetReport:
     """One build of the files from one snapshot of the log (see build_dataset)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     temps: list[Any] = []
     try:
-        with DatasetSnapshot.open(db_path) as log:  # one snapshot for every read below
+        with source.snapshot() as log:  # one snapshot for every read below
             everything = _temp(out_dir, "examples")
             temps.append(everything)
             tests = _temp(out_dir, "test")
@@ -709,8 +705,8 @@ def _build(db_path: Path, out_dir: Path, options: DatasetOptions) -> DatasetRepo
             val = _temp(out_dir, "validation") if k else None
             if val is not None:
                 temps.append(val)
-            with open(everything.name, encoding="utf-8") as source:
-                for line in source:
+            with open(everything.name, encoding="utf-8") as written:
+                for line in written:
                     if twins and _digest(line[:-1]) in twins:
                         example = json.loads(line)
                         report.tokens -= sum(

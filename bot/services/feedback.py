@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from bot.services.charts import chart_font
 from bot.texts import number, t
-from storage.db import Store
+from storage.stats import StatsStore
 
 # Telegram sends these without the variation selector (e.g. "❤", not "❤️").
 POSITIVE_REACTIONS = frozenset({"👍", "❤", "🔥", "🎉", "🥰", "👏", "😍", "🤩", "💯", "❤‍🔥", "🏆"})
@@ -49,32 +49,32 @@ class Stats:
 class Feedback:
     """Users' reactions on the bot's replies, and the /stats report built from the log."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, stats: StatsStore) -> None:
+        self._stats = stats
 
     async def record_reactions(
         self, chat_id: int, message_id: int, user_id: int, emojis: list[str]
     ) -> None:
         """A user's current reactions on one of the bot's replies (replacing earlier ones)."""
-        await self.store.stats.set_reactions(
+        await self._stats.set_reactions(
             chat_id, message_id, user_id, [(e, reaction_polarity(e)) for e in emojis]
         )
 
     async def stats(self, now: datetime | None = None) -> Stats:
-        return await collect(self.store, now)
+        return await collect(self._stats, now)
 
 
-async def collect(store: Store, now: datetime | None = None) -> Stats:
+async def collect(stats: StatsStore, now: datetime | None = None) -> Stats:
     since = ((now or datetime.now(UTC)) - timedelta(days=7)).isoformat(timespec="milliseconds")
     return Stats(
-        all_time=await store.stats.sentiment_counts(),
-        week=await store.stats.sentiment_counts(since),
-        reactions_all=await store.stats.reaction_counts(),
-        reactions_week=await store.stats.reaction_counts(since),
-        top_users=await store.stats.usage("user_id", since),
-        top_chats=await store.stats.usage("chat_id", since),
-        tokens_all=await store.stats.total_tokens(None),
-        tokens_week=await store.stats.total_tokens(since),
+        all_time=await stats.sentiment_counts(),
+        week=await stats.sentiment_counts(since),
+        reactions_all=await stats.reaction_counts(),
+        reactions_week=await stats.reaction_counts(since),
+        top_users=await stats.usage("user_id", since),
+        top_chats=await stats.usage("chat_id", since),
+        tokens_all=await stats.total_tokens(None),
+        tokens_week=await stats.total_tokens(since),
     )
 
 

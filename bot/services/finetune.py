@@ -29,7 +29,8 @@ from bot.services.trainer import (
     Trainer,
     TrainerError,
 )
-from storage.db import Store
+from storage.dataset import DatasetSource
+from storage.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +63,21 @@ class Pending:
 class FineTuner:
     def __init__(
         self,
-        store: Store,
+        jobs: JobStore,
         trainer: Trainer,
         *,
+        dataset: DatasetSource,
         earlier: Sequence[Trainer] = (),
-        db_path: Path,
         datasets_dir: Path,
         base_model: str,
         suffix: str,
         epochs: int,
     ) -> None:
-        self.store = store
+        self._jobs = jobs
         self.trainer = trainer  # new jobs go here
         # Jobs remember their trainer: earlier ones (e.g. OpenAI's) are still followed.
         self.trainers = {t.name: t for t in (*earlier, trainer)}
-        self.db_path = db_path
+        self.dataset = dataset  # the store's part that opens snapshots of the log
         self.datasets_dir = datasets_dir
         self.base_model = base_model
         self.suffix = suffix
@@ -100,7 +101,7 @@ class FineTuner:
             options, epochs=self.epochs, test_share=share, test_max=most, test_min=least
         )
         return await asyncio.to_thread(
-            build_dataset, self.db_path, out_dir, options, base_model=self.base_model
+            build_dataset, self.dataset, out_dir, options, base_model=self.base_model
         )
 
     def hold(self, report: DatasetReport, options: DatasetOptions, admin_id: int) -> str:
@@ -186,8 +187,8 @@ class FineTuner:
             dataset_chat_id=pending.options.chat_id,
             dataset_photos=pending.options.include_photos,
         )
-        await self.store.jobs.add(job)
-        await self.store.jobs.mark_notified(job.job_id, job.status)  # the admin sees it start
+        await self._jobs.add(job)
+        await self._jobs.mark_notified(job.job_id, job.status)  # the admin sees it start
         job.notified_status = job.status
         if self.keep_test_split is not None and report.test_path is not None:
             try:
@@ -198,14 +199,12 @@ class FineTuner:
 
     async def follow_with(self, job: JobRecord, message_id: int) -> None:
         """The admin's message `message_id` follows `job` from now on: its notices edit it."""
-        await self.store.jobs.mark_notified(
-            job.job_id, job.notified_status or job.status, message_id
-        )
+        await self._jobs.mark_notified(job.job_id, job.notified_status or job.status, message_id)
         job.notice_message_id = message_id
 
     async def job(self, job_id: str) -> JobRecord | None:
         """The bot's record of a job it started (None for one it doesn't know)."""
-        return await self.store.jobs.get(job_id)
+        return await self._jobs.get(job_id)
 
     def trainer_of(self, record: JobRecord | None) -> Trainer | None:
         """The trainer a job belongs to (the current one for a job the bot has no record of)."""
@@ -222,7 +221,7 @@ class FineTuner:
 
     async def jobs(self) -> tuple[list[tuple[JobRecord | None, JobInfo | None]], bool]:
         """Jobs from every trainer merged with the local table; bool: every trainer answered."""
-        local = {j.job_id: j for j in await self.store.jobs.recent()}
+        local = {j.job_id: j for j in await self._jobs.recent()}
         merged: list[tuple[JobRecord | None, JobInfo | None]] = []
         online = True
         for trainer in self.trainers.values():
@@ -235,9 +234,7 @@ class FineTuner:
             for info in remote:
                 record = local.pop(info.id, None)
                 if record is not None and record.status != info.status:
-                    await self.store.jobs.update(
-                        info.id, info.status, info.fine_tuned_model, info.error
-                    )
+                    await self._jobs.update(info.id, info.status, info.fine_tuned_model, info.error)
                     record.status, record.fine_tuned_model = info.status, info.fine_tuned_model
                 merged.append((record, info))
         merged += [(j, None) for j in local.values()]
@@ -246,7 +243,7 @@ class FineTuner:
 
     async def details(self, job_id: str) -> tuple[JobRecord | None, JobDetails | TrainerError]:
         """One job from its own trainer; the error instead when that trainer can't say."""
-        record = await self.store.jobs.get(job_id)
+        record = await self._jobs.get(job_id)
         trainer = self.trainer_of(record)
         if trainer is None:
             return record, TrainerError("unavailable", "the job's trainer is not configured")
@@ -260,18 +257,18 @@ class FineTuner:
 
     async def cancel(self, job_id: str) -> JobInfo:
         """Cancel a job at its own trainer and record the status it answers with."""
-        record = await self.store.jobs.get(job_id)
+        record = await self._jobs.get(job_id)
         trainer = self.trainer_of(record)
         if trainer is None:
             raise TrainerError("unavailable", "the job's trainer is not configured")
         info = await trainer.cancel(job_id)
         if record is not None:
-            await self.store.jobs.update(info.id, info.status, info.fine_tuned_model, info.error)
+            await self._jobs.update(info.id, info.status, info.fine_tuned_model, info.error)
         return info
 
     async def poll_once(self, notify: Notify) -> None:
         """Check every unfinished job once; store changes and notify on each new status."""
-        for job in await self.store.jobs.recent(unfinished=True):
+        for job in await self._jobs.recent(unfinished=True):
             trainer = self.trainers.get(job.trainer)
             if trainer is None:
                 continue  # its trainer is no longer configured: /jobs shows the last status
@@ -281,9 +278,7 @@ class FineTuner:
                 log.warning("could not check job %s: %s", job.job_id, exc.kind)
                 continue
             if info.status != job.status:
-                await self.store.jobs.update(
-                    job.job_id, info.status, info.fine_tuned_model, info.error
-                )
+                await self._jobs.update(job.job_id, info.status, info.fine_tuned_model, info.error)
             if info.status != job.notified_status:
                 # A notice on its way when the poller is stopped is finished and recorded:
                 # Bot API calls are never cut off once sent, so an unrecorded one would be
@@ -301,7 +296,7 @@ class FineTuner:
         except Exception:
             log.exception("could not notify about job %s", job.job_id)
             return
-        await self.store.jobs.mark_notified(job.job_id, info.status, message_id)
+        await self._jobs.mark_notified(job.job_id, info.status, message_id)
 
     async def run(self, notify: Notify, interval: float) -> None:
         """Poll until cancelled; a failing round is logged and the next one comes anyway."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import openai
@@ -23,7 +24,7 @@ from openai import AsyncOpenAI
 
 from bot.errors import classify_model_error
 from bot.services.finetune import FineTuner
-from storage.db import Store
+from storage.forget import ForgetStore
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,25 @@ class ForgetReport:
 class Forgetting:
     """Carries out /forget across the store, the model's server and the dataset files."""
 
-    def __init__(self, store: Store, client: AsyncOpenAI, finetune: FineTuner) -> None:
-        self._store = store
+    def __init__(
+        self,
+        forget: ForgetStore,
+        checkpoint: Callable[[], Awaitable[bool]],
+        client: AsyncOpenAI,
+        finetune: FineTuner,
+    ) -> None:
+        self._forget = forget
+        # The database's own housekeeping after the deletion (`Store.checkpoint`).
+        self._checkpoint = checkpoint
         self._client = client
         self._finetune = finetune
 
     async def forget(self, user_id: int) -> ForgetReport:
         """Delete everything of the user's the bot keeps, and keep them out of datasets."""
-        forgotten = await self._store.forget.user(user_id, Quotes())
+        forgotten = await self._forget.user(user_id, Quotes())
         deleted, left = await self.delete_conversations()
         removed = await self._finetune.forget_datasets()
-        if not await self._store.checkpoint():
+        if not await self._checkpoint():
             log.warning("the database's write-ahead log could not be checkpointed after /forget")
         return ForgetReport(
             messages=forgotten.messages,
@@ -123,7 +132,7 @@ class Forgetting:
         """
         gone: list[str] = []
         left = 0
-        for conversation_id in await self._store.forget.doomed_conversations():
+        for conversation_id in await self._forget.doomed_conversations():
             try:
                 await self._client.conversations.delete(conversation_id)
             except openai.NotFoundError:
@@ -133,5 +142,5 @@ class Forgetting:
                 left += 1
                 continue
             gone.append(conversation_id)
-        await self._store.forget.conversations_gone(gone)
+        await self._forget.conversations_gone(gone)
         return len(gone), left

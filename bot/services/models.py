@@ -15,7 +15,7 @@ from openai import AsyncOpenAI
 
 from bot.errors import classify_model_error
 from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE, ChatService
-from storage.db import Store
+from storage.settings import SettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +47,22 @@ class ModelRouter:
     """The model in use and its route; `/model` and "use this model" switch through it."""
 
     def __init__(
-        self, store: Store, chat: ChatService, client: AsyncOpenAI, serve: AsyncOpenAI | None
+        self,
+        settings: SettingsStore,
+        chat: ChatService,
+        client: AsyncOpenAI,
+        serve: AsyncOpenAI | None,
     ) -> None:
-        self._store = store
+        self._settings = settings
         self._chat = chat
         self._client = client
         self._serve = serve  # None: served models live on the chat endpoint
 
     async def restore(self) -> None:
         """Take up the model (and route) chosen before the last restart."""
-        name = await self._store.settings.get(MODEL_KEY)
+        name = await self._settings.get(MODEL_KEY)
         if name:
-            route = await self._store.settings.get(ROUTE_KEY)
+            route = await self._settings.get(ROUTE_KEY)
             self._chat.model = name
             self._chat.route = SERVE_ROUTE if route == SERVE_ROUTE else CHAT_ROUTE
 
@@ -82,8 +86,8 @@ class ModelRouter:
 
     async def switch(self, name: str, route: str = CHAT_ROUTE) -> None:
         """Answer with `name` through `route` from now on, and after restarts too."""
-        await self._store.settings.set(MODEL_KEY, name)
-        await self._store.settings.set(ROUTE_KEY, route)
+        await self._settings.set(MODEL_KEY, name)
+        await self._settings.set(ROUTE_KEY, route)
         self._chat.model, self._chat.route = name, route
 
 

@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.domain import ChatKey
-from storage.db import Store
+from storage.settings import SettingsStore
 
 DEFAULT = "default"
 DEFAULT_TITLE = "Default"  # shown in the reader's language (assistant.default_title)
@@ -110,16 +110,16 @@ def load_profiles(
 class Profiles:
     """The configured profiles and each chat's choice (stored, so it survives restarts)."""
 
-    def __init__(self, store: Store, profiles: dict[str, Profile]) -> None:
-        self.store = store
+    def __init__(self, settings: SettingsStore, profiles: dict[str, Profile]) -> None:
+        self.settings = settings
         self.all = profiles
 
     async def for_chat(self, key: ChatKey) -> Profile:
-        name = await self.store.settings.chat_profile(key)
+        name = await self.settings.chat_profile(key)
         # A profile removed from the file falls back to the default rather than failing.
         return self.all.get(name or DEFAULT, self.all[DEFAULT])
 
     async def choose(self, key: ChatKey, name: str) -> Profile:
         profile = self.all[name]  # KeyError for unknown names: the caller says so
-        await self.store.settings.set_chat_profile(key, name)
+        await self.settings.set_chat_profile(key, name)
         return profile
