@@ -354,9 +354,16 @@ async def serve(port_file: str | None) -> None:
     rec = Recorder()
     tg = BenchTelegram(TOKEN, rec)
     oai = BenchOpenAI(rec)
+    await run_control(tg, oai, Control(tg, oai, rec), port_file)
+
+
+async def run_control(
+    tg: BenchTelegram, oai: BenchOpenAI, control: Control, port_file: str | None
+) -> None:
+    """Start the stand-ins and their control server, publish their URLs (stdout, and
+    `port_file` if given, written atomically), and serve until SIGTERM/SIGINT or /stop."""
     tg_url = await tg.start()
     oai_url = await oai.start()
-    control = Control(tg, oai, rec)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     control.routes(app)
     runner = web.AppRunner(app, access_log=None)

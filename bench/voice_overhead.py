@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -189,10 +187,7 @@ def _standins_classes() -> tuple[type, type, type]:
 
 
 async def serve_standins(port_file: str, voice_kb: int) -> None:
-    from aiohttp import web
-
-    from bench.standins import TOKEN, Recorder
-    from tests.stubs.openai_server import API_KEY
+    from bench.standins import TOKEN, Recorder, run_control
 
     VoiceTelegram, VoiceOpenAI, VoiceControl = _standins_classes()  # noqa: N806
     rec = Recorder()
@@ -201,35 +196,7 @@ async def serve_standins(port_file: str, voice_kb: int) -> None:
     tg.voice_bytes = voice_kb * 1024
     oai = VoiceOpenAI(rec)
     oai.heard = {}
-    tg_url, oai_url = await tg.start(), await oai.start()
-    control = VoiceControl(tg, oai, rec)
-    app = web.Application()
-    control.routes(app)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    info = {
-        "telegram": tg_url,
-        "openai": oai_url,
-        "control": f"http://127.0.0.1:{port}",
-        "token": TOKEN,
-        "api_key": API_KEY,
-        "pid": os.getpid(),
-    }
-    tmp = Path(port_file + ".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(port_file)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, control.stop.set)
-    try:
-        await control.stop.wait()
-    finally:
-        await tg.stop()
-        await oai.stop()
-        await runner.cleanup()
+    await run_control(tg, oai, VoiceControl(tg, oai, rec), port_file)
 
 
 # -- the driver ---------------------------------------------------------------------------------
