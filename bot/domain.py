@@ -53,6 +53,29 @@ class ChatKey:
         return f"{self.chat_id}/{self.topic_id}" if self.topic_id else str(self.chat_id)
 
 
+# Where updates that belong to no chat are ordered (none of the kinds the bot asks for).
+NO_CHAT = ChatKey(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """Where an update is handled in order: its chat (thread home), and its album if any."""
+
+    chat: ChatKey
+    media_group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingUpdate:
+    """An update waiting in a shared inbox (PostgreSQL) for the replica that holds its chat."""
+
+    update_id: int
+    payload: str
+    attempts: int
+    media_group: str | None
+    age: float  # seconds since it arrived, by the database's clock
+
+
 @dataclass(frozen=True, slots=True)
 class Thread:
     id: int

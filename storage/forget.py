@@ -120,9 +120,14 @@ def _forget(
     """ForgetStore.user's transaction."""
     _scan_quotes(conn, user_id, quotes, scan)  # what was logged since the snapshot
     found = list(scan.found.items())
-    conn.executemany(
-        "UPDATE messages SET content = ? WHERE id = ?", [(text, m) for m, (_, text) in found]
-    )
+    # Redacted from what each message holds now, not from the snapshot: another /forget
+    # may have redacted it since, and this one must not write its words back.
+    redactions = []
+    for message_id, _found in found:
+        row = conn.execute("SELECT content FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is not None and (text := quotes.redact(row[0])) is not None:
+            redactions.append((text, message_id))
+    conn.executemany("UPDATE messages SET content = ? WHERE id = ?", redactions)
     quoting = sorted({turn_id for _, (turn_id, _) in found})
     conn.executemany(
         "INSERT OR IGNORE INTO dataset_exclusions (turn_id, reason, created_at)"

@@ -4,10 +4,10 @@ tried, marked done or set aside (quarantined), and swept once they only serve to
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
-from bot.domain import utcnow
+from bot.domain import Lane, utcnow
 from storage.base import Part
 
 # A handled update is kept only so that Telegram delivering it again is recognised (that
@@ -21,8 +21,13 @@ INBOX_KEEP = timedelta(days=2)
 class InboxStore(Part):
     """Received updates, from taken in to handled or set aside."""
 
-    async def accept(self, updates: Sequence[tuple[int, str]]) -> set[int]:
+    async def accept(
+        self, updates: Sequence[tuple[int, str]], lanes: Mapping[int, Lane] | None = None
+    ) -> set[int]:
         """Persist received updates (id, JSON); returns the ids not seen before.
+
+        `lanes` (each update's chat and album) matter only where replicas share the inbox
+        (storage/pg/inbox.py): one process orders its chats in memory (bot/concurrency.py).
 
         Raises `StorageUnavailable` at once while storage fails: Telegram still holds them.
         """

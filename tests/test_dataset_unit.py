@@ -1,4 +1,5 @@
-"""The fine-tuning dataset builder, on real databases written through storage.db.Store."""
+"""The fine-tuning dataset builder, on real databases (SQLite and PostgreSQL) written through
+the store's API."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from bot.domain import DOCUMENT_CUT, ChatKey, StoredImage, Thread, TurnRecord, utcnow
@@ -28,18 +30,21 @@ from bot.services.dataset import (
 from bot.services.tokens import estimate_tokens
 from storage.dataset import DatasetSource
 from storage.db import Store
+from storage.pg.db import PgStore
+from tests.pg import fresh_schema
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 SYSTEM = "Be nice."
 ONE = DatasetOptions(min_examples=1, validation_fraction=0)  # no problems, no split
 
+AnyStore = Store | PgStore
+
 
 class Log:
     """Writes turns through the real Store API with increasing start times."""
 
-    def __init__(self, store: Store, path: Path) -> None:
+    def __init__(self, store: AnyStore) -> None:
         self.store = store
-        self.path = path
         self.clock = 0
         self.reply_id = 1000
 
@@ -88,12 +93,15 @@ class Log:
         return turn_id, self.reply_id
 
     async def opt_out(self, user_id: int) -> None:
-        now = utcnow()
-        await self.store.write(
-            lambda conn: conn.execute(
-                "INSERT INTO opted_out_users (user_id, created_at) VALUES (?, ?)", (user_id, now)
-            )
-        )
+        """Opt a user out of datasets (as /forget does, without forgetting them)."""
+        sql = "INSERT INTO opted_out_users (user_id, created_at) VALUES (?, ?)"
+        params = (user_id, utcnow())
+        store = self.store
+        if isinstance(store, PgStore):
+            async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as conn:
+                await conn.execute(sql.replace("?", "%s"), params)
+        else:
+            await store.write(lambda conn: conn.execute(sql, params))
 
     def build(
         self, out: Path, options: DatasetOptions = ONE, model: str = "gpt-4.1-mini-2025-04-14"
@@ -101,14 +109,22 @@ class Log:
         return build_dataset(self.store.dataset, out, options, base_model=model)
 
 
-@pytest.fixture
-async def log(tmp_path: Path) -> AsyncIterator[Log]:
-    path = tmp_path / "db.sqlite3"
-    store = await Store.open(path)
-    try:
-        yield Log(store, path)
-    finally:
-        await store.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+async def log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Log]:
+    """A log in a store of either kind, on a database of its own."""
+    if request.param == "sqlite":
+        store: AnyStore = await Store.open(tmp_path / "db.sqlite3")
+        try:
+            yield Log(store)
+        finally:
+            await store.close()
+        return
+    async with fresh_schema() as url:
+        store = await PgStore.open(url)
+        try:
+            yield Log(store)
+        finally:
+            await store.close()
 
 
 def read(path: Path | None) -> list[dict[str, Any]]:
@@ -257,6 +273,55 @@ async def test_a_turn_without_a_thread_is_its_own_example(log: Log, tmp_path: Pa
     await log.turn(None, "no thread two", "a2")
     report = log.build(tmp_path / "out")
     assert report.examples == 2
+
+
+async def test_turns_are_read_threadless_first_then_by_conversation_and_turn(
+    log: Log, tmp_path: Path
+) -> None:
+    first, second = await log.thread(chat_id=1), await log.thread(chat_id=2)
+    await log.turn(second, "second thread, one", "s1")
+    await log.turn(None, "no thread, one", "n1", chat_id=3)
+    await log.turn(first, "first thread, one", "f1")
+    await log.turn(second, "second thread, two", "s2")
+    await log.turn(None, "no thread, two", "n2", chat_id=3)
+    with log.store.dataset.snapshot() as snapshot:
+        read_in_order = [(t.user_text, t.assistant_text) for t in snapshot.turns(None, None)]
+    assert read_in_order == [
+        ("no thread, one", "n1"),
+        ("no thread, two", "n2"),
+        ("first thread, one", "f1"),
+        ("second thread, one", "s1"),
+        ("second thread, two", "s2"),
+    ]
+    # The examples come out in that order too.
+    report = log.build(tmp_path / "out")
+    assert [texts(e)[1][1] for e in read(report.train_path)] == [
+        "no thread, one",
+        "no thread, two",
+        "first thread, one",
+        "second thread, one",
+    ]
+
+
+async def test_a_snapshot_reads_the_log_as_it_was_when_it_began(log: Log) -> None:
+    thread = await log.thread()
+    await log.turn(thread, "before", "answered before")
+    with log.store.dataset.snapshot() as snapshot:
+        assert snapshot.conversation_count(None, None) == 1  # its first read: it begins
+        other = await log.thread(chat_id=2)
+        await log.turn(thread, "during", "answered during")
+        await log.turn(other, "elsewhere", "answered elsewhere")
+        await log.opt_out(7)
+        assert [t.user_text for t in snapshot.turns(None, None)] == ["before"]
+        assert snapshot.conversation_count(None, None) == 1
+        assert snapshot.opted_out_users() == set()
+    with log.store.dataset.snapshot() as snapshot:
+        assert [t.user_text for t in snapshot.turns(None, None)] == [
+            "before",
+            "during",
+            "elsewhere",
+        ]
+        assert snapshot.opted_out_users() == {7}
 
 
 # -- redaction ------------------------------------------------------------------------------

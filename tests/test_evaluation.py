@@ -10,19 +10,31 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bot.context import ParleyApp
-from bot.domain import ChatKey, TurnRecord
+from bot.domain import (
+    DOCUMENT_CUT,
+    ChatKey,
+    EvalResult,
+    JobRecord,
+    ModelFigures,
+    Thread,
+    TurnRecord,
+)
 from bot.errors import StorageUnavailable
 from bot.services.dataset import TEST_FILE, DatasetOptions, build_dataset
 from bot.services.evaluation import Verdict, outcome_of, parse_verdict
+from bot.services.forgetting import Quotes
 from bot.services.intervals import mean_interval, wilson
 from storage.db import Store
+from storage.pg.db import PgStore
 from tests.conftest import SettingsFactory, eventually, running, settled
+from tests.pg import fresh_schema
 from tests.stubs.openai_server import API_KEY, FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
 from tests.test_cli import spawn_bot
@@ -31,6 +43,8 @@ ADMIN = 42
 CHATS = range(1000, 1014)  # 14 conversations: 4 held out (30%), 10 to train on
 HELD_OUT = [1013, 1012, 1011, 1010]  # the most recent ones, most recent first
 BETTER = "better"
+
+AnyStore = Store | PgStore
 
 
 # -- Wilson's interval and the verdict arithmetic ---------------------------------------------
@@ -102,7 +116,27 @@ def test_a_judge_answer_outside_the_schema_is_an_error_not_a_tie() -> None:
 # -- the test split in the dataset -------------------------------------------------------------
 
 
-async def _log(store: Store, chat: int, exchanges: list[tuple[str, str]], clock: list[int]) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
+    """An open store of either kind, on a database of its own."""
+    if request.param == "sqlite":
+        opened: AnyStore = await Store.open(tmp_path / "log.sqlite3")
+        try:
+            yield opened
+        finally:
+            await opened.close()
+        return
+    async with fresh_schema() as url:
+        opened = await PgStore.open(url)
+        try:
+            yield opened
+        finally:
+            await opened.close()
+
+
+async def _log(
+    store: AnyStore, chat: int, exchanges: list[tuple[str, str]], clock: list[int]
+) -> None:
     thread = await store.threads.create(ChatKey(chat), "openai")
     for user, answer in exchanges:
         clock[0] += 1
@@ -123,20 +157,16 @@ async def _log(store: Store, chat: int, exchanges: list[tuple[str, str]], clock:
 
 
 async def test_the_test_split_is_the_latest_conversations_and_stays_out_of_both_files(
-    tmp_path: Path,
+    store: AnyStore, tmp_path: Path
 ) -> None:
-    store = await Store.open(tmp_path / "log.sqlite3")
     clock = [0]
-    try:
-        # The oldest conversation says word for word what the newest (held-out) one says:
-        # it must not reach training either.
-        await _log(store, 1, [("twin question", "twin answer")], clock)
-        for chat in range(2, 12):
-            exchanges = [(f"chat {chat} asks", f"answer {chat}"), (f"more {chat}", "ok")]
-            await _log(store, chat, exchanges, clock)
-        await _log(store, 12, [("twin question", "twin answer")], clock)
-    finally:
-        await store.close()
+    # The oldest conversation says word for word what the newest (held-out) one says:
+    # it must not reach training either.
+    await _log(store, 1, [("twin question", "twin answer")], clock)
+    for chat in range(2, 12):
+        exchanges = [(f"chat {chat} asks", f"answer {chat}"), (f"more {chat}", "ok")]
+        await _log(store, chat, exchanges, clock)
+    await _log(store, 12, [("twin question", "twin answer")], clock)
     options = DatasetOptions(min_examples=1, validation_fraction=0.2, test_share=0.4, test_min=2)
     report = build_dataset(store.dataset, tmp_path / "out", options, base_model="x")
     # 12 conversations, 40%: the 5 with the latest turns (12, 11, 10, 9, 8) are held out.
@@ -167,18 +197,162 @@ async def test_the_test_split_is_the_latest_conversations_and_stays_out_of_both_
     assert report.dropped["test_split_twin"] == 1
 
 
-async def test_too_few_conversations_for_a_test_split_hold_nothing_out(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "log.sqlite3")
-    try:
-        for chat in range(1, 13):
-            await _log(store, chat, [(f"q {chat}", f"a {chat}")], [chat * 10])
-    finally:
-        await store.close()
+async def test_too_few_conversations_for_a_test_split_hold_nothing_out(
+    store: AnyStore, tmp_path: Path
+) -> None:
+    for chat in range(1, 13):
+        await _log(store, chat, [(f"q {chat}", f"a {chat}")], [chat * 10])
     # 10% of 12 conversations is one: below the minimum of five, so no split at all.
     options = DatasetOptions(min_examples=1, test_share=0.1, test_min=5)
     report = build_dataset(store.dataset, tmp_path / "out", options, base_model="x")
     assert report.test_items == 0 and report.test_path is None and report.examples == 12
     assert not (tmp_path / "out" / TEST_FILE).exists()
+
+
+# -- the evaluation store ----------------------------------------------------------------------
+
+
+def _job(job_id: str) -> JobRecord:
+    now = "2026-11-01T00:00:00.000+00:00"
+    return JobRecord(job_id, "openai", "gpt", "file-t", None, 10, 0, 1000, ADMIN, "d", "queued",
+                     now, now)  # fmt: skip
+
+
+async def _turn_of(store: AnyStore, thread_id: int | None, chat: int, **changes: Any) -> int:
+    record = TurnRecord(
+        thread_id=thread_id,
+        key=ChatKey(chat),
+        chat_type="private",
+        user_id=chat,
+        user_message_id=None,
+        user_text="a question",
+        model="m",
+        instructions="Be nice.",
+        started_at="2026-11-01T00:00:00.000+00:00",
+        assistant_text="an answer",
+    )
+    return await store.threads.record_turn(replace(record, **changes))
+
+
+async def test_the_eval_store_keeps_items_runs_and_results_and_forgets_items(
+    store: AnyStore,
+) -> None:
+    evals = store.evals
+    job = _job("ftjob-1")
+    await store.jobs.add(job)
+    assert await evals.job("ftjob-1") == job and await evals.job("ftjob-2") is None
+    first, second = await _turn_of(store, None, 7), await _turn_of(store, None, 7)
+    theirs = await _turn_of(store, None, 8)  # a user who will /forget
+    cut = await _turn_of(store, None, 7, excluded=DOCUMENT_CUT)  # left out of datasets
+    contexts = [[{"role": "user", "content": f"question {n} ünïcode"}] for n in range(3)]
+    added = await evals.add_items(
+        job.job_id,
+        [
+            (contexts[0], "ref 0", [first, second]),
+            (contexts[1], "ref 1", [theirs, theirs]),
+            (contexts[2], "ref 2", [cut]),
+        ],
+    )
+    assert added == 3 and await evals.item_count(job.job_id) == 3
+    items = await evals.items(job.job_id, 10)
+    assert [(i.position, i.messages, i.reference) for i in items] == [
+        (0, contexts[0], "ref 0"),
+        (1, contexts[1], "ref 1"),
+        (2, contexts[2], "ref 2"),
+    ]
+    assert await evals.items(job.job_id, 1) == items[:1]
+    assert await evals.item_count("ftjob-2") == 0
+
+    run = await evals.create_run(
+        job.job_id,
+        2,
+        current=("gpt-5.4-mini", "openai"),
+        candidate=("ft:gpt:1", "openai"),
+        judge_model="judge",
+        requested_by=ADMIN,
+    )
+    assert (run.status, run.finished_at, run.size) == ("running", None, 2)
+    assert await evals.run(run.id) == run and await evals.run(run.id + 1) is None
+    assert await evals.last_run(job.job_id) == run and await evals.unfinished_runs() == [run]
+    won = EvalResult(items[1].id, "win", None, "meh", 1200, 30, "better", 900, 40,
+                     "b", "high", "fuller", "a", "high", "fuller")  # fmt: skip
+    await evals.add_result(run.id, replace(won, outcome="loss"))
+    await evals.add_result(run.id, won)  # judged again: the new outcome replaces the old
+    await evals.add_result(run.id, EvalResult(items[0].id, "error", error="timeout"))
+    await evals.add_result(run.id, EvalResult(items[1].id + 100, "tie"))  # no such item
+    assert await evals.judged(run.id) == {items[0].id, items[1].id}
+    assert await evals.results(run.id) == [EvalResult(items[0].id, "error", "timeout"), won]
+    await evals.finish_run(run.id)
+    done = await evals.run(run.id)
+    assert done is not None and done.status == "done" and done.finished_at is not None
+    assert await evals.unfinished_runs() == []
+
+    # Items made of turns /forget deleted, or left out of datasets, go with their results.
+    await store.forget.user(8, Quotes())
+    assert await evals.forget_items() == 2 and await evals.forget_items() == 0
+    assert [i.id for i in await evals.items(job.job_id, 10)] == [items[0].id]
+    assert await evals.results(run.id) == [EvalResult(items[0].id, "error", "timeout")]
+
+
+async def test_a_conversation_began_with_the_first_thread_of_its_chain(store: AnyStore) -> None:
+    key = ChatKey(5, 2)
+    assert await store.evals.conversation_began(key) is None
+    await store.threads.create(key, "openai")  # an earlier conversation, over
+    await store.threads.close(key)
+    last: Thread | None = None
+    for _ in range(3):
+        await asyncio.sleep(0.005)  # creation times a millisecond apart at least
+        last = await store.threads.create(key, "openai", continues=last)
+    await store.threads.create(ChatKey(5), "openai")  # another topic of the chat
+    mark = "%s" if isinstance(store, PgStore) else "?"
+    created = await store.fetch_all(
+        f"SELECT created_at FROM threads WHERE chat_id = {mark} AND topic_id = {mark} ORDER BY id",
+        (key.chat_id, key.topic_id),
+    )
+    assert len(set(created)) == 4
+    assert await store.evals.conversation_began(key) == created[1][0]
+    await store.threads.close(key)
+    assert await store.evals.conversation_began(key) is None
+
+
+async def test_model_figures_sum_each_models_text_turns_since_a_moment(store: AnyStore) -> None:
+    since = "2026-11-01T00:00:00.000+00:00"
+    thread = await store.threads.create(ChatKey(7), "openai")
+    at = iter(f"2026-11-01T00:00:{s:02d}.000+00:00" for s in range(60))
+
+    async def turn(model: str, **changes: Any) -> None:
+        await _turn_of(store, thread.id, 7, requested_model=model, started_at=next(at), **changes)
+
+    await _turn_of(
+        store, thread.id, 7, requested_model="a", started_at="2026-10-31T23:59:59.000+00:00"
+    )
+    # A long answer and a big context: their squares overflow a 32-bit integer.
+    await turn("a", latency_ms=60_000, input_tokens=100_000, output_tokens=20_000,
+               reply_message_ids=[1])  # fmt: skip
+    await turn("a", latency_ms=1_000, user_sentiment=("negative", 0.9, "lexicon"),
+               reply_message_ids=[2])  # fmt: skip
+    await turn("a", status="failed", assistant_text=None, user_sentiment=("positive", 0.8, "x"))
+    await turn("b", latency_ms=500, input_tokens=10)
+    await turn("a", input_kind="photo", latency_ms=9)  # the vision model's, whatever the arm
+    assert await store.stats.set_reactions(7, 1, 7, [("👍", 1)])
+    assert await store.stats.set_reactions(7, 2, 7, [("👎", -1)])
+
+    figures = await store.evals.model_figures(["a", "b", "c"], since)
+    assert figures == {
+        # Two replies of three turns; the first one's follow-up was negative, the second's not.
+        "a": ModelFigures(turns=3, errors=1, replies=2, positive=1, negative=1, followups=2,
+                          negative_followups=1, latency_n=2, latency_sum=61_000.0,
+                          latency_squares=60_000.0**2 + 1_000.0**2, tokens_n=1,
+                          tokens_sum=120_000.0, tokens_squares=120_000.0**2),
+        "b": ModelFigures(turns=1, replies=1, latency_n=1, latency_sum=500.0,
+                          latency_squares=250_000.0, tokens_n=1, tokens_sum=10.0,
+                          tokens_squares=100.0),
+    }  # fmt: skip
+    for figure in figures.values():
+        for f in fields(figure):
+            assert type(getattr(figure, f.name)) is type(f.default), f.name  # no Decimal, no bool
+    assert await store.evals.model_figures([], since) == {}
+    assert await store.evals.model_figures(["a"], "2027-01-01T00:00:00.000+00:00") == {}
 
 
 # -- end to end --------------------------------------------------------------------------------

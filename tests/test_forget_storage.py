@@ -1,25 +1,35 @@
 """/forget's parts below the bot (issue 17): the quote rule, the inbox's housekeeping, the
-store's transaction, the schema upgrade, and datasets built while someone is forgotten."""
+store's transaction (on SQLite and on PostgreSQL), the schema upgrade, and datasets built
+while someone is forgotten."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
-from bot.domain import ChatKey, TurnRecord, utcnow
+from bot.domain import ChatKey, StoredImage, Thread, TurnRecord, utcnow
 from bot.services import dataset
 from bot.services.dataset import DatasetOptions, build_dataset
 from bot.services.forgetting import QUOTE_MARK, Quotes
+from storage import forget as sqlite_forget
 from storage.dataset import DatasetSource
 from storage.db import Store
+from storage.forget import FORGET_GENERATION
 from storage.migrations import MIGRATIONS
+from storage.pg import forget as pg_forget
+from storage.pg.db import PgStore
+from tests.pg import fresh_schema
 from tests.stubs.telegram_server import private_text_update
+
+AnyStore = Store | PgStore
 
 FORGETTER = 100
 OTHER = 101
@@ -65,13 +75,36 @@ def test_text_without_spaces_counts_each_character_as_a_word() -> None:
 # -- the inbox ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "db.sqlite3")
-    try:
-        yield opened
-    finally:
-        await opened.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
+    """An open store of either kind, on a database of its own."""
+    if request.param == "sqlite":
+        opened: AnyStore = await Store.open(tmp_path / "db.sqlite3")
+        try:
+            yield opened
+        finally:
+            await opened.close()
+        return
+    async with fresh_schema() as url:
+        opened = await PgStore.open(url)
+        try:
+            yield opened
+        finally:
+            await opened.close()
+
+
+def _sql(store: AnyStore, sql: str) -> str:
+    """`sql`, written with SQLite's ? placeholders, in the store's database's."""
+    return sql.replace("?", "%s") if isinstance(store, PgStore) else sql
+
+
+async def _execute(store: AnyStore, sql: str, params: Sequence[object] = ()) -> None:
+    """Change rows behind the store's back (what the bot does over time, at once)."""
+    if isinstance(store, PgStore):
+        async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as conn:
+            await conn.execute(_sql(store, sql), params)
+    else:
+        await store.write(lambda conn: conn.execute(sql, params))
 
 
 def _payload(update_id: int, user_id: int, text: str, **message: Any) -> str:
@@ -80,22 +113,18 @@ def _payload(update_id: int, user_id: int, text: str, **message: Any) -> str:
     return json.dumps(update, ensure_ascii=False)
 
 
-async def _payloads(store: Store) -> dict[int, str]:
+async def _payloads(store: AnyStore) -> dict[int, str]:
     return {
         int(u): str(p) for u, p in await store.fetch_all("SELECT update_id, payload FROM inbox")
     }
 
 
-async def _age(store: Store, column: str, update_id: int, age: timedelta) -> None:
+async def _age(store: AnyStore, column: str, update_id: int, age: timedelta) -> None:
     moment = (datetime.now(UTC) - age).isoformat(timespec="milliseconds")
-    await store.write(
-        lambda conn: conn.execute(
-            f"UPDATE inbox SET {column} = ? WHERE update_id = ?", (moment, update_id)
-        )
-    )
+    await _execute(store, f"UPDATE inbox SET {column} = ? WHERE update_id = ?", (moment, update_id))
 
 
-async def test_handled_updates_lose_their_json_soon_and_their_rows_later(store: Store) -> None:
+async def test_handled_updates_lose_their_json_soon_and_their_rows_later(store: AnyStore) -> None:
     await store.inbox.accept([(u, _payload(u, OTHER, f"text {u}")) for u in (1, 2, 3, 4)])
     await store.inbox.quarantine([4], "it crashed the bot")
     await store.inbox.done([1, 2])
@@ -114,31 +143,52 @@ async def test_handled_updates_lose_their_json_soon_and_their_rows_later(store: 
     assert sorted(await _payloads(store)) == [2, 3, 4]
 
 
-async def test_the_inbox_sweep_reads_indexes_not_the_table(store: Store) -> None:
+async def _plan(store: AnyStore, sql: str, params: Sequence[object]) -> str:
+    """How the database would run `sql`. On PostgreSQL, with sequential scans a last resort:
+    on a table this small one would win, whatever indexes there are."""
+    if isinstance(store, PgStore):
+        async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as conn:
+            await conn.execute("SET enable_seqscan = off")
+            cur = await conn.execute(f"EXPLAIN {_sql(store, sql)}", params)
+            return " ".join(str(row[0]) for row in await cur.fetchall())
+    return " ".join(
+        str(row[-1]) for row in await store.fetch_all(f"EXPLAIN QUERY PLAN {sql}", params)
+    )
+
+
+async def test_the_inbox_sweep_reads_indexes_not_the_table(store: AnyStore) -> None:
     now = utcnow()
-    plans = [
-        " ".join(str(row[-1]) for row in await store.fetch_all(f"EXPLAIN QUERY PLAN {sql}", args))
-        for sql, args in (
-            (
-                "UPDATE inbox SET payload = '' WHERE done_at < ? AND payload != ''"
-                " AND quarantined_at IS NULL",
-                (now,),
-            ),
-            ("DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < ?", (now,)),
-        )
-    ]
-    assert "inbox_payload_held" in plans[0] and "inbox_handled" in plans[1]
+    blank = await _plan(
+        store,
+        "UPDATE inbox SET payload = '' WHERE done_at < ? AND payload != ''"
+        " AND quarantined_at IS NULL",
+        (now,),
+    )
+    purge = await _plan(
+        store, "DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < ?", (now,)
+    )
+    assert "inbox_payload_held" in blank and "inbox_handled" in purge
 
 
 # -- the store's transaction ----------------------------------------------------------------
 
 
-async def _turn(store: Store, user_id: int, chat_id: int, user: str, answer: str) -> int:
+async def _turn(
+    store: AnyStore,
+    user_id: int,
+    chat_id: int,
+    user: str,
+    answer: str,
+    *,
+    thread: Thread | None = None,
+    images: Sequence[StoredImage] = (),
+    reply_id: int | None = None,
+) -> int:
     now = utcnow()
     return await store.threads.record_turn(
         TurnRecord(
-            thread_id=None,
-            key=ChatKey(chat_id),
+            thread_id=thread.id if thread else None,
+            key=thread.key if thread else ChatKey(chat_id),
             chat_type="private" if chat_id > 0 else "supergroup",
             user_id=user_id,
             user_message_id=None,
@@ -147,12 +197,14 @@ async def _turn(store: Store, user_id: int, chat_id: int, user: str, answer: str
             instructions="be brief",
             started_at=now,
             assistant_text=answer,
+            images=images,
+            reply_message_ids=[reply_id] if reply_id else [],
         )
     )
 
 
 async def test_forget_blanks_updates_that_concern_the_user_even_quarantined(
-    store: Store,
+    store: AnyStore,
 ) -> None:
     forgetter = json.loads(_payload(1, FORGETTER, "mine"))["message"]
     await store.inbox.accept(
@@ -177,7 +229,7 @@ async def test_forget_blanks_updates_that_concern_the_user_even_quarantined(
 
 
 async def test_quotes_of_the_user_are_replaced_and_left_out_of_datasets(
-    store: Store, tmp_path: Path
+    store: AnyStore, tmp_path: Path
 ) -> None:
     said = "the password to the cellar is swordfish and nobody else knows it"
     await _turn(store, OTHER, -5, "what is for dinner", "soup")
@@ -195,6 +247,132 @@ async def test_quotes_of_the_user_are_replaced_and_left_out_of_datasets(
         store.dataset, tmp_path / "out", DatasetOptions(min_examples=0), base_model="x"
     )
     assert report.dropped["quotes_forgotten_user"] == 1
+
+
+async def test_forget_deletes_what_hangs_off_their_turns_and_dooms_their_conversations(
+    store: AnyStore,
+) -> None:
+    said = "the password to the cellar is swordfish and nobody else knows it"
+    private = await store.threads.create(ChatKey(FORGETTER), "openai", "conv_private")
+    group = await store.threads.create(ChatKey(-5), "openai", "conv_group")
+    topic = await store.threads.create(ChatKey(-5, 9), "openai", "conv_topic")  # quoted there
+    elsewhere = await store.threads.create(ChatKey(-7), "openai", "conv_elsewhere")
+    theirs = StoredImage("ab" * 32, "image/png", 8, 8, b"their photo")
+    shared = StoredImage("cd" * 32, "image/png", 8, 8, b"a photo both sent")
+    await _turn(store, FORGETTER, FORGETTER, "hi", "hello", thread=private, images=[theirs])
+    await _turn(store, FORGETTER, -5, said, "noted", thread=group, images=[shared], reply_id=1)
+    await _turn(store, OTHER, -5, "mine too", "nice", thread=group, images=[shared], reply_id=2)
+    await _turn(store, OTHER, -5, "what did they say?", f"They said: {said}", thread=topic)
+    await _turn(store, OTHER, -7, "unrelated", "indeed", thread=elsewhere)
+    assert await store.stats.set_reactions(-5, 2, FORGETTER, [("👍", 1)])
+    assert await store.stats.set_reactions(-5, 2, OTHER, [("👎", -1)])
+    assert await store.stats.set_reactions(-5, 1, OTHER, [("👍", 1)])
+
+    forgotten = await store.forget.user(FORGETTER, Quotes())
+    assert (forgotten.messages, forgotten.quoting_turns, forgotten.conversations) == (4, 1, 3)
+    assert set(await store.forget.doomed_conversations()) == {
+        "conv_private",
+        "conv_group",
+        "conv_topic",
+    }
+    threads = {
+        int(i): (c, closed is not None)
+        for i, c, closed in await store.fetch_all(
+            "SELECT id, conversation_id, closed_at FROM threads"
+        )
+    }
+    # Their private chat's thread is closed; the groups' stay open, without a conversation.
+    assert threads == {
+        private.id: (None, True),
+        group.id: (None, False),
+        topic.id: (None, False),
+        elsewhere.id: ("conv_elsewhere", False),
+    }
+    assert await store.fetch_all("SELECT sha256 FROM images") == [(shared.sha256,)]
+    assert await store.fetch_all("SELECT user_id, emoji FROM reactions") == [(OTHER, "👎")]
+    assert await store.fetch_all("SELECT user_id FROM opted_out_users") == [(FORGETTER,)]
+    assert await store.settings.get(FORGET_GENERATION) == "1"
+
+    await store.forget.conversations_gone(["conv_group", "conv_unknown"])
+    await store.forget.conversations_gone([])
+    assert set(await store.forget.doomed_conversations()) == {"conv_private", "conv_topic"}
+    again = await store.forget.user(FORGETTER, Quotes())  # nothing left of theirs
+    assert (again.messages, again.quoting_turns, again.conversations) == (0, 0, 0)
+    assert await store.settings.get(FORGET_GENERATION) == "2"
+
+
+# -- PostgreSQL: other connections write while /forget runs ----------------------------------
+
+
+@pytest.fixture
+async def pg_store() -> AsyncIterator[PgStore]:
+    async with fresh_schema() as url:
+        opened = await PgStore.open(url)
+        try:
+            yield opened
+        finally:
+            await opened.close()
+
+
+async def test_a_turn_still_being_logged_when_forget_begins_is_searched_for_quotes(
+    pg_store: PgStore,
+) -> None:
+    """Turn ids are handed out before commit: a turn with a lower id than those already
+    committed may still be in flight when /forget looks at the log."""
+    said = "the password to the cellar is swordfish and nobody else knows it"
+    await _turn(pg_store, FORGETTER, -5, said, "noted")
+    now = utcnow()
+    async with await psycopg.AsyncConnection.connect(pg_store.url) as slow:
+        cur = await slow.execute(
+            "INSERT INTO turns (chat_id, chat_type, user_id, status, model, started_at,"
+            " finished_at) VALUES (-5, 'supergroup', %s, 'ok', 'm', %s, %s) RETURNING id",
+            (OTHER, now, now),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        slow_turn = int(row[0])
+        await slow.execute(
+            "INSERT INTO messages (turn_id, role, content, created_at)"
+            " VALUES (%s, 'assistant', %s, %s)",
+            (slow_turn, f"They said: {said}.", now),
+        )
+        later = await _turn(pg_store, OTHER, -5, "and then?", "nothing more")
+        assert later > slow_turn
+        forgetting = asyncio.create_task(pg_store.forget.user(FORGETTER, Quotes()))
+        await asyncio.sleep(0.3)
+        assert not forgetting.done()  # it waits for the turn being logged
+        await slow.commit()
+    forgotten = await forgetting
+    assert forgotten.quoting_turns == 1
+    assert await pg_store.fetch_all(
+        "SELECT content FROM messages WHERE turn_id = %s", (slow_turn,)
+    ) == [(f"They said: {QUOTE_MARK}.",)]
+    assert await pg_store.fetch_all("SELECT turn_id FROM dataset_exclusions") == [(slow_turn,)]
+
+
+async def test_two_users_forgotten_at_once_keep_each_others_redactions(
+    store: AnyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = "the password to the cellar is swordfish and nobody else knows it"
+    second = "my zebra-striped secret is the blue door at dawn on every tuesday"
+    await _turn(store, FORGETTER, -5, first, "noted")
+    await _turn(store, OTHER, -5, second, "noted")
+    quoting = await _turn(store, 102, -5, "what did they say?", f"{first}; and {second}")
+    loop = asyncio.get_running_loop()
+    module = pg_forget if isinstance(store, PgStore) else sqlite_forget
+    scan = module._scan_snapshot
+
+    def scan_then_the_other_is_forgotten(*args: Any) -> None:
+        scan(*args)
+        if args[1] == FORGETTER:  # between the first's look at the log and its transaction
+            asyncio.run_coroutine_threadsafe(store.forget.user(OTHER, Quotes()), loop).result()
+
+    monkeypatch.setattr(module, "_scan_snapshot", scan_then_the_other_is_forgotten)
+    await store.forget.user(FORGETTER, Quotes())
+    assert await store.fetch_all(
+        _sql(store, "SELECT content FROM messages WHERE turn_id = ? AND role = 'assistant'"),
+        (quoting,),
+    ) == [(f"{QUOTE_MARK}; and {QUOTE_MARK}",)]
 
 
 # -- the upgrade, and datasets built meanwhile ----------------------------------------------

@@ -1,0 +1,48 @@
+"""Settings changed in the bot (bot_settings) and the profile each chat uses, in PostgreSQL.
+Mirrors storage/settings.py."""
+
+from __future__ import annotations
+
+from bot.domain import ChatKey, utcnow
+from storage.pg.base import Conn, PgPart
+
+
+class PgSettingsStore(PgPart):
+    """Bot settings by key, and chat profiles."""
+
+    async def get(self, key: str) -> str | None:
+        row = await self._fetch_one("SELECT value FROM bot_settings WHERE key = %s", (key,))
+        return str(row[0]) if row else None
+
+    async def set(self, key: str, value: str) -> None:
+        now = utcnow()
+
+        async def upsert(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO bot_settings (key, value, updated_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                " updated_at = excluded.updated_at",
+                (key, value, now),
+            )
+
+        await self._write(upsert)
+
+    async def chat_profile(self, key: ChatKey) -> str | None:
+        row = await self._fetch_one(
+            "SELECT profile FROM chat_profiles WHERE chat_id = %s AND topic_id = %s",
+            (key.chat_id, key.topic_id),
+        )
+        return str(row[0]) if row else None
+
+    async def set_chat_profile(self, key: ChatKey, profile: str) -> None:
+        now = utcnow()
+
+        async def upsert(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO chat_profiles (chat_id, topic_id, profile, updated_at)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (chat_id, topic_id) DO UPDATE"
+                " SET profile = excluded.profile, updated_at = excluded.updated_at",
+                (key.chat_id, key.topic_id, profile, now),
+            )
+
+        await self._write(upsert)
