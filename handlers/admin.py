@@ -209,7 +209,7 @@ async def train(update: Update, context: CustomContext) -> None:
         text += "\n" + tr(update, "train.voice_turns", count=report.voice_turns)
     if report.test_items:  # kept out of training for the evaluation (handlers/evaluation.py)
         text += "\n" + tr(update, "train.test_split", count=report.test_items)
-    token = tuner.hold(report, options, user.id)
+    token = await tuner.hold(report, options, user.id)
     keyboard = InlineKeyboardMarkup(
         [
             [
@@ -235,7 +235,7 @@ async def train_button(update: Update, context: CustomContext) -> None:
     tuner = context.services.finetune
     await query.answer()
     if action == "drop":
-        tuner.drop(token)
+        await tuner.drop(token)
         await edit_or_send(query, tr(update, "train.cancelled"))
         return
     try:

@@ -109,7 +109,7 @@ async def test_after_forget_no_file_the_bot_keeps_holds_the_words(
         # A dataset built now holds the words, and its summary waits for "start".
         report = await services.finetune.build(DatasetOptions(min_examples=1))
         assert report.train_path is not None and words in report.train_path.read_text()
-        token = services.finetune.hold(report, DatasetOptions(), ADMIN)
+        token = await services.finetune.hold(report, DatasetOptions(), ADMIN)
         tg.chat(ADMIN)
         tg.push_message(ADMIN, "/help", user_id=ADMIN)
         await tg.wait_sent(ADMIN, 1)

@@ -45,6 +45,8 @@ class Albums:
             return False
         now = asyncio.get_running_loop().time()
         album = self._open.get(key)
+        if album is not None and album.parts[0] is update.message:
+            return False  # the part that opened a gathered album (`gather`): it goes on
         if album is None or album.closed.is_set() or len(album.parts) >= MAX_PARTS:
             self._open[key] = _Album([update.message], now)
             return False
@@ -52,6 +54,21 @@ class Albums:
         album.joined.append(update.update_id)
         album.last = now
         return True
+
+    def gather(self, first: Update, rest: list[Update]) -> None:
+        """Open an album with every part at once, already quiet: replicas (bot/replicas.py)
+        wait for the album in the shared inbox and hand it over whole. `first` then goes on
+        to be handled, taking the others with it."""
+        if first.message is None:
+            return
+        key = self._key(first.message)
+        if key is None:
+            return
+        parts = [first.message, *(u.message for u in rest if u.message is not None)]
+        now = asyncio.get_running_loop().time()
+        album = _Album(parts[:MAX_PARTS], now - self.wait)
+        album.joined = [u.update_id for u in rest if u.message is not None][: MAX_PARTS - 1]
+        self._open[key] = album
 
     async def settle(self, update: object) -> None:
         """For an album's first part: wait until no part has arrived for `wait` seconds."""

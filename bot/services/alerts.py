@@ -19,7 +19,7 @@ from telegram import Bot
 from telegram.error import TelegramError
 
 from bot.texts import t
-from storage.settings import SettingsStore
+from storage.interface import SettingsStore
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,7 @@ from dataclasses import asdict, dataclass
 from bot.domain import ChatKey, ModelFigures, utcnow
 from bot.services.intervals import Interval, mean_interval, more_needed, separated, wilson
 from bot.services.models import ModelRouter
-from storage.evals import EvalStore
-from storage.settings import SettingsStore
+from storage.interface import EvalStore, SettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +121,7 @@ class Canary:
         """Take up the canary in force before the last restart."""
         raw = await self._settings.get(CANARY_KEY)
         if not raw:
+            self.state = None  # none, or stopped (by another replica, say)
             return
         try:
             data = json.loads(raw)

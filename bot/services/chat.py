@@ -28,8 +28,7 @@ from bot.services.replies import Links, ProgressGate, ReplyStreamer, RichMessage
 from bot.services.sentiment import Sentiment, SentimentAnalyzer, format_tag
 from bot.settings import DEFAULT_ANSWER_DEADLINE, DEFAULT_MAX_ANSWER_TOKENS
 from bot.texts import t
-from storage.stats import StatsStore
-from storage.threads import ThreadStore
+from storage.interface import StatsStore, ThreadStore
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from openai.types.responses import (
 from bot.domain import ChatKey, HistoryMessage, Thread, utf8_safe
 from bot.errors import ModelError, classify_model_error
 from bot.services.tokens import estimate_tokens
-from storage.threads import ThreadStore
+from storage.interface import ThreadStore
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from bot.domain import LoggedTurn
 from bot.services.tokens import MESSAGE_OVERHEAD
-from storage.dataset import DatasetSnapshot, DatasetSource
+from storage.interface import DatasetSnapshot, DatasetSource
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"

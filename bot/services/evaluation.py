@@ -40,7 +40,7 @@ from bot.services.intervals import Interval, mean_interval, more_to_leave, wilso
 from bot.services.models import ModelRouter
 from bot.services.priority import Background
 from bot.services.trainer import JobInfo
-from storage.evals import EvalStore
+from storage.interface import EvalStore
 
 log = logging.getLogger(__name__)
 
@@ -487,12 +487,13 @@ class Evaluation:
         items = min(run.size, await self.evals.item_count(run.job_id))
         return summarize(run, results, items), results
 
-    async def run(self, report: Report) -> None:
-        """Carry out runs until cancelled: the unfinished ones first (after a restart), then
-        each new one; `report` tells the admin who asked when one is done."""
+    async def run(self, report: Report, *, resume: bool = True) -> None:
+        """Carry out runs until cancelled: the unfinished ones first (after a restart; with
+        replicas, only the one that follows jobs resumes them), then each new one; `report`
+        tells the admin who asked when one is done."""
         tasks: set[asyncio.Task[None]] = set()
         try:
-            for earlier in await self.evals.unfinished_runs():
+            for earlier in await self.evals.unfinished_runs() if resume else []:
                 self._queue.put_nowait(earlier.id)
             while True:
                 run_id = await self._queue.get()

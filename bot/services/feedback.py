@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from bot.services.charts import chart_font
 from bot.texts import number, t
-from storage.stats import StatsStore
+from storage.interface import StatsStore
 
 # Telegram sends these without the variation selector (e.g. "❤", not "❤️").
 POSITIVE_REACTIONS = frozenset({"👍", "❤", "🔥", "🎉", "🥰", "👏", "😍", "🤩", "💯", "❤‍🔥", "🏆"})

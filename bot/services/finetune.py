@@ -1,8 +1,9 @@
 """From the dialogue log to a fine-tuning job and back to the bot's model.
 
-/train builds a dataset and holds it until an admin confirms; "start" uploads it and
-creates the job; a poller follows unfinished jobs (also after a restart) and tells the
-admin who started each one when its status changes.
+/train builds a dataset and holds it until an admin confirms (bot/services/held.py: where
+held datasets wait, so that any process may start one); "start" uploads it and creates the
+job; a poller follows unfinished jobs (also after a restart) and tells the admin who started
+each one when its status changes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import logging
 import secrets
 import shutil
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -20,6 +20,7 @@ from pathlib import Path
 from bot.domain import JobRecord, utcnow
 from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE
 from bot.services.dataset import DatasetOptions, DatasetReport, build_dataset
+from bot.services.held import Held, HeldDatasets, MemoryHeldDatasets, remove_copies
 from bot.services.trainer import (
     OPENAI_TRAINER,
     Estimate,
@@ -29,13 +30,9 @@ from bot.services.trainer import (
     Trainer,
     TrainerError,
 )
-from storage.dataset import DatasetSource
-from storage.jobs import JobStore
+from storage.interface import DatasetSource, JobStore
 
 log = logging.getLogger(__name__)
-
-PENDING_TTL = 3600.0  # a built dataset waits this long for "start"
-MAX_PENDING = 20
 
 # Tells the admin who started a job its new status; returns the id of the message that now
 # follows the job (edited while it runs), or None to keep the one recorded.
@@ -52,14 +49,6 @@ class JobDetails:
     losses: list[LossPoint]
 
 
-@dataclass(slots=True)
-class Pending:
-    report: DatasetReport
-    options: DatasetOptions
-    admin_id: int
-    created: float
-
-
 class FineTuner:
     def __init__(
         self,
@@ -72,6 +61,7 @@ class FineTuner:
         base_model: str,
         suffix: str,
         epochs: int,
+        held: HeldDatasets | None = None,
     ) -> None:
         self._jobs = jobs
         self.trainer = trainer  # new jobs go here
@@ -82,7 +72,9 @@ class FineTuner:
         self.base_model = base_model
         self.suffix = suffix
         self.epochs = epochs
-        self._pending: dict[str, Pending] = {}
+        # Built datasets waiting for "start": in this process's memory unless the store
+        # shared with other processes keeps them (any process may get the press).
+        self.held: HeldDatasets = held if held is not None else MemoryHeldDatasets()
         # The test split /train sets aside (share, at most, at least: see DatasetOptions),
         # and what keeps its items when a job starts (the evaluation); unset: none.
         self.test_split: tuple[float, int, int] = (0.0, 0, 0)
@@ -104,20 +96,14 @@ class FineTuner:
             build_dataset, self.dataset, out_dir, options, base_model=self.base_model
         )
 
-    def hold(self, report: DatasetReport, options: DatasetOptions, admin_id: int) -> str:
+    async def hold(self, report: DatasetReport, options: DatasetOptions, admin_id: int) -> str:
         """Keep a built dataset until its admin presses start or cancel; returns its token."""
-        now = time.monotonic()
-        for token, p in list(self._pending.items()):
-            if now - p.created > PENDING_TTL:
-                del self._pending[token]
-        while len(self._pending) >= MAX_PENDING:
-            del self._pending[next(iter(self._pending))]
         token = secrets.token_urlsafe(8)
-        self._pending[token] = Pending(report, options, admin_id, now)
+        await self.held.hold(token, Held(report, options, admin_id))
         return token
 
-    def drop(self, token: str) -> bool:
-        return self._pending.pop(token, None) is not None
+    async def drop(self, token: str) -> bool:
+        return await self.held.drop(token)
 
     async def forget_datasets(self) -> int:
         """Delete every dataset built so far and drop the held ones; how many folders went.
@@ -126,7 +112,7 @@ class FineTuner:
         log on demand; "start" under an earlier summary says it expired. Files already
         uploaded to a trainer are out of the bot's reach.
         """
-        self._pending.clear()
+        await self.held.clear()
         if self.forget_test_split is not None:
             await self.forget_test_split()
 
@@ -147,12 +133,22 @@ class FineTuner:
         return await asyncio.to_thread(remove, self.datasets_dir)
 
     async def start(self, token: str, admin_id: int) -> JobRecord:
-        """Upload the held dataset and create the job. KeyError if the token expired."""
-        pending = self._pending.pop(token)
-        report = pending.report
+        """Upload the held dataset and create the job. KeyError if the token expired (or was
+        started meanwhile, here or by another process)."""
+        held = await self.held.take(token)
+        if held is None:
+            raise KeyError(token)
+        try:
+            return await self._start(token, held, admin_id)
+        finally:
+            if held.copied:  # another process built it: its files were copied here for this
+                await asyncio.to_thread(remove_copies, held.copied)
+
+    async def _start(self, token: str, held: Held, admin_id: int) -> JobRecord:
+        report = held.report
         if report.train_path is None:
             raise TrainerError("invalid", "dataset has no training file")
-        description = describe(pending.options, report)
+        description = describe(held.options, report)
         try:
             info = await self.trainer.start(
                 report.train_path,
@@ -166,7 +162,7 @@ class FineTuner:
                 },
             )
         except TrainerError:
-            self._pending[token] = pending  # the admin may retry (or /export)
+            await self.held.put_back(token, held)  # the admin may retry (or /export)
             raise
         now = utcnow()
         job = JobRecord(
@@ -183,9 +179,9 @@ class FineTuner:
             status=info.status,
             created_at=now,
             updated_at=now,
-            dataset_since=pending.options.since,
-            dataset_chat_id=pending.options.chat_id,
-            dataset_photos=pending.options.include_photos,
+            dataset_since=held.options.since,
+            dataset_chat_id=held.options.chat_id,
+            dataset_photos=held.options.include_photos,
         )
         await self._jobs.add(job)
         await self._jobs.mark_notified(job.job_id, job.status)  # the admin sees it start
@@ -298,11 +294,18 @@ class FineTuner:
             return
         await self._jobs.mark_notified(job.job_id, info.status, message_id)
 
-    async def run(self, notify: Notify, interval: float) -> None:
-        """Poll until cancelled; a failing round is logged and the next one comes anyway."""
+    async def run(
+        self, notify: Notify, interval: float, leads: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
+        """Poll until cancelled; a failing round is logged and the next one comes anyway.
+
+        With replicas, `leads` says whether this process follows the jobs now (one does at a
+        time: bot/app.py); the others ask again each round, and one takes over if it dies.
+        """
         while True:
             try:
-                await self.poll_once(notify)
+                if leads is None or await leads():
+                    await self.poll_once(notify)
             except Exception:
                 log.exception("fine-tuning poll failed")
             await asyncio.sleep(interval)

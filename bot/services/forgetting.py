@@ -24,7 +24,7 @@ from openai import AsyncOpenAI
 
 from bot.errors import classify_model_error
 from bot.services.finetune import FineTuner
-from storage.forget import ForgetStore
+from storage.interface import ForgetStore
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from openai import AsyncOpenAI
 
 from bot.errors import classify_model_error
 from bot.services.chat import CHAT_ROUTE, SERVE_ROUTE, ChatService
-from storage.settings import SettingsStore
+from storage.interface import SettingsStore
 
 log = logging.getLogger(__name__)
 

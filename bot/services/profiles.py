@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.domain import ChatKey
-from storage.settings import SettingsStore
+from storage.interface import SettingsStore
 
 DEFAULT = "default"
 DEFAULT_TITLE = "Default"  # shown in the reader's language (assistant.default_title)
