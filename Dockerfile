@@ -25,7 +25,7 @@ COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY handlers ./handlers
 COPY storage ./storage
-RUN pip install .
+RUN pip install ".[postgres]"
 COPY docker/entrypoint.py /usr/local/bin/parley-entrypoint
 
 VOLUME ["/data"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 from openai import AsyncOpenAI, DefaultAioHttpClient
 from pydantic import SecretStr
@@ -18,6 +20,8 @@ from bot.context import BotData, CustomContext, ParleyApp, Services
 from bot.domain import EvalRun, JobRecord
 from bot.durability import DurableBot, Inbox, InboxSlot
 from bot.health import keep_heartbeat
+from bot.ratelimit import SharedRateLimiter
+from bot.replicas import Replica
 from bot.services.albums import Albums
 from bot.services.alerts import AdminAlerts
 from bot.services.canary import Canary
@@ -28,6 +32,7 @@ from bot.services.evaluation import ChatJudge, Evaluation, Replayer, ResponsesJu
 from bot.services.feedback import Feedback
 from bot.services.finetune import FineTuner
 from bot.services.forgetting import Forgetting
+from bot.services.held import HeldDatasets, MemoryHeldDatasets, StoredHeldDatasets
 from bot.services.images import ImageLimits
 from bot.services.models import ModelRouter
 from bot.services.names import Names
@@ -39,7 +44,7 @@ from bot.services.sentiment import build_analyzer
 from bot.services.trainer import JobInfo, OpenAITrainer, SelfHostedTrainer, Trainer
 from bot.services.voice import Transcriber, VoiceService
 from bot.settings import Settings
-from bot.startup import open_store
+from bot.startup import StartupError, open_store
 from bot.telegram_http import AiohttpRequest
 from bot.texts import DEFAULT_LANGUAGE, LANGUAGES, command_descriptions
 from handlers import (
@@ -57,7 +62,7 @@ from handlers import (
     photos,
     voice,
 )
-from storage.db import Store
+from storage.interface import Store
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ async def start_services(
     profiles = load_profiles(
         settings.profiles_file, settings.assistant_instructions, settings.conversation_backend
     )
-    store = await open_store(settings.database_path)
+    store = await open_store(settings)
     try:
         return await _build_services(settings, albums, store, profiles, openai_client)
     except BaseException:
@@ -160,15 +165,21 @@ async def _build_services(
         extra.append(trainer_client)
         trainer = SelfHostedTrainer(trainer_client, epochs=settings.fine_tune_epochs)
         earlier.append(openai_trainer)  # jobs started on OpenAI are still followed
+    # Built datasets wait for their admin's "start": in memory, or with PostgreSQL in the
+    # database, where any replica may get the press.
+    held: HeldDatasets = MemoryHeldDatasets()
+    if (held_store := getattr(store, "held", None)) is not None:
+        held = StoredHeldDatasets(held_store, settings.datasets_dir)
     finetune = FineTuner(
         store.jobs,
         trainer,
         dataset=store.dataset,
         earlier=earlier,
-        datasets_dir=settings.database_path.parent / "datasets",
+        datasets_dir=settings.datasets_dir,
         base_model=settings.fine_tune_base_model,
         suffix=settings.fine_tune_suffix,
         epochs=settings.fine_tune_epochs,
+        held=held,
     )
     evaluator, canary = await _evaluation(
         settings, store, chat, models, finetune, client, serve_client, extra
@@ -286,9 +297,43 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         services = app.bot_data.services = await start_services(settings, albums, openai_client)
         inbox = slot.inbox = Inbox(services.store, max_attempts=settings.max_update_attempts)
         processor.attach(inbox)
-        # Updates a crash left unhandled go first, before anything new is fetched.
-        for update in await inbox.replay(bot):
-            await app.update_queue.put(update)
+        store = services.store
+        leads: Callable[[], Awaitable[bool]] | None = None
+        resume = True
+        shared = None
+        if settings.postgres:
+            from storage.pg.db import PgStore  # an install extra: imported only when used
+
+            assert isinstance(store, PgStore) and isinstance(limiter, SharedRateLimiter)
+            shared = store
+            limiter.attach(store.rates)
+        if shared is not None:
+            # PostgreSQL: other processes may share the database (bot/replicas.py).
+            if settings.webhook_url is None and not await shared.locks.acquire("polling"):
+                raise StartupError(
+                    "polling",
+                    "another Parley process is already polling Telegram with this database:"
+                    " stop it, or run several replicas with a webhook (WEBHOOK_URL)",
+                )
+            leads = partial(shared.locks.acquire, "jobs")  # one process follows jobs
+            resume = await leads()
+        if shared is not None and settings.webhook_url is not None:
+            replica = services.replica = Replica(
+                shared.inbox,
+                bot,
+                lambda u: processor.process_update(u, app.process_update(u)),
+                albums=albums,
+                album_wait=settings.album_wait,
+                before=services.follow_shared_settings,
+                tried=inbox.remember,
+            )
+            slot.deliver = replica.deliver
+            await inbox.purge()
+            services.background.append(asyncio.create_task(replica.run()))
+        else:
+            # Updates a crash left unhandled go first, before anything new is fetched.
+            for update in await inbox.replay(bot):
+                await app.update_queue.put(update)
 
         async def notify(record: JobRecord, info: JobInfo) -> int | None:
             lang = await services.alerts.language_of(record.started_by)
@@ -303,10 +348,12 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         await set_command_menus(app.bot, settings.admin_user_ids)
         # Following fine-tuning jobs resumes after a restart: unfinished ones are in the db.
         services.background.append(
-            asyncio.create_task(services.finetune.run(notify, settings.job_poll_interval))
+            asyncio.create_task(services.finetune.run(notify, settings.job_poll_interval, leads))
         )
         # Evaluations under way when the bot stopped resume where they were.
-        services.background.append(asyncio.create_task(services.evaluation.run(report)))
+        services.background.append(
+            asyncio.create_task(services.evaluation.run(report, resume=resume))
+        )
         if settings.progress_shed_lag > 0:
             services.background.append(asyncio.create_task(services.chat.gate.watch_lag()))
         if settings.heartbeat_file is not None:  # the container's liveness (bot/health.py)
@@ -318,6 +365,9 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     async def post_stop(app: ParleyApp) -> None:
         services = app.bot_data.services
         if services is not None:
+            if services.replica is not None:
+                # Other replicas take its chats over now.
+                await services.replica.stop(settings.shutdown_grace / 2)
             for task in services.background:
                 task.cancel()
             await asyncio.gather(*services.background, return_exceptions=True)
@@ -335,6 +385,21 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
 
     api = settings.telegram_api_url
     slot = InboxSlot()
+    # Telegram's limits are the bot's, not a process's: with PostgreSQL, replicas share them
+    # through the database (attached once it is open); one process keeps them in memory.
+    limiter: SharedRateLimiter | AIORateLimiter = (
+        SharedRateLimiter(
+            overall_max_rate=settings.telegram_max_rate,
+            group_max_rate=settings.telegram_group_rate,
+            max_retries=settings.telegram_max_retries,
+        )
+        if settings.postgres
+        else AIORateLimiter(
+            overall_max_rate=settings.telegram_max_rate,
+            group_max_rate=settings.telegram_group_rate,
+            max_retries=settings.telegram_max_retries,
+        )
+    )
     bot = DurableBot(
         settings.telegram_bot_token.get_secret_value(),
         slot=slot,
@@ -346,11 +411,7 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         get_updates_request=AiohttpRequest(
             connection_pool_size=1, pool_timeout=1.0, finish_sent=False
         ),
-        rate_limiter=AIORateLimiter(
-            overall_max_rate=settings.telegram_max_rate,
-            group_max_rate=settings.telegram_group_rate,
-            max_retries=settings.telegram_max_retries,
-        ),
+        rate_limiter=limiter,
     )
     processor = ChatOrderedUpdateProcessor(settings.max_concurrent_updates, albums)
     app: ParleyApp = (

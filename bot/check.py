@@ -97,7 +97,41 @@ async def _models(settings: Settings) -> list[Result]:
 
 async def _database(settings: Settings) -> Result:
     """Whether the bot can open its database, without creating or changing it."""
+    if settings.postgres:
+        return await inspect_postgres(settings)
     return await asyncio.to_thread(inspect_database, settings.database_path)
+
+
+async def inspect_postgres(settings: Settings) -> Result:
+    """Connect to the PostgreSQL database and read its schema version; change nothing."""
+    name = settings.database_name
+    try:
+        from storage.pg.db import inspect as inspect_pg
+    except ImportError:
+        return False, (
+            f"Database: {name} is PostgreSQL, but its driver is not installed"
+            ' (pip install "parley[postgres]")'
+        )
+    state = await inspect_pg(settings.database_url)
+    if state.problem == "unreachable":
+        detail = redact(state.detail, settings)
+        return False, f"Database: cannot connect to {name} ({detail}): check DATABASE_URL"
+    if state.problem == "unreadable":
+        return False, f"Database: {name} cannot be read ({redact(state.detail, settings)})"
+    if state.problem == "foreign":
+        return False, (
+            f"Database: {name} holds tables that are not Parley's: give Parley a database"
+            " (or schema) of its own"
+        )
+    if state.problem == "newer":
+        return False, (
+            f"Database: {name} has schema {state.version}, newer than this version of Parley"
+            f" knows ({state.latest})"
+        )
+    if not state.exists:
+        return True, f"Database: {name} is empty; the bot creates its tables when it starts"
+    pending = f", {state.pending} migrations to apply at start" if state.pending else ""
+    return True, f"Database: {name} (schema {state.version}{pending})"
 
 
 def inspect_database(path: Path) -> Result:

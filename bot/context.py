@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openai import AsyncOpenAI
 from telegram.ext import Application, CallbackContext, ExtBot
@@ -24,7 +24,10 @@ from bot.services.names import Names
 from bot.services.photos import PhotoService
 from bot.services.voice import VoiceService
 from bot.settings import Settings
-from storage.db import Store
+from storage.interface import Store
+
+if TYPE_CHECKING:
+    from bot.replicas import Replica
 
 
 @dataclass(slots=True)
@@ -51,6 +54,14 @@ class Services:
     # Clients of the trainer and serving endpoints, closed at shutdown.
     clients: list[AsyncOpenAI] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # With replicas (PostgreSQL and a webhook): this process's share of the chats.
+    replica: Replica | None = None
+
+    async def follow_shared_settings(self) -> None:
+        """Take up what another replica may have changed since: the model in use and the
+        canary (read before each update, so a switch holds from the next message on)."""
+        await self.models.restore()
+        await self.canary.restore()
 
 
 class BotData:

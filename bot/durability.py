@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,10 +36,10 @@ from telegram.error import TelegramError
 from telegram.ext import Application, ExtBot
 
 from bot.addressing import mentions_bot, replies_to_bot
-from bot.domain import utf8_safe
+from bot.domain import Lane, utf8_safe
 from bot.errors import StorageUnavailable, WriterClosed
 from bot.texts import tr
-from storage.db import Store
+from storage.interface import Store
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,16 @@ class Inbox:
 
         Raises `StorageUnavailable` while storage fails: nothing was stored.
         """
-        rows, kept = [], []
+        rows, kept, lanes = [], [], {}
         for update in updates:
             prepared = _storable(update)
             if prepared is None:
                 continue
             kept.append(prepared[0])
             rows.append((prepared[0].update_id, prepared[1]))
-        fresh = await self.store.inbox.accept(rows)
+            if (lane := lane_of(prepared[0])) is not None:
+                lanes[prepared[0].update_id] = lane
+        fresh = await self.store.inbox.accept(rows, lanes)
         self._told.clear()
         self.backoff.reset()
         if len(fresh) < len(rows):
@@ -128,6 +130,10 @@ class Inbox:
         """How many times handling of `update` started in earlier runs and never finished."""
         return self._tried.get(update.update_id, 0) if isinstance(update, Update) else 0
 
+    def remember(self, update_id: int, attempts: int) -> None:
+        """A pending update another process began (replicas): `tried` counts its attempts."""
+        self._tried[update_id] = attempts
+
     async def begin(self, update: object) -> bool:
         """Count an attempt at handling `update`; False if it is set aside instead."""
         if not isinstance(update, Update):
@@ -157,14 +163,18 @@ class Inbox:
     async def done(self, update_ids: Sequence[int]) -> None:
         await self.store.inbox.done(update_ids)
 
-    async def replay(self, bot: ExtBot[Any]) -> list[Update]:
-        """The updates a crash left unhandled, ready to be queued again; purges old ones."""
+    async def purge(self) -> None:
+        """Forget handled updates old enough that Telegram won't deliver them again."""
         try:
             await self.store.inbox.purge(
                 (datetime.now(UTC) - timedelta(days=2)).isoformat(timespec="milliseconds")
             )
         except StorageUnavailable:
             pass  # housekeeping: next time
+
+    async def replay(self, bot: ExtBot[Any]) -> list[Update]:
+        """The updates a crash left unhandled, ready to be queued again; purges old ones."""
+        await self.purge()
         self._tried = await self.store.inbox.tried()
         updates, unreadable = [], []
         for update_id, payload in await self.store.inbox.pending():
@@ -203,6 +213,17 @@ def _storable(update: Update) -> tuple[Update, str] | None:
         log.info("update %d: replaced text UTF-8 can't carry", update.update_id)
         return rebuilt, clean
     return update, payload
+
+
+def lane_of(update: Update) -> Lane | None:
+    """The chat (and album) an update is handled in order with; None if it has no chat."""
+    from bot.concurrency import chat_key_of
+
+    key = chat_key_of(update)
+    if key is None:
+        return None
+    message = update.message
+    return Lane(key, message.media_group_id if message is not None else None)
 
 
 def _addressed(update: Update) -> bool:
@@ -246,6 +267,9 @@ class InboxSlot:
     inbox: Inbox | None = None
     # Updates below this id are stored (fresh or seen before): Telegram may forget them.
     offset: int = 0
+    # Where the webhook hands a stored update on: PTB's queue, or with replicas this
+    # process's share of the chats (bot/replicas.py); set once the database is open.
+    deliver: Callable[[Update], Awaitable[None]] | None = None
 
 
 class DurableBot(ExtBot[None]):
@@ -260,6 +284,10 @@ class DurableBot(ExtBot[None]):
     @property
     def inbox(self) -> Inbox | None:
         return self._slot.inbox
+
+    @property
+    def deliver(self) -> Callable[[Update], Awaitable[None]] | None:
+        return self._slot.deliver
 
     async def get_updates(self, *args: Any, **kwargs: Any) -> tuple[Update, ...]:
         slot = self._slot

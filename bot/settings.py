@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -134,7 +135,11 @@ class Settings(BaseSettings):
     # updates, it touches this file every few seconds; `python -m bot.health` checks its age.
     heartbeat_file: Path | None = None
 
+    # sqlite:///path (the default: one process, embedded) or postgresql://user@host/db (one
+    # process, or several replicas with a webhook). With PostgreSQL, DATA_DIR holds the
+    # datasets /train builds (with SQLite they go beside the database file).
     database_url: str = "sqlite:///data/parley.sqlite3"
+    data_dir: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     # Streaming: minimum seconds between two draft updates of one reply (Telegram throttles edits).
@@ -147,7 +152,8 @@ class Settings(BaseSettings):
     # PROGRESS_MAX_IN_FLIGHT=0 turns progress off altogether.
     progress_max_in_flight: int = Field(default=16, ge=0)
     progress_shed_lag: float = Field(default=0.1, ge=0)
-    # Outgoing Telegram rate limits (PTB's AIORateLimiter); 429s are retried regardless.
+    # Outgoing Telegram rate limits for the bot as a whole (bot/ratelimit.py with PostgreSQL,
+    # PTB's AIORateLimiter otherwise); 429s are retried regardless.
     # 0 turns a limit off, e.g. for a self-hosted Bot API server or a benchmark.
     telegram_max_rate: float = Field(default=30.0, ge=0)  # requests per second, whole bot
     telegram_group_rate: float = Field(default=20.0, ge=0)  # messages per minute per group
@@ -216,17 +222,46 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _sqlite_only(cls, value: str) -> str:
+    def _database(cls, value: str) -> str:
+        if value.startswith(("postgresql://", "postgres://")):
+            if not urlsplit(value).hostname and "host=" not in value:
+                raise ValueError("must name the PostgreSQL server: postgresql://user@host/db")
+            return value
         if not value.startswith("sqlite:///"):
-            raise ValueError("must look like sqlite:///relative/path or sqlite:////absolute/path")
+            raise ValueError(
+                "must look like sqlite:///relative/path, sqlite:////absolute/path or"
+                " postgresql://user@host:5432/database"
+            )
         if value.removeprefix("sqlite:///") in ("", ":memory:"):
             raise ValueError("must name a database file (the log must survive restarts)")
         return value
 
     @property
+    def postgres(self) -> bool:
+        """Whether DATABASE_URL names a PostgreSQL database (else a SQLite file)."""
+        return self.database_url.startswith(("postgresql://", "postgres://"))
+
+    @property
     def database_path(self) -> Path:
         """The SQLite file named by DATABASE_URL (`sqlite:///rel` or `sqlite:////abs`)."""
         return Path(self.database_url.removeprefix("sqlite:///"))
+
+    @property
+    def database_name(self) -> str:
+        """The database as logs may show it: the file, or the server and database without
+        user or password."""
+        if not self.postgres:
+            return str(self.database_path)
+        parts = urlsplit(self.database_url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"postgresql://{parts.hostname or ''}{port}{parts.path}"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Where /train writes the datasets it builds."""
+        if self.data_dir is not None:
+            return self.data_dir / "datasets"
+        return (Path("data") if self.postgres else self.database_path.parent) / "datasets"
 
     @property
     def vision_model(self) -> str:
@@ -279,7 +314,10 @@ class Settings(BaseSettings):
             self.serve_api_key,
             self.eval_api_key,
         )
-        return [s.get_secret_value() for s in held if s is not None and s.get_secret_value()]
+        found = [s.get_secret_value() for s in held if s is not None and s.get_secret_value()]
+        if self.postgres and (password := urlsplit(self.database_url).password):
+            found.append(password)
+        return found
 
     def is_admin(self, user_id: int | None) -> bool:
         return user_id is not None and user_id in self.admin_user_ids
@@ -335,6 +373,11 @@ def validate(settings: Settings) -> None:
         problems.append(
             "OPENAI_API_KEY is not set"
             " (or set OPENAI_BASE_URL for a local OpenAI-compatible server)"
+        )
+    if settings.postgres and settings.webhook_url and settings.webhook_secret is None:
+        problems.append(
+            "WEBHOOK_SECRET is not set: with PostgreSQL and a webhook, every replica must"
+            " check the same secret"
         )
     try:
         load_profiles(

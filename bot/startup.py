@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard
 
 from pydantic import SecretStr
@@ -25,7 +24,7 @@ from bot.settings import Settings
 
 if TYPE_CHECKING:
     from bot.context import ParleyApp
-    from storage.db import Store
+    from storage.interface import Store
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +101,16 @@ async def initialize(app: ParleyApp) -> None:
         raise
 
 
-async def open_store(path: Path) -> Store:
-    """The database, or a StartupError saying why it can't be opened."""
-    from storage.db import DatabaseError, Store
+async def open_store(settings: Settings) -> Store:
+    """The database DATABASE_URL names, or a StartupError saying why it can't be opened."""
+    if settings.postgres:
+        return await _open_postgres(settings)
+    from storage.db import DatabaseError
+    from storage.db import Store as SqliteStore
 
+    path = settings.database_path
     try:
-        return await Store.open(path)
+        return await SqliteStore.open(path)
     except (OSError, DatabaseError) as exc:
         reason = str(exc)
         if isinstance(exc, OSError) and exc.strerror:  # e.g. "File exists: data"
@@ -116,6 +119,26 @@ async def open_store(path: Path) -> Store:
             "database",
             f"cannot open the database {path} ({reason}): check DATABASE_URL, and that"
             f" this user may write to {path.parent}",
+        ) from exc
+
+
+async def _open_postgres(settings: Settings) -> Store:
+    try:
+        from storage.pg.db import DatabaseError, PgStore
+    except ImportError as exc:
+        raise StartupError(
+            "database",
+            "DATABASE_URL names a PostgreSQL database, but its driver is not installed:"
+            ' pip install "parley[postgres]"',
+        ) from exc
+    try:
+        return await PgStore.open(settings.database_url)
+    except (OSError, DatabaseError) as exc:
+        reason = redact((str(exc).strip().splitlines() or [type(exc).__name__])[0], settings)
+        raise StartupError(
+            "database",
+            f"cannot use the database {settings.database_name} ({reason}): check DATABASE_URL,"
+            " and that the server runs and this user may create tables there",
         ) from exc
 
 
@@ -245,6 +268,6 @@ def log_started(app: ParleyApp, settings: Settings) -> None:
         "Parley started: backend=%s model=%s database=%s, event loop: %s",
         settings.conversation_backend,
         services.models.current if services else settings.openai_model,
-        settings.database_path,
+        settings.database_name,
         loop,
     )

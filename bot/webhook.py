@@ -91,6 +91,9 @@ def make_server(app: ParleyApp, path: str, secret: str) -> web.Application:
             if not accepted:
                 return web.Response(text="ok")
             update = accepted[0]
+            if bot.deliver is not None:
+                await bot.deliver(update)
+                return web.Response(text="ok")
         await app.update_queue.put(update)
         return web.Response(text="ok")
 

@@ -116,7 +116,7 @@ def test_missing_token_exits_with_one_line_naming_it(tmp_path: Path) -> None:
             "CONVERSATION_BACKEND",
         ),
         (
-            {"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "DATABASE_URL": "postgres://db"},
+            {"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "DATABASE_URL": "mysql://db"},
             "DATABASE_URL",
         ),
         ({"TELEGRAM_BOT_TOKEN": "x", "OPENAI_API_KEY": "k", "EVENT_LOOP": "trio"}, "EVENT_LOOP"),
