@@ -25,6 +25,9 @@ COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY handlers ./handlers
 COPY storage ./storage
+# The project itself, with its PostgreSQL extra (versions pinned by pyproject.toml's ranges;
+# hadolint reads ".[postgres]" as an unpinned package name).
+# hadolint ignore=DL3013
 RUN pip install ".[postgres]"
 COPY docker/entrypoint.py /usr/local/bin/parley-entrypoint
 
