@@ -11,7 +11,7 @@ from telegram.ext import Application, CallbackContext, ExtBot
 
 from bot.services.albums import Albums
 from bot.services.alerts import AdminAlerts
-from bot.services.canary import Canary
+from bot.services.canary import CANARY_KEY, Canary
 from bot.services.chat import ChatService
 from bot.services.conversations import ConversationBackend
 from bot.services.documents import DocumentService
@@ -19,7 +19,7 @@ from bot.services.evaluation import Evaluation
 from bot.services.feedback import Feedback
 from bot.services.finetune import FineTuner
 from bot.services.forgetting import Forgetting
-from bot.services.models import ModelRouter
+from bot.services.models import MODEL_KEYS, ModelRouter
 from bot.services.names import Names
 from bot.services.photos import PhotoService
 from bot.services.voice import VoiceService
@@ -60,8 +60,9 @@ class Services:
     async def follow_shared_settings(self) -> None:
         """Take up what another replica may have changed since: the model in use and the
         canary (read before each update, so a switch holds from the next message on)."""
-        await self.models.restore()
-        await self.canary.restore()
+        values = await self.store.settings.get_many((*MODEL_KEYS, CANARY_KEY))  # one query
+        self.models.take_up(values)
+        self.canary.take_up(values.get(CANARY_KEY))
 
 
 class BotData:

@@ -85,7 +85,7 @@ class Replica:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._inbox = inbox
         self._bot = bot
-        self._handle = handle
+        self._handle_update = handle
         self._albums = albums
         self._album_wait = album_wait
         self._before = before  # what each update needs fresh from the database (the model)
@@ -129,38 +129,43 @@ class Replica:
         if not await self._inbox.claim(chat, self.owner, self.ttl):
             return  # another replica has it, and will see what was stored
         seen: set[int] = set()
+        batch = await self._inbox.chat_pending(chat, BATCH)
         while not self._stopping:
             self._again.discard(chat)
+            if batch:
+                await self._handle(batch, seen)
+            # Given up only if nothing of the chat waits (checked in the same statement).
+            if self._stopping or await self._inbox.release(chat, self.owner):
+                return
             batch = await self._inbox.chat_pending(chat, BATCH)
-            if not batch:
-                if await self._inbox.release(chat, self.owner):
-                    return
-                if not await self._inbox.holds(chat, self.owner):
-                    return  # it expired and another replica took it over
+            if not batch and not await self._inbox.holds(chat, self.owner):
+                return  # it expired and another replica took it over
+
+    async def _handle(self, batch: list[PendingUpdate], seen: set[int]) -> None:
+        """Handle a chat's pending updates in order, until an album needs a fresh look."""
+        for item in batch:
+            if self._stopping:
+                return
+            if item.update_id in seen:
+                # Handled here, yet still pending: never loop on it.
+                await self._inbox.quarantine(
+                    [item.update_id], "handled but could not be marked done"
+                )
                 continue
-            for item in batch:
-                if self._stopping:
-                    return
-                if item.update_id in seen:
-                    # Handled here, yet still pending: never loop on it.
-                    await self._inbox.quarantine(
-                        [item.update_id], "handled but could not be marked done"
-                    )
-                    continue
-                if item.media_group is not None:
-                    if item.age < self._album_wait:
-                        await asyncio.sleep(self._album_wait - item.age)
-                        break  # read again: more parts may have come
-                    parts = [p for p in batch if p.media_group == item.media_group]
-                    seen.update(p.update_id for p in parts)
-                    await self._album(parts)
-                    break  # the parts handled with the first are done now
-                seen.add(item.update_id)
-                update = self._decode(item)
-                if update is None:
-                    await self._inbox.quarantine([item.update_id], "stored update can't be read")
-                    continue
-                await self._run(update, item)
+            if item.media_group is not None:
+                if item.age < self._album_wait:
+                    await asyncio.sleep(self._album_wait - item.age)
+                    return  # read again: more parts may have come
+                parts = [p for p in batch if p.media_group == item.media_group]
+                seen.update(p.update_id for p in parts)
+                await self._album(parts)
+                return  # the parts handled with the first are done now
+            seen.add(item.update_id)
+            update = self._decode(item)
+            if update is None:
+                await self._inbox.quarantine([item.update_id], "stored update can't be read")
+                continue
+            await self._run(update, item)
 
     async def _album(self, parts: list[PendingUpdate]) -> None:
         decoded = [(p, self._decode(p)) for p in parts]
@@ -180,7 +185,7 @@ class Replica:
             self._tried(item.update_id, item.attempts)
         if self._before is not None:
             await self._before()
-        await self._handle(update)
+        await self._handle_update(update)
 
     def _decode(self, item: PendingUpdate) -> Update | None:
         try:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
-from bot.domain import ChatKey, Thread, TurnRecord, utcnow
+from bot.domain import ChatKey, Lane, Thread, TurnRecord, utcnow
 from storage.migrations import Migration
 from storage.pg.db import PgStore
 from storage.pg.migrations import PG_MIGRATIONS
@@ -182,3 +182,57 @@ async def test_a_write_whose_caller_is_cancelled_still_lands_and_close_waits_for
     async with await psycopg.AsyncConnection.connect(pg_url) as db:
         cur = await db.execute("SELECT value FROM bot_settings WHERE key = 'model'")
         assert await cur.fetchall() == [("ft:kept",)]
+
+
+async def test_the_inbox_counts_attempts_sets_aside_at_the_limit_and_dedupes(
+    pg_url: str,  # noqa: F811
+) -> None:
+    store = await PgStore.open(pg_url)
+    try:
+        chat = ChatKey(5)
+        assert await store.inbox.accept([(1, "{}"), (2, "{}")], {1: Lane(chat)}) == {1, 2}
+        assert await store.inbox.accept([(2, "{}"), (3, "{}")]) == {3}  # 2 seen before
+        assert await store.inbox.begin(1, 2) == (0, False)
+        assert await store.inbox.begin(1, 2) == (1, False)
+        assert await store.inbox.tried() == {1: 2}
+        assert await store.inbox.begin(1, 2) == (2, True)  # the limit: set aside
+        assert await store.inbox.begin(1, 2) is None  # no longer pending
+        assert await store.inbox.quarantined() == [
+            (1, 2, "handling started 2 times and never finished")
+        ]
+        await store.inbox.done([2])
+        assert await store.inbox.pending() == [(3, "{}")]
+    finally:
+        await store.close()
+
+
+async def test_one_replica_at_a_time_holds_a_chat_and_gives_it_up_only_when_nothing_waits(
+    replicas: tuple[PgStore, PgStore],
+) -> None:
+    first, second = replicas
+    chat, other = ChatKey(7), ChatKey(8, 3)
+    await first.inbox.accept(
+        [(1, "a"), (2, "b"), (3, "c")],
+        {1: Lane(chat), 2: Lane(chat, "album"), 3: Lane(other)},
+    )
+    assert set(await second.inbox.orphaned()) == {chat, other}
+    assert await first.inbox.claim(chat, "r1", 10)
+    assert await first.inbox.claim(chat, "r1", 10)  # kept
+    assert not await second.inbox.claim(chat, "r2", 10)  # held by r1
+    assert await second.inbox.orphaned() == [other]
+    waiting = await second.inbox.chat_pending(chat)
+    assert [(p.update_id, p.media_group) for p in waiting] == [(1, None), (2, "album")]
+    assert all(0 <= p.age < 60 for p in waiting)
+    assert not await first.inbox.release(chat, "r1")  # updates wait: r1 keeps the chat
+    await first.inbox.done([1, 2])
+    assert not await second.inbox.release(chat, "r2")  # not r2's to give up
+    assert await first.inbox.release(chat, "r1")
+    assert await second.inbox.claim(chat, "r2", 10)
+    # A lease not renewed runs out: another replica may take the chat.
+    assert await second.inbox.claim(other, "r2", 0.2)
+    assert not await first.inbox.claim(other, "r1", 10)
+    await asyncio.sleep(0.3)
+    assert await first.inbox.claim(other, "r1", 10)
+    assert await second.inbox.renew("r2", 10) == 1  # the chat it still holds
+    await second.inbox.release_all("r2")
+    assert await first.inbox.claim(chat, "r1", 10)

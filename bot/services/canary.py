@@ -119,7 +119,10 @@ class Canary:
 
     async def restore(self) -> None:
         """Take up the canary in force before the last restart."""
-        raw = await self._settings.get(CANARY_KEY)
+        self.take_up(await self._settings.get(CANARY_KEY))
+
+    def take_up(self, raw: str | None) -> None:
+        """Use the canary stored as `raw` (the bot setting CANARY_KEY); none if empty."""
         if not raw:
             self.state = None  # none, or stopped (by another replica, say)
             return

@@ -8,6 +8,7 @@ from the dialogue log. The choice outlives restarts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import openai
@@ -20,6 +21,7 @@ from storage.interface import SettingsStore
 log = logging.getLogger(__name__)
 
 MODEL_KEY, ROUTE_KEY = "model", "model_route"
+MODEL_KEYS = (MODEL_KEY, ROUTE_KEY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +62,13 @@ class ModelRouter:
 
     async def restore(self) -> None:
         """Take up the model (and route) chosen before the last restart."""
-        name = await self._settings.get(MODEL_KEY)
+        self.take_up(await self._settings.get_many(MODEL_KEYS))
+
+    def take_up(self, values: Mapping[str, str]) -> None:
+        """Use the model stored in `values` (the bot settings MODEL_KEYS read), if any."""
+        name = values.get(MODEL_KEY)
         if name:
-            route = await self._settings.get(ROUTE_KEY)
+            route = values.get(ROUTE_KEY)
             self._chat.model = name
             self._chat.route = SERVE_ROUTE if route == SERVE_ROUTE else CHAT_ROUTE
 
@@ -86,8 +92,7 @@ class ModelRouter:
 
     async def switch(self, name: str, route: str = CHAT_ROUTE) -> None:
         """Answer with `name` through `route` from now on, and after restarts too."""
-        await self._settings.set(MODEL_KEY, name)
-        await self._settings.set(ROUTE_KEY, route)
+        await self._settings.set_many({MODEL_KEY: name, ROUTE_KEY: route})
         self._chat.model, self._chat.route = name, route
 
 

@@ -79,25 +79,31 @@ class PgPart:
         self._pool = pool
         self._health = health
 
-    async def _write(self, work: Work[T], *, fail_fast: bool = False) -> T:
+    async def _write(self, work: Work[T], *, fail_fast: bool = False, single: bool = False) -> T:
         """Run `work` in one transaction; its result (see the module's docstring).
 
         A write, once asked for, is carried out even if its caller is cancelled (as in
         SQLite's writer): it records something already done, such as a reply sent.
+        `single`: `work` runs one statement, atomic by itself, so no BEGIN and COMMIT (two
+        round trips saved on the writes every message makes).
         """
-        task = asyncio.ensure_future(self._attempts(work, fail_fast))
+        task = asyncio.ensure_future(self._attempts(work, fail_fast, single))
         self._health.track(task)
         return await asyncio.shield(task)
 
-    async def _attempts(self, work: Work[T], fail_fast: bool) -> T:
+    async def _attempts(self, work: Work[T], fail_fast: bool, single: bool) -> T:
         delay, tries = RETRY_FIRST, 0
         while True:
             if self._health.closed:
                 raise WriterClosed("the store is closed")
             tries += 1
             try:
-                async with self._pool.connection() as conn, conn.transaction():
-                    result = await work(conn)
+                async with self._pool.connection() as conn:
+                    if single:
+                        result = await work(conn)
+                    else:
+                        async with conn.transaction():
+                            result = await work(conn)
             except Exception as exc:
                 if _conflict(exc):
                     continue

@@ -37,56 +37,52 @@ class PgInboxStore(PgPart):
         now = utcnow()
         lanes = lanes or {}
 
-        async def accept(conn: Conn) -> set[int]:
-            fresh = set()
-            for update_id, payload in updates:
-                lane = lanes.get(update_id)
-                chat = lane.chat if lane is not None else NO_CHAT
-                cur = await conn.execute(
-                    "INSERT INTO inbox (update_id, payload, received_at, chat_id, topic_id,"
-                    " media_group) VALUES (%s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (update_id) DO NOTHING",
-                    (
-                        update_id,
-                        payload,
-                        now,
-                        chat.chat_id,
-                        chat.topic_id,
-                        lane.media_group if lane is not None else None,
-                    ),
-                )
-                if cur.rowcount:
-                    fresh.add(update_id)
-            return fresh
+        rows = []
+        for update_id, payload in updates:
+            lane = lanes.get(update_id)
+            chat = lane.chat if lane is not None else NO_CHAT
+            group = lane.media_group if lane is not None else None
+            rows.append((update_id, payload, now, chat.chat_id, chat.topic_id, group))
 
-        return await self._write(accept, fail_fast=True)
+        async def accept(conn: Conn) -> set[int]:
+            # One statement for the batch: atomic without a transaction around it.
+            cur = await conn.execute(
+                "INSERT INTO inbox (update_id, payload, received_at, chat_id, topic_id,"
+                " media_group) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[],"
+                " %s::bigint[], %s::bigint[], %s::text[])"
+                " ON CONFLICT (update_id) DO NOTHING RETURNING update_id",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+            return {int(row[0]) for row in await cur.fetchall()}
+
+        return await self._write(accept, fail_fast=True, single=True)
 
     async def begin(self, update_id: int, max_attempts: int) -> tuple[int, bool] | None:
         """Count one more attempt at handling an update (see storage/inbox.py)."""
         now = utcnow()
 
         async def begin(conn: Conn) -> tuple[int, bool] | None:
+            # One statement: counts the attempt, or sets the update aside at the limit.
             cur = await conn.execute(
-                "SELECT attempts FROM inbox WHERE update_id = %s AND done_at IS NULL FOR UPDATE",
-                (update_id,),
+                "UPDATE inbox SET"
+                " attempts = CASE WHEN attempts >= %(most)s THEN attempts ELSE attempts + 1 END,"
+                " quarantined_at = CASE WHEN attempts >= %(most)s THEN %(now)s"
+                " ELSE quarantined_at END,"
+                " done_at = CASE WHEN attempts >= %(most)s THEN %(now)s ELSE done_at END,"
+                " reason = CASE WHEN attempts >= %(most)s"
+                " THEN 'handling started ' || attempts || ' times and never finished'"
+                " ELSE reason END"
+                " WHERE update_id = %(id)s AND done_at IS NULL"
+                " RETURNING attempts, done_at IS NOT NULL",
+                {"most": max_attempts, "now": now, "id": update_id},
             )
             row = await cur.fetchone()
             if row is None:
                 return None
-            attempts = int(row[0])
-            if attempts >= max_attempts:
-                await conn.execute(
-                    "UPDATE inbox SET quarantined_at = %s, done_at = %s, reason = %s"
-                    " WHERE update_id = %s",
-                    (now, now, f"handling started {attempts} times and never finished", update_id),
-                )
-                return attempts, True
-            await conn.execute(
-                "UPDATE inbox SET attempts = %s WHERE update_id = %s", (attempts + 1, update_id)
-            )
-            return attempts, False
+            attempts, set_aside = int(row[0]), bool(row[1])
+            return (attempts, True) if set_aside else (attempts - 1, False)
 
-        return await self._write(begin)
+        return await self._write(begin, single=True)
 
     async def quarantine(self, update_ids: Sequence[int], reason: str) -> None:
         """Set updates aside unhandled, with the reason."""
@@ -108,13 +104,16 @@ class PgInboxStore(PgPart):
         now = datetime.now(UTC)
 
         async def done(conn: Conn) -> None:
+            # One statement (no transaction round trips): mark them, and sweep (below).
             await conn.execute(
-                "UPDATE inbox SET done_at = %s WHERE update_id = ANY(%s) AND done_at IS NULL",
-                (_iso(now), list(update_ids)),
+                "WITH handled AS (UPDATE inbox SET done_at = %(now)s"
+                " WHERE update_id = ANY(%(ids)s) AND done_at IS NULL RETURNING 1),"
+                f" blanked AS ({_BLANK} AND received_at >= %(keep)s RETURNING 1),"
+                f" gone AS ({_DELETE} RETURNING 1) SELECT 1",
+                {"now": _iso(now), "ids": list(update_ids), **_cutoffs(now)},
             )
-            await _inbox_sweep(conn, now)
 
-        await self._write(done)
+        await self._write(done, single=True)
 
     async def pending(self) -> list[tuple[int, str]]:
         """Updates received but not handled, oldest first."""
@@ -174,7 +173,7 @@ class PgInboxStore(PgPart):
             )
             return await cur.fetchone() is not None
 
-        return await self._write(claim)
+        return await self._write(claim, single=True)
 
     async def release(self, chat: ChatKey, owner: str) -> bool:
         """Give the chat's lease up if nothing of the chat is pending; False if something
@@ -190,7 +189,7 @@ class PgInboxStore(PgPart):
             )
             return await cur.fetchone() is not None
 
-        return await self._write(release)
+        return await self._write(release, single=True)
 
     async def holds(self, chat: ChatKey, owner: str) -> bool:
         row = await self._fetch_one(
@@ -222,7 +221,7 @@ class PgInboxStore(PgPart):
             )
             return cur.rowcount
 
-        return await self._write(renew)
+        return await self._write(renew, single=True)
 
     async def orphaned(self, limit: int = 100) -> list[ChatKey]:
         """Chats with pending updates and no live lease: their replica died, or nobody has
@@ -242,17 +241,24 @@ class PgInboxStore(PgPart):
         async def release_all(conn: Conn) -> None:
             await conn.execute("DELETE FROM chat_leases WHERE owner = %s", (owner,))
 
-        await self._write(release_all)
+        await self._write(release_all, single=True)
+
+
+# Blank the JSON of updates handled more than INBOX_PAYLOAD_KEEP ago; delete the rows of
+# handled updates received more than INBOX_KEEP ago. Both are ranges of partial indexes
+# holding only the rows still to be swept, so this costs a few rows, never a scan.
+_BLANK = (
+    "UPDATE inbox SET payload = '' WHERE done_at < %(blank)s AND payload != ''"
+    " AND quarantined_at IS NULL"
+)
+_DELETE = "DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < %(keep)s"
+
+
+def _cutoffs(now: datetime) -> dict[str, str]:
+    return {"blank": _iso(now - INBOX_PAYLOAD_KEEP), "keep": _iso(now - INBOX_KEEP)}
 
 
 async def _inbox_sweep(conn: Conn, now: datetime) -> None:
-    """As storage/inbox.py's: blank old JSON, delete old handled rows (partial indexes)."""
-    await conn.execute(
-        "UPDATE inbox SET payload = '' WHERE done_at < %s AND payload != ''"
-        " AND quarantined_at IS NULL",
-        (_iso(now - INBOX_PAYLOAD_KEEP),),
-    )
-    await conn.execute(
-        "DELETE FROM inbox WHERE done_at IS NOT NULL AND received_at < %s",
-        (_iso(now - INBOX_KEEP),),
-    )
+    """As storage/inbox.py's `_inbox_sweep`."""
+    await conn.execute(_BLANK, _cutoffs(now))
+    await conn.execute(_DELETE, _cutoffs(now))
