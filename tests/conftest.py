@@ -14,6 +14,7 @@ from aiohttp import web
 from bot.app import ALLOWED_UPDATES, build_application
 from bot.context import ParleyApp
 from bot.settings import Settings
+from tests.pg import store  # noqa: F401  (the fixture: a store of either database)
 from tests.stubs.openai_server import API_KEY, FakeOpenAI
 from tests.stubs.spec_source import Located, SpecsRefused, SpecsUnavailable, session_specs
 from tests.stubs.specs import OpenAISpec, TelegramSpec, require_shared_dir

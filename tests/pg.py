@@ -12,10 +12,16 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
 import pytest
+
+from storage.db import Store
+from storage.pg.db import PgStore
+
+AnyStore = Store | PgStore
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -81,3 +87,29 @@ async def pg_url() -> AsyncIterator[str]:
     """A fresh schema's URL (see the module's docstring)."""
     async with fresh_schema() as url:
         yield url
+
+
+@asynccontextmanager
+async def open_either(kind: str, folder: Path) -> AsyncIterator[AnyStore]:
+    """An open store of `kind` ("sqlite": a file in `folder`; "postgres": a fresh schema)."""
+    if kind == "sqlite":
+        opened: AnyStore = await Store.open(folder / "db.sqlite3")
+        try:
+            yield opened
+        finally:
+            await opened.close()
+        return
+    async with fresh_schema() as url:
+        opened = await PgStore.open(url)
+        try:
+            yield opened
+        finally:
+            await opened.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
+    """An open store of either kind, on a database of its own: storage-facing tests run
+    against both."""
+    async with open_either(request.param, tmp_path) as opened:
+        yield opened

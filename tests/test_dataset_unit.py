@@ -29,15 +29,12 @@ from bot.services.dataset import (
 )
 from bot.services.tokens import estimate_tokens
 from storage.dataset import DatasetSource
-from storage.db import Store
 from storage.pg.db import PgStore
-from tests.pg import fresh_schema
+from tests.pg import AnyStore, open_either
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 SYSTEM = "Be nice."
 ONE = DatasetOptions(min_examples=1, validation_fraction=0)  # no problems, no split
-
-AnyStore = Store | PgStore
 
 
 class Log:
@@ -112,19 +109,8 @@ class Log:
 @pytest.fixture(params=["sqlite", "postgres"])
 async def log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Log]:
     """A log in a store of either kind, on a database of its own."""
-    if request.param == "sqlite":
-        store: AnyStore = await Store.open(tmp_path / "db.sqlite3")
-        try:
-            yield Log(store)
-        finally:
-            await store.close()
-        return
-    async with fresh_schema() as url:
-        store = await PgStore.open(url)
-        try:
-            yield Log(store)
-        finally:
-            await store.close()
+    async with open_either(request.param, tmp_path) as store:
+        yield Log(store)
 
 
 def read(path: Path | None) -> list[dict[str, Any]]:

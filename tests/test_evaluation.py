@@ -31,10 +31,9 @@ from bot.services.dataset import TEST_FILE, DatasetOptions, build_dataset
 from bot.services.evaluation import Verdict, outcome_of, parse_verdict
 from bot.services.forgetting import Quotes
 from bot.services.intervals import mean_interval, wilson
-from storage.db import Store
 from storage.pg.db import PgStore
 from tests.conftest import SettingsFactory, eventually, running, settled
-from tests.pg import fresh_schema
+from tests.pg import AnyStore
 from tests.stubs.openai_server import API_KEY, FakeOpenAI, Reply
 from tests.stubs.telegram_server import FakeTelegram
 from tests.test_cli import spawn_bot
@@ -43,8 +42,6 @@ ADMIN = 42
 CHATS = range(1000, 1014)  # 14 conversations: 4 held out (30%), 10 to train on
 HELD_OUT = [1013, 1012, 1011, 1010]  # the most recent ones, most recent first
 BETTER = "better"
-
-AnyStore = Store | PgStore
 
 
 # -- Wilson's interval and the verdict arithmetic ---------------------------------------------
@@ -114,24 +111,6 @@ def test_a_judge_answer_outside_the_schema_is_an_error_not_a_tie() -> None:
 
 
 # -- the test split in the dataset -------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
-    """An open store of either kind, on a database of its own."""
-    if request.param == "sqlite":
-        opened: AnyStore = await Store.open(tmp_path / "log.sqlite3")
-        try:
-            yield opened
-        finally:
-            await opened.close()
-        return
-    async with fresh_schema() as url:
-        opened = await PgStore.open(url)
-        try:
-            yield opened
-        finally:
-            await opened.close()
 
 
 async def _log(

@@ -26,10 +26,8 @@ from storage.forget import FORGET_GENERATION
 from storage.migrations import MIGRATIONS
 from storage.pg import forget as pg_forget
 from storage.pg.db import PgStore
-from tests.pg import fresh_schema
+from tests.pg import AnyStore, fresh_schema
 from tests.stubs.telegram_server import private_text_update
-
-AnyStore = Store | PgStore
 
 FORGETTER = 100
 OTHER = 101
@@ -73,24 +71,6 @@ def test_text_without_spaces_counts_each_character_as_a_word() -> None:
 
 
 # -- the inbox ------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
-    """An open store of either kind, on a database of its own."""
-    if request.param == "sqlite":
-        opened: AnyStore = await Store.open(tmp_path / "db.sqlite3")
-        try:
-            yield opened
-        finally:
-            await opened.close()
-        return
-    async with fresh_schema() as url:
-        opened = await PgStore.open(url)
-        try:
-            yield opened
-        finally:
-            await opened.close()
 
 
 def _sql(store: AnyStore, sql: str) -> str:

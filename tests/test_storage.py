@@ -7,7 +7,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -27,28 +27,9 @@ from storage.db import Store
 from storage.migrations import MIGRATIONS, Migration
 from storage.pg.db import PgStore
 from storage.writer import Writer
-from tests.pg import fresh_schema
+from tests.pg import AnyStore
 
-AnyStore = Store | PgStore
 PAST, FUTURE = "2000-01-01T00:00:00.000+00:00", "9999-01-01T00:00:00.000+00:00"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
-    """An open store of either kind, on a database of its own."""
-    if request.param == "sqlite":
-        opened: AnyStore = await Store.open(tmp_path / "db.sqlite3")
-        try:
-            yield opened
-        finally:
-            await opened.close()
-        return
-    async with fresh_schema() as url:
-        opened = await PgStore.open(url)
-        try:
-            yield opened
-        finally:
-            await opened.close()
 
 
 def _integrity_error(store: AnyStore) -> type[Exception]:
