@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from bot.domain import Lane, utcnow
 from storage.base import Part
@@ -18,7 +19,42 @@ INBOX_PAYLOAD_KEEP = timedelta(minutes=1)
 INBOX_KEEP = timedelta(days=2)
 
 
-class InboxStore(Part):
+class InboxReads:
+    """The inbox's reads, whose SQL both databases speak alike (storage/pg/inbox.py too)."""
+
+    async def _fetch_all(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError  # the store part's
+
+    async def pending(self) -> list[tuple[int, str]]:
+        """Updates received but not handled (a crash), oldest first."""
+        return [
+            (int(u), str(p))
+            for u, p in await self._fetch_all(
+                "SELECT update_id, payload FROM inbox WHERE done_at IS NULL ORDER BY update_id"
+            )
+        ]
+
+    async def tried(self) -> dict[int, int]:
+        """Attempts of the pending updates whose handling started before (and never ended)."""
+        return {
+            int(u): int(a)
+            for u, a in await self._fetch_all(
+                "SELECT update_id, attempts FROM inbox WHERE done_at IS NULL AND attempts > 0"
+            )
+        }
+
+    async def quarantined(self) -> list[tuple[int, int, str]]:
+        """(update id, attempts, reason) of every update set aside, oldest first."""
+        return [
+            (int(u), int(a), str(r))
+            for u, a, r in await self._fetch_all(
+                "SELECT update_id, attempts, reason FROM inbox"
+                " WHERE quarantined_at IS NOT NULL ORDER BY update_id"
+            )
+        ]
+
+
+class InboxStore(Part, InboxReads):
     """Received updates, from taken in to handled or set aside."""
 
     async def accept(
@@ -106,34 +142,6 @@ class InboxStore(Part):
             _inbox_sweep(conn, now)
 
         await self._write(done)
-
-    async def pending(self) -> list[tuple[int, str]]:
-        """Updates received but not handled (a crash), oldest first."""
-        return [
-            (int(u), str(p))
-            for u, p in await self._fetch_all(
-                "SELECT update_id, payload FROM inbox WHERE done_at IS NULL ORDER BY update_id"
-            )
-        ]
-
-    async def tried(self) -> dict[int, int]:
-        """Attempts of the pending updates whose handling started before (and never ended)."""
-        return {
-            int(u): int(a)
-            for u, a in await self._fetch_all(
-                "SELECT update_id, attempts FROM inbox WHERE done_at IS NULL AND attempts > 0"
-            )
-        }
-
-    async def quarantined(self) -> list[tuple[int, int, str]]:
-        """(update id, attempts, reason) of every update set aside, oldest first."""
-        return [
-            (int(u), int(a), str(r))
-            for u, a, r in await self._fetch_all(
-                "SELECT update_id, attempts, reason FROM inbox"
-                " WHERE quarantined_at IS NOT NULL ORDER BY update_id"
-            )
-        ]
 
     async def purge(self, before: str) -> None:
         """Forget handled updates received before `before` (they only served to dedupe).

@@ -157,7 +157,10 @@ async def test_a_second_process_polling_the_same_database_is_refused_with_a_reas
     pg_url: str,  # noqa: F811
 ) -> None:
     settings = make_settings(database_url=pg_url)
+    tg.chat(100)
     async with running(settings):
+        tg.push_message(100, "hello")  # long polling with PostgreSQL works from one process
+        assert await tg.wait_sent(100, 1) == ["echo: hello"]
         second = build_application(settings)
         await second.initialize()
         try:

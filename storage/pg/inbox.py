@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from bot.domain import NO_CHAT, ChatKey, Lane, PendingUpdate, utcnow
-from storage.inbox import INBOX_KEEP, INBOX_PAYLOAD_KEEP
+from storage.inbox import INBOX_KEEP, INBOX_PAYLOAD_KEEP, InboxReads
 from storage.pg.base import Conn, PgPart
 
 
@@ -22,7 +22,7 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds")
 
 
-class PgInboxStore(PgPart):
+class PgInboxStore(PgPart, InboxReads):
     """Received updates, from taken in to handled or set aside; chat leases."""
 
     async def accept(
@@ -114,34 +114,6 @@ class PgInboxStore(PgPart):
             )
 
         await self._write(done, single=True)
-
-    async def pending(self) -> list[tuple[int, str]]:
-        """Updates received but not handled, oldest first."""
-        return [
-            (int(u), str(p))
-            for u, p in await self._fetch_all(
-                "SELECT update_id, payload FROM inbox WHERE done_at IS NULL ORDER BY update_id"
-            )
-        ]
-
-    async def tried(self) -> dict[int, int]:
-        """Attempts of the pending updates whose handling started before (and never ended)."""
-        return {
-            int(u): int(a)
-            for u, a in await self._fetch_all(
-                "SELECT update_id, attempts FROM inbox WHERE done_at IS NULL AND attempts > 0"
-            )
-        }
-
-    async def quarantined(self) -> list[tuple[int, int, str]]:
-        """(update id, attempts, reason) of every update set aside, oldest first."""
-        return [
-            (int(u), int(a), str(r))
-            for u, a, r in await self._fetch_all(
-                "SELECT update_id, attempts, reason FROM inbox"
-                " WHERE quarantined_at IS NOT NULL ORDER BY update_id"
-            )
-        ]
 
     async def purge(self, before: str) -> None:
         """Forget handled updates received before `before` (they only served to dedupe)."""
