@@ -190,3 +190,34 @@ async def test_jobs_are_followed_by_one_replica_and_another_takes_over_when_it_g
     finally:
         await first.close()
         await second.close()
+
+
+async def test_telegrams_rate_limit_holds_for_the_bot_not_for_each_replica(
+    tg: FakeTelegram,
+    oai: FakeOpenAI,
+    make_settings: SettingsFactory,
+    pg_url: str,  # noqa: F811
+) -> None:
+    rate, chats = 10, 24  # 10 requests a second overall, for the test to be quick
+    for chat in range(chats):
+        tg.chat(2000 + chat)
+    async with (
+        replicas(make_settings, pg_url, 2, telegram_max_rate=rate, draft_interval=5.0) as urls,
+        aiohttp.ClientSession() as http,
+    ):
+        # Every chat at once, half through each replica: each alone would send its share at
+        # once (a burst of `rate`), together twice the bot's rate.
+        await asyncio.gather(
+            *(
+                post(http, urls[c % 2], private_text_update(c + 1, 2000 + c, 1, f"m{c}"))
+                for c in range(chats)
+            )
+        )
+        for chat in range(chats):
+            await tg.wait_sent(2000 + chat, 1, timeout=30)
+    limited = sorted(c.at for c in tg.calls if "chat_id" in c.params)
+    assert len(limited) >= chats
+    # GCRA: the k-th request (from 0) goes no sooner than (k - burst + 1) intervals after the
+    # first; the burst is the rate's one second. Lower bounds only: a slow machine is slower.
+    for k, at in enumerate(limited):
+        assert at - limited[0] >= (k - rate + 1) / rate - 0.02, (k, at - limited[0])
