@@ -13,8 +13,8 @@ from bot.domain import JobRecord, utcnow
 from bot.services.finetune import FineTuner
 from bot.services.trainer import JobInfo
 from bot.texts import t
-from storage.db import Store
 from tests.conftest import SettingsFactory, running, settled
+from tests.pg import AnyStore
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram
 
@@ -497,47 +497,41 @@ async def test_the_cost_estimate_counts_the_configured_epochs(
 
 
 async def test_a_job_notice_under_way_when_the_poller_stops_is_recorded_not_sent_again(
-    tmp_path: Path,
+    tmp_path: Path, store: AnyStore
 ) -> None:
-    store = await Store.open(tmp_path / "db.sqlite3")
-    try:
-        now = utcnow()
-        await store.jobs.add(
-            JobRecord(
-                "ftjob-1", "openai", "m", None, None, 10, 0, 100, ADMIN, "d", "running", now, now
-            )
-        )
+    now = utcnow()
+    await store.jobs.add(
+        JobRecord("ftjob-1", "openai", "m", None, None, 10, 0, 100, ADMIN, "d", "running", now, now)
+    )
 
-        class Trainer:  # only what the poller asks of one
-            name = "openai"
+    class Trainer:  # only what the poller asks of one
+        name = "openai"
 
-            async def get(self, job_id: str) -> JobInfo:
-                return JobInfo(job_id, "succeeded", "m", 0, fine_tuned_model="ft:m")
+        async def get(self, job_id: str) -> JobInfo:
+            return JobInfo(job_id, "succeeded", "m", 0, fine_tuned_model="ft:m")
 
-        tuner = FineTuner(
-            store.jobs,
-            Trainer(),  # type: ignore[arg-type]
-            dataset=store.dataset,
-            datasets_dir=tmp_path,
-            base_model="m",
-            suffix="s",
-            epochs=1,
-        )
-        started, release, sent = asyncio.Event(), asyncio.Event(), []
+    tuner = FineTuner(
+        store.jobs,
+        Trainer(),  # type: ignore[arg-type]
+        dataset=store.dataset,
+        datasets_dir=tmp_path,
+        base_model="m",
+        suffix="s",
+        epochs=1,
+    )
+    started, release, sent = asyncio.Event(), asyncio.Event(), []
 
-        async def notify(job: JobRecord, info: JobInfo) -> None:
-            started.set()
-            await release.wait()  # the Bot API call is on its way
-            sent.append(info.status)
+    async def notify(job: JobRecord, info: JobInfo) -> None:
+        started.set()
+        await release.wait()  # the Bot API call is on its way
+        sent.append(info.status)
 
-        poller = asyncio.create_task(tuner.poll_once(notify))
-        await started.wait()
-        poller.cancel()  # shutdown, mid-notice
-        release.set()
-        with pytest.raises(asyncio.CancelledError):
-            await poller
-        assert sent == ["succeeded"]
-        [job] = await store.jobs.recent()
-        assert job.notified_status == "succeeded"  # so the restart won't tell it again
-    finally:
-        await store.close()
+    poller = asyncio.create_task(tuner.poll_once(notify))
+    await started.wait()
+    poller.cancel()  # shutdown, mid-notice
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await poller
+    assert sent == ["succeeded"]
+    [job] = await store.jobs.recent()
+    assert job.notified_status == "succeeded"  # so the restart won't tell it again

@@ -8,7 +8,6 @@ Both ways updates arrive are covered: long polling and the webhook.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,8 +17,8 @@ from bot.app import ALLOWED_UPDATES, build_application
 from bot.durability import Inbox
 from bot.texts import command_help, t
 from bot.webhook import SECRET_HEADER, serving
-from storage.db import Store
 from tests.conftest import SettingsFactory, running, settled
+from tests.pg import AnyStore
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram, private_text_update
 
@@ -67,24 +66,20 @@ def _helps(tg: FakeTelegram) -> int:
     return tg.sent_texts(USER).count(HELP)
 
 
-async def test_the_inbox_takes_each_update_id_once(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "db.sqlite3")
-    try:
-        inbox = Inbox(store)
-        first = Update.de_json(private_text_update(7, USER, 1, "/help"), None)
-        second = Update.de_json(private_text_update(8, USER, 2, "/start"), None)
-        assert first is not None and second is not None
-        assert [u.update_id for u in await inbox.accept([first])] == [7]
-        assert await inbox.accept([first]) == []  # again while it is being handled
-        await inbox.done([7])
-        assert await inbox.accept([first]) == []  # again after it was handled
-        assert [u.update_id for u in await inbox.accept([first, second])] == [8]
-        assert [u for u, _ in await store.inbox.pending()] == [8]
-        # The store on its own: the ids not seen before, and only those.
-        assert await store.inbox.accept([(9, "{}")]) == {9}
-        assert await store.inbox.accept([(9, "{}"), (10, "{}")]) == {10}
-    finally:
-        await store.close()
+async def test_the_inbox_takes_each_update_id_once(store: AnyStore) -> None:
+    inbox = Inbox(store)
+    first = Update.de_json(private_text_update(7, USER, 1, "/help"), None)
+    second = Update.de_json(private_text_update(8, USER, 2, "/start"), None)
+    assert first is not None and second is not None
+    assert [u.update_id for u in await inbox.accept([first])] == [7]
+    assert await inbox.accept([first]) == []  # again while it is being handled
+    await inbox.done([7])
+    assert await inbox.accept([first]) == []  # again after it was handled
+    assert [u.update_id for u in await inbox.accept([first, second])] == [8]
+    assert [u for u, _ in await store.inbox.pending()] == [8]
+    # The store on its own: the ids not seen before, and only those.
+    assert await store.inbox.accept([(9, "{}")]) == {9}
+    assert await store.inbox.accept([(9, "{}"), (10, "{}")]) == {10}
 
 
 async def test_a_command_and_a_button_press_delivered_again_by_polling_are_answered_once(
