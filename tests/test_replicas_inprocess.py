@@ -8,16 +8,20 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
+from telegram.ext import ExtBot
 
 from bot.app import ALLOWED_UPDATES, build_application
+from bot.services.alerts import AdminAlerts
 from bot.startup import StartupError
 from bot.webhook import SECRET_HEADER, serving
+from storage.pg.db import PgStore
 from storage.pg.locks import PgLocks
-from tests.conftest import SettingsFactory, running
+from tests.conftest import TOKEN, SettingsFactory, running
 from tests.pg import pg_url  # noqa: F401  (the fixture)
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram, private_text_update
@@ -221,3 +225,28 @@ async def test_telegrams_rate_limit_holds_for_the_bot_not_for_each_replica(
     # first; the burst is the rate's one second. Lower bounds only: a slow machine is slower.
     for k, at in enumerate(limited):
         assert at - limited[0] >= (k - rate + 1) / rate - 0.02, (k, at - limited[0])
+
+
+async def test_admins_are_alerted_once_an_hour_about_a_problem_whichever_replica_meets_it(
+    tg: FakeTelegram,
+    pg_url: str,  # noqa: F811
+) -> None:
+    tg.chat(42)
+    now = [datetime(2026, 12, 6, 12, 0, tzinfo=UTC)]
+    first, second = await PgStore.open(pg_url), await PgStore.open(pg_url)
+    try:
+        alerts = [
+            AdminAlerts(store.settings, frozenset({42}), clock=lambda: now[0])
+            for store in (first, second)
+        ]
+        async with ExtBot(TOKEN, base_url=f"{tg.url}/bot") as bot:
+            assert await alerts[0].report(bot, "auth", "chat:auth", model="m")
+            assert await alerts[1].report(bot, "auth", "chat:auth", model="m")
+            assert len(tg.sent_texts(42)) == 1  # the second replica knew the admins knew
+            now[0] += timedelta(minutes=61)
+            assert await alerts[1].report(bot, "auth", "chat:auth", model="m")
+            assert await alerts[0].report(bot, "auth", "chat:auth", model="m")
+            assert len(tg.sent_texts(42)) == 2  # once more an hour later, by either
+    finally:
+        await first.close()
+        await second.close()

@@ -99,7 +99,8 @@ class AdminAlerts:
 
     async def _last(self, key: str) -> Notice | None:
         notice = self._notices.get(key)
-        if notice is None:
+        if notice is None or self.clock() - notice.at >= self.interval:
+            # Nothing recent known here: another replica may have alerted since.
             raw = await self.settings.get(f"alert:{key}")
             if raw is not None:
                 try:
