@@ -121,7 +121,7 @@ def project(tmp_path: Path) -> Path:
     proj = tmp_path / "checkout" / "parley"
     (proj / "tests").mkdir(parents=True)
     shutil.copy(ROOT / "pyproject.toml", proj)
-    for name in ("__init__.py", "conftest.py"):
+    for name in ("__init__.py", "conftest.py", "pg.py"):
         shutil.copy(ROOT / "tests" / name, proj / "tests")
     shutil.copytree(ROOT / "tests" / "stubs", proj / "tests" / "stubs",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
