@@ -146,7 +146,9 @@ class Inbox:
                 "could not count an attempt at update %d: %s", update.update_id, type(exc).__name__
             )
             return True
-        if counted is None or not counted[1]:
+        if counted is None:
+            return False  # no longer pending: handled already (by another replica, say)
+        if not counted[1]:
             return True
         log.error(
             "update %d set aside: its handling started %d times and never finished",
@@ -346,6 +348,9 @@ def drain_updates(app: Application[Any, Any, Any, Any, Any, Any], grace: float) 
     """
     from bot.concurrency import ChatOrderedUpdateProcessor
 
+    services = app.bot_data.services
+    if services is not None and services.replica is not None:
+        services.replica.halt()  # before the processor: no lane takes a next update
     processor = app.update_processor
     if isinstance(processor, ChatOrderedUpdateProcessor):
         processor.drain(max(grace * 0.5, grace - 3.0))

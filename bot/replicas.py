@@ -54,7 +54,9 @@ class SharedInbox(Protocol):
 
     async def chat_pending(self, chat: ChatKey, limit: int = ...) -> list[PendingUpdate]: ...
 
-    async def renew(self, owner: str, ttl: float) -> int: ...
+    async def renew(self, owner: str, ttl: float, chats: Sequence[ChatKey]) -> list[ChatKey]: ...
+
+    async def give_up(self, chat: ChatKey, owner: str) -> None: ...
 
     async def orphaned(self, limit: int = ...) -> list[ChatKey]: ...
 
@@ -93,6 +95,8 @@ class Replica:
         self.ttl = ttl
         self.sweep_every = sweep_every
         self._lanes: dict[ChatKey, asyncio.Task[None]] = {}
+        # The chats whose lease this replica holds, and when it was last known renewed.
+        self._held: dict[ChatKey, float] = {}
         self._again: set[ChatKey] = set()  # offered again while its lane was winding up
         self._stopping = False
         self._problems = LogThrottle(60.0)
@@ -119,32 +123,46 @@ class Replica:
     def _ended(self, chat: ChatKey, task: asyncio.Task[None]) -> None:
         if self._lanes.get(chat) is task:
             del self._lanes[chat]
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self._problem("a chat's lane failed", exc)
         if chat in self._again:
             self._again.discard(chat)
             self.offer(chat)
 
     async def _lane(self, chat: ChatKey) -> None:
+        try:
+            await self._work(chat)
+        except Exception as exc:
+            # The database failed under the lane, say. Give the chat up (it expires anyway:
+            # only chats with a lane are renewed) so that any replica takes it over.
+            self._problem("a chat's lane failed", exc)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._inbox.give_up(chat, self.owner), self.ttl / 2)
+
+    async def _work(self, chat: ChatKey) -> None:
         if not await self._inbox.claim(chat, self.owner, self.ttl):
             return  # another replica has it, and will see what was stored
-        seen: set[int] = set()
-        batch = await self._inbox.chat_pending(chat, BATCH)
-        while not self._stopping:
-            self._again.discard(chat)
-            if batch:
-                await self._handle(batch, seen)
-            # Given up only if nothing of the chat waits (checked in the same statement).
-            if self._stopping or await self._inbox.release(chat, self.owner):
-                return
+        self._held[chat] = asyncio.get_running_loop().time()
+        try:
+            seen: set[int] = set()
             batch = await self._inbox.chat_pending(chat, BATCH)
-            if not batch and not await self._inbox.holds(chat, self.owner):
-                return  # it expired and another replica took it over
+            while not self._stopping:
+                self._again.discard(chat)
+                if batch:
+                    await self._handle(chat, batch, seen)
+                # Given up only if nothing of the chat waits (checked in the same statement).
+                if self._stopping or await self._inbox.release(chat, self.owner):
+                    return
+                # Something waits, or the lease is no longer this replica's.
+                if not await self._inbox.holds(chat, self.owner):
+                    return  # it expired and another replica took the chat over
+                self._held[chat] = asyncio.get_running_loop().time()
+                batch = await self._inbox.chat_pending(chat, BATCH)
+        finally:
+            self._held.pop(chat, None)
 
-    async def _handle(self, batch: list[PendingUpdate], seen: set[int]) -> None:
+    async def _handle(self, chat: ChatKey, batch: list[PendingUpdate], seen: set[int]) -> None:
         """Handle a chat's pending updates in order, until an album needs a fresh look."""
-        for item in batch:
-            if self._stopping:
+        for position, item in enumerate(batch):
+            if self._stopping or not await self._still_holds(chat):
                 return
             if item.update_id in seen:
                 # Handled here, yet still pending: never loop on it.
@@ -153,10 +171,13 @@ class Replica:
                 )
                 continue
             if item.media_group is not None:
-                if item.age < self._album_wait:
-                    await asyncio.sleep(self._album_wait - item.age)
-                    return  # read again: more parts may have come
+                if position:
+                    return  # read again, the album first: all its parts in one batch
                 parts = [p for p in batch if p.media_group == item.media_group]
+                quiet = min(p.age for p in parts)  # since its latest part arrived
+                if quiet < self._album_wait:
+                    await asyncio.sleep(self._album_wait - quiet)
+                    return  # read again: more parts may have come
                 seen.update(p.update_id for p in parts)
                 await self._album(parts)
                 return  # the parts handled with the first are done now
@@ -166,6 +187,18 @@ class Replica:
                 await self._inbox.quarantine([item.update_id], "stored update can't be read")
                 continue
             await self._run(update, item)
+
+    async def _still_holds(self, chat: ChatKey) -> bool:
+        """Whether the chat's lease is surely still this replica's before the next update:
+        renewed recently enough (see `run`), or else confirmed by the database."""
+        renewed = self._held.get(chat)
+        now = asyncio.get_running_loop().time()
+        if renewed is not None and now - renewed < self.ttl / 2:
+            return True
+        if await self._inbox.holds(chat, self.owner):
+            self._held[chat] = now
+            return True
+        return False
 
     async def _album(self, parts: list[PendingUpdate]) -> None:
         decoded = [(p, self._decode(p)) for p in parts]
@@ -194,19 +227,40 @@ class Replica:
             return None
 
     async def run(self) -> None:
-        """Renew this replica's leases and take over chats nobody handles, until cancelled."""
+        """Renew this replica's leases, and take over chats nobody handles, until cancelled."""
+        renewing = asyncio.create_task(self._renew())
+        try:
+            while True:
+                try:
+                    for chat in await self._inbox.orphaned():
+                        self.offer(chat)
+                except Exception as exc:  # the database is away: the next round tries again
+                    self._problem("could not look for chats nobody handles", exc)
+                await asyncio.sleep(self.sweep_every)
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    async def _renew(self) -> None:
+        """Every third of the lease time, renew the leases of the chats with a lane here (and
+        only those: a lane that died leaves its chat to expire). A lane whose lease was not
+        renewed for half the lease time checks with the database before its next update."""
         loop = asyncio.get_running_loop()
-        renewed = loop.time()
         while True:
+            chats = list(self._held)
             try:
-                if loop.time() - renewed >= self.ttl / 3:
-                    await self._inbox.renew(self.owner, self.ttl)
-                    renewed = loop.time()
-                for chat in await self._inbox.orphaned():
-                    self.offer(chat)
-            except Exception as exc:  # the database is away: the next round tries again
-                self._problem("could not look after chat leases", exc)
-            await asyncio.sleep(self.sweep_every)
+                if chats:
+                    began = loop.time()
+                    for chat in await self._inbox.renew(self.owner, self.ttl, chats):
+                        if chat in self._held:
+                            self._held[chat] = began
+            except Exception as exc:
+                self._problem("could not renew chat leases", exc)
+            await asyncio.sleep(self.ttl / 3)
+
+    def halt(self) -> None:
+        """Start no more updates (a stop began: bot/durability.py drain_updates)."""
+        self._stopping = True
 
     async def stop(self, grace: float) -> None:
         """Start nothing more; the updates being handled get `grace` seconds to finish; then
@@ -218,8 +272,8 @@ class Replica:
         for task in lanes:
             task.cancel()
         await asyncio.gather(*lanes, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self._inbox.release_all(self.owner)
+        with contextlib.suppress(Exception):  # the database away: the leases expire instead
+            await asyncio.wait_for(self._inbox.release_all(self.owner), self.ttl / 2)
 
     def _problem(self, what: str, exc: BaseException) -> None:
         if count := self._problems.hit():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,6 +88,20 @@ class JobStore(Part):
                 (status, notice_message_id, job_id),
             )
         )
+
+    async def claim_notice(self, job_id: str, told: str | None, status: str | None) -> bool:
+        """Move the job's told status from `told` to `status` unless someone already moved
+        it (another replica's poller): whether this caller is the one to tell the admin."""
+
+        def claim(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE fine_tune_jobs SET notified_status = ?"
+                " WHERE job_id = ? AND notified_status IS ?",
+                (status, job_id, told),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(claim)
 
     async def recent(self, *, unfinished: bool = False, limit: int = 50) -> list[JobRecord]:
         where = " WHERE status NOT IN ('succeeded', 'failed', 'cancelled')" if unfinished else ""

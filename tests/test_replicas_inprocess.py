@@ -6,22 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from telegram.ext import ExtBot
 
 from bot.app import ALLOWED_UPDATES, build_application
+from bot.domain import JobRecord, utcnow
 from bot.services.alerts import AdminAlerts
+from bot.services.finetune import FineTuner
+from bot.services.trainer import JobInfo
 from bot.startup import StartupError
 from bot.webhook import SECRET_HEADER, serving
 from storage.pg.db import PgStore
 from storage.pg.locks import PgLocks
-from tests.conftest import TOKEN, SettingsFactory, running
+from tests.conftest import TOKEN, SettingsFactory, eventually, running
 from tests.pg import pg_url  # noqa: F401  (the fixture)
 from tests.stubs.openai_server import FakeOpenAI
 from tests.stubs.telegram_server import FakeTelegram, private_text_update
@@ -250,3 +257,68 @@ async def test_admins_are_alerted_once_an_hour_about_a_problem_whichever_replica
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_poller_that_lost_its_lead_mid_round_does_not_tell_the_admin_again(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    name = f"replica-{secrets.token_hex(3)}"
+    a, b = await PgStore.open(f"{pg_url}&application_name={name}"), await PgStore.open(pg_url)
+    now = utcnow()
+    job = JobRecord("ftjob-1", "openai", "m", None, None, 10, 0, 100, 42, "d", "running", now, now)
+    await a.jobs.add(job)
+    await a.jobs.mark_notified("ftjob-1", "running")
+    slow = asyncio.Event()
+    told: list[str] = []
+
+    class Trainer:  # only what the poller asks of one
+        name = "openai"
+
+        def __init__(self, slow: bool) -> None:
+            self.slow = slow
+
+        async def get(self, job_id: str) -> JobInfo:
+            if self.slow:
+                await slow.wait()  # this round, the trainer's API is slow to answer
+            return JobInfo(job_id, "succeeded", "m", 0, fine_tuned_model="ft:m")
+
+    def tuner(store: PgStore, slowly: bool) -> FineTuner:
+        return FineTuner(
+            store.jobs,
+            Trainer(slowly),  # type: ignore[arg-type]
+            dataset=store.dataset,
+            datasets_dir=tmp_path,
+            base_model="m",
+            suffix="s",
+            epochs=1,
+        )
+
+    def notify(who: str) -> Callable[[JobRecord, JobInfo], Awaitable[None]]:
+        async def tell(job: JobRecord, info: JobInfo) -> None:
+            told.append(f"{who}:{info.status}")
+
+        return tell
+
+    try:
+        assert await a.locks.acquire("jobs")  # A leads, and starts a round
+        a_round = asyncio.create_task(tuner(a, True).poll_once(notify("A")))
+        await asyncio.sleep(0.3)  # mid-round, waiting on the trainer
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+            await admin.execute(  # A's sessions die (a failover, a network cut): its lock too
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (name,),
+            )
+        b_polls = asyncio.create_task(
+            tuner(b, False).run(notify("B"), 0.2, partial(b.locks.acquire, "jobs"))
+        )
+        await eventually(lambda: told == ["B:succeeded"])  # B leads now, and tells
+        slow.set()  # A's round goes on to its end: the notice is taken, A stays quiet
+        await asyncio.wait_for(a_round, 30)
+        b_polls.cancel()
+        await asyncio.gather(b_polls, return_exceptions=True)
+    finally:
+        await a.close()
+        await b.close()
+    assert told == ["B:succeeded"]

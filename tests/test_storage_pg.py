@@ -233,6 +233,12 @@ async def test_one_replica_at_a_time_holds_a_chat_and_gives_it_up_only_when_noth
     assert not await first.inbox.claim(other, "r1", 10)
     await asyncio.sleep(0.3)
     assert await first.inbox.claim(other, "r1", 10)
-    assert await second.inbox.renew("r2", 10) == 1  # the chat it still holds
+    # Renewed: the leases it still holds among those asked for (`other` is r1's now).
+    assert await second.inbox.renew("r2", 10, [chat, other]) == [chat]
+    await second.inbox.give_up(chat, "r2")  # its lane failed: anyone may take the chat
+    assert await first.inbox.claim(chat, "r1", 10)
+    await first.inbox.release_all("r1")
+    assert await second.inbox.claim(chat, "r2", 10)
     await second.inbox.release_all("r2")
     assert await first.inbox.claim(chat, "r1", 10)
+    assert await first.inbox.orphaned() == [other]  # its update waits; r1 gave it up

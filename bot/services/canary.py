@@ -116,6 +116,7 @@ class Canary:
         self._evals = evals
         self._models = models
         self.state: CanaryState | None = None
+        self._taken: str | None = None  # the stored form last taken up
 
     async def restore(self) -> None:
         """Take up the canary in force before the last restart."""
@@ -123,6 +124,9 @@ class Canary:
 
     def take_up(self, raw: str | None) -> None:
         """Use the canary stored as `raw` (the bot setting CANARY_KEY); none if empty."""
+        if raw is not None and raw == self._taken:
+            return  # unchanged since last read (replicas read it before every update)
+        self._taken = raw
         if not raw:
             self.state = None  # none, or stopped (by another replica, say)
             return
@@ -133,6 +137,7 @@ class Canary:
                 **data, shares=tuple((float(p), str(since)) for p, since in shares)
             )
         except (ValueError, TypeError, KeyError):
+            self.state = None
             log.error("the stored canary is unreadable; no canary runs")
 
     async def pick(self, key: ChatKey) -> tuple[str, str] | None:

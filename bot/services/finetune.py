@@ -287,10 +287,17 @@ class FineTuner:
                     raise
 
     async def _tell(self, notify: Notify, job: JobRecord, info: JobInfo) -> None:
+        # Claimed before it is sent: a poller that lost its lead mid-round (replicas) finds
+        # the notice taken and stays quiet. A crash between the two loses this notice
+        # (/jobs still shows the status) rather than sending it twice.
+        if not await self._jobs.claim_notice(job.job_id, job.notified_status, info.status):
+            return
         try:
             message_id = await notify(job, info)
         except Exception:
             log.exception("could not notify about job %s", job.job_id)
+            # Nobody was told: the next round tries again.
+            await self._jobs.claim_notice(job.job_id, info.status, job.notified_status)
             return
         await self._jobs.mark_notified(job.job_id, info.status, message_id)
 

@@ -182,18 +182,35 @@ class PgInboxStore(PgPart, InboxReads):
         )
         return [PendingUpdate(int(u), str(p), int(a), g, float(age)) for u, p, a, g, age in rows]
 
-    async def renew(self, owner: str, ttl: float) -> int:
-        """Extend every lease this replica holds; how many it holds."""
+    async def renew(self, owner: str, ttl: float, chats: Sequence[ChatKey]) -> list[ChatKey]:
+        """Extend this replica's leases of `chats` (those it still handles); the ones it
+        still held, so renewed."""
+        if not chats:
+            return []
 
-        async def renew(conn: Conn) -> int:
+        async def renew(conn: Conn) -> list[ChatKey]:
             cur = await conn.execute(
-                "UPDATE chat_leases SET expires_at = clock_timestamp()"
-                " + make_interval(secs => %s) WHERE owner = %s",
-                (ttl, owner),
+                "UPDATE chat_leases l SET expires_at = clock_timestamp()"
+                " + make_interval(secs => %s) FROM unnest(%s::bigint[], %s::bigint[])"
+                " AS c (chat_id, topic_id) WHERE l.owner = %s AND l.chat_id = c.chat_id"
+                " AND l.topic_id = c.topic_id RETURNING l.chat_id, l.topic_id",
+                (ttl, [c.chat_id for c in chats], [c.topic_id for c in chats], owner),
             )
-            return cur.rowcount
+            return [ChatKey(int(c), int(t)) for c, t in await cur.fetchall()]
 
         return await self._write(renew, single=True)
+
+    async def give_up(self, chat: ChatKey, owner: str) -> None:
+        """Drop this replica's lease of the chat whatever waits (its lane failed): any
+        replica takes the chat over at its next look."""
+
+        async def give_up(conn: Conn) -> None:
+            await conn.execute(
+                "DELETE FROM chat_leases WHERE chat_id = %s AND topic_id = %s AND owner = %s",
+                (chat.chat_id, chat.topic_id, owner),
+            )
+
+        await self._write(give_up, single=True)
 
     async def orphaned(self, limit: int = 100) -> list[ChatKey]:
         """Chats with pending updates and no live lease: their replica died, or nobody has

@@ -72,6 +72,20 @@ class PgJobStore(PgPart):
 
         await self._write(mark)
 
+    async def claim_notice(self, job_id: str, told: str | None, status: str | None) -> bool:
+        """Move the job's told status from `told` to `status` unless someone already moved
+        it (another replica's poller): whether this caller is the one to tell the admin."""
+
+        async def claim(conn: Conn) -> bool:
+            cur = await conn.execute(
+                "UPDATE fine_tune_jobs SET notified_status = %s"
+                " WHERE job_id = %s AND notified_status IS NOT DISTINCT FROM %s",
+                (status, job_id, told),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(claim, single=True)
+
     async def recent(self, *, unfinished: bool = False, limit: int = 50) -> list[JobRecord]:
         where = " WHERE status NOT IN ('succeeded', 'failed', 'cancelled')" if unfinished else ""
         rows = await self._fetch_all(

@@ -9,6 +9,7 @@ admin once).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -53,6 +54,9 @@ class PgLocks:
         except psycopg.Error:
             await conn.close()
             return False
+        except BaseException:  # cancelled: the session (and any lock it took) goes with it
+            await asyncio.shield(conn.close())
+            raise
         if not (row and row[0]):
             await conn.close()
             return False

@@ -229,7 +229,7 @@ PG_MIGRATIONS: tuple[Migration, ...] = (
         -- Which chat each update belongs to, and when it arrived by the server's clock: the
         -- replica that holds a chat's lease handles its pending updates in order, and waits
         -- for an album to be quiet before answering it.
-        ALTER TABLE inbox ADD COLUMN chat_id BIGINT;
+        ALTER TABLE inbox ADD COLUMN chat_id BIGINT NOT NULL DEFAULT 0;
         ALTER TABLE inbox ADD COLUMN topic_id BIGINT NOT NULL DEFAULT 0;
         ALTER TABLE inbox ADD COLUMN media_group TEXT;
         ALTER TABLE inbox ADD COLUMN arrived TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp();

@@ -11,6 +11,8 @@ class Relay:
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.port = 0
+        self.flowing = asyncio.Event()  # cleared: bytes are held (a stalled network)
+        self.flowing.set()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
 
@@ -31,7 +33,15 @@ class Relay:
     async def restore(self) -> None:
         await self.start()
 
+    def stall(self) -> None:
+        """Hold every byte in both directions (connections stay open) until `resume`."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
     async def stop(self) -> None:
+        self.resume()
         await self.cut()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -42,17 +52,17 @@ class Relay:
             return
         self._pipes.update((writer, up_writer))
         await asyncio.gather(
-            _pump(reader, up_writer), _pump(up_reader, writer), return_exceptions=True
+            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
         )
         self._pipes.discard(writer)
         self._pipes.discard(up_writer)
 
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        with contextlib.suppress(Exception):
-            writer.transport.abort()
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        finally:
+            with contextlib.suppress(Exception):
+                writer.transport.abort()
