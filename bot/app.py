@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from openai import AsyncOpenAI, DefaultAioHttpClient
 from pydantic import SecretStr
@@ -63,6 +64,9 @@ from handlers import (
     voice,
 )
 from storage.interface import Store
+
+if TYPE_CHECKING:
+    from storage.pg.db import PgStore
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +172,8 @@ async def _build_services(
     # Built datasets wait for their admin's "start": in memory, or with PostgreSQL in the
     # database, where any replica may get the press.
     held: HeldDatasets = MemoryHeldDatasets()
-    if (held_store := getattr(store, "held", None)) is not None:
-        held = StoredHeldDatasets(held_store, settings.datasets_dir)
+    if settings.postgres:
+        held = StoredHeldDatasets(_shared_store(store).held, settings.datasets_dir)
     finetune = FineTuner(
         store.jobs,
         trainer,
@@ -222,6 +226,14 @@ async def _build_services(
         canary=canary,
         clients=extra,
     )
+
+
+def _shared_store(store: Store) -> PgStore:
+    """The PostgreSQL store, with what only it has (replicas' leases, locks, shared limits)."""
+    from storage.pg.db import PgStore  # an install extra: imported only when used
+
+    assert isinstance(store, PgStore)
+    return store
 
 
 async def _evaluation(
@@ -297,18 +309,13 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
         services = app.bot_data.services = await start_services(settings, albums, openai_client)
         inbox = slot.inbox = Inbox(services.store, max_attempts=settings.max_update_attempts)
         processor.attach(inbox)
-        store = services.store
+        shared = _shared_store(services.store) if settings.postgres else None
         leads: Callable[[], Awaitable[bool]] | None = None
         resume = True
-        shared = None
-        if settings.postgres:
-            from storage.pg.db import PgStore  # an install extra: imported only when used
-
-            assert isinstance(store, PgStore) and isinstance(limiter, SharedRateLimiter)
-            shared = store
-            limiter.attach(store.rates)
         if shared is not None:
             # PostgreSQL: other processes may share the database (bot/replicas.py).
+            assert isinstance(limiter, SharedRateLimiter)
+            limiter.attach(shared.rates)
             if settings.webhook_url is None and not await shared.locks.acquire("polling"):
                 raise StartupError(
                     "polling",
@@ -387,18 +394,10 @@ def build_application(settings: Settings, *, openai_client: AsyncOpenAI | None =
     slot = InboxSlot()
     # Telegram's limits are the bot's, not a process's: with PostgreSQL, replicas share them
     # through the database (attached once it is open); one process keeps them in memory.
-    limiter: SharedRateLimiter | AIORateLimiter = (
-        SharedRateLimiter(
-            overall_max_rate=settings.telegram_max_rate,
-            group_max_rate=settings.telegram_group_rate,
-            max_retries=settings.telegram_max_retries,
-        )
-        if settings.postgres
-        else AIORateLimiter(
-            overall_max_rate=settings.telegram_max_rate,
-            group_max_rate=settings.telegram_group_rate,
-            max_retries=settings.telegram_max_retries,
-        )
+    limiter = (SharedRateLimiter if settings.postgres else AIORateLimiter)(
+        overall_max_rate=settings.telegram_max_rate,
+        group_max_rate=settings.telegram_group_rate,
+        max_retries=settings.telegram_max_retries,
     )
     bot = DurableBot(
         settings.telegram_bot_token.get_secret_value(),
