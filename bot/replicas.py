@@ -101,10 +101,6 @@ class Replica:
         self._stopping = False
         self._problems = LogThrottle(60.0)
 
-    @property
-    def lanes(self) -> int:
-        return len(self._lanes)
-
     async def deliver(self, update: Update) -> None:
         """The webhook stored `update`: offer its chat (it is read back from the inbox)."""
         self.offer(chat_key_of(update) or NO_CHAT)

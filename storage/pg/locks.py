@@ -63,12 +63,6 @@ class PgLocks:
         self._held[name] = conn
         return True
 
-    def holds(self, name: str) -> bool:
-        return name in self._held
-
-    async def release(self, name: str) -> None:
-        await self._drop(name)
-
     async def close(self) -> None:
         for name in list(self._held):
             await self._drop(name)
